@@ -1,0 +1,6 @@
+//! Everything that knows Kubernetes object types: the inputs of a build and the
+//! translation from objects to a [`Snapshot`](crate::model::Snapshot).
+
+pub mod translate;
+
+pub use translate::{Inputs, Options, build};

@@ -1,0 +1,864 @@
+//! Translation: a pure function from Kubernetes objects to a routing [`Snapshot`].
+//!
+//! [`build`] does no I/O and reads no clock. A bad object, or a bad part of one, is
+//! skipped with a [`Diagnostic`] naming kind, namespace/name and field; it never stops
+//! the rest of the table from building. The output is the same whatever the order of
+//! the inputs.
+
+mod tls;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Secret, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::tls::TlsHost;
+use crate::model::{
+    CertEntry, Cluster, ClusterId, Diagnostic, Endpoint, HostPattern, IgnoredIngress, ObjectRef,
+    PathRule, PathType, PortRef, Route, RouteTable, Severity, Snapshot, TlsTable, Upstream,
+};
+
+pub use tls::{SecretError, parse_tls_secret};
+
+/// The annotation that names a class on Ingresses without `spec.ingressClassName`.
+pub const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+/// The annotation that marks an IngressClass as the cluster default.
+pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// All objects a build reads, one list per kind, plus the certificates of the previous
+/// snapshot (so that a Secret that turns invalid keeps its last good certificate).
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub ingresses: Vec<Arc<Ingress>>,
+    pub ingress_classes: Vec<Arc<IngressClass>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub secrets: Vec<Arc<Secret>>,
+    /// Certificates in force before this build, by Secret.
+    pub last_good_certs: HashMap<ObjectRef, Arc<CertEntry>>,
+}
+
+/// A `--default-backend-service` reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub service: ObjectRef,
+    pub port: PortRef,
+}
+
+impl std::str::FromStr for ServiceRef {
+    type Err = String;
+    /// Parses `namespace/name:port` (port a number or a port name).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ns, rest) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not NAMESPACE/NAME:PORT"))?;
+        let (name, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not NAMESPACE/NAME:PORT"))?;
+        if ns.is_empty() || name.is_empty() || port.is_empty() {
+            return Err(format!("`{s}` is not NAMESPACE/NAME:PORT"));
+        }
+        let port = match port.parse::<i32>() {
+            Ok(n) => PortRef::Number(n),
+            Err(_) => PortRef::Name(port.to_string()),
+        };
+        Ok(ServiceRef {
+            service: ObjectRef::new(ns, name),
+            port,
+        })
+    }
+}
+
+/// What a build needs besides the objects.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `spec.controller` of the IngressClasses we serve.
+    pub controller_name: String,
+    /// The legacy annotation value we answer to; in file mode also the class assumed when
+    /// the inputs define none of ours.
+    pub ingress_class: String,
+    /// Serve Ingresses that name no class even when no class of ours is the default.
+    pub watch_without_class: bool,
+    pub default_backend_service: Option<ServiceRef>,
+    /// Assume an IngressClass `ingress_class` (ours, default) when none of ours exists.
+    pub assume_class: bool,
+    /// Allow endpoints on loopback, link-local and unspecified addresses (file mode).
+    pub allow_local_endpoints: bool,
+    /// Our own listener addresses; endpoints pointing at them are refused.
+    pub own_addresses: Vec<SocketAddr>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            controller_name: "portcullis.io/ingress-controller".into(),
+            ingress_class: "portcullis".into(),
+            watch_without_class: false,
+            default_backend_service: None,
+            assume_class: false,
+            allow_local_endpoints: false,
+            own_addresses: Vec::new(),
+        }
+    }
+}
+
+fn object_ref(meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+struct Diags(Vec<Diagnostic>);
+
+impl Diags {
+    fn push(
+        &mut self,
+        severity: Severity,
+        kind: &str,
+        obj: &ObjectRef,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) {
+        self.0.push(Diagnostic {
+            severity,
+            kind: kind.to_string(),
+            namespace: obj.namespace.clone(),
+            name: obj.name.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Builds a snapshot from the inputs. Generation 0; the publisher stamps it.
+pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
+    let mut diags = Diags(Vec::new());
+
+    // Which IngressClasses are ours, and whether one of ours is the default.
+    let mut classes: HashMap<&str, (bool, Option<&str>)> = HashMap::new();
+    let mut default_ours = false;
+    for class in &inputs.ingress_classes {
+        let name = class.metadata.name.as_deref().unwrap_or_default();
+        let controller = class.spec.as_ref().and_then(|s| s.controller.as_deref());
+        let ours = controller == Some(options.controller_name.as_str());
+        let is_default = class
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        default_ours |= ours && is_default;
+        classes.insert(name, (ours, controller));
+    }
+    if options.assume_class
+        && !classes.values().any(|(ours, _)| *ours)
+        && !classes.contains_key(options.ingress_class.as_str())
+    {
+        classes.insert(options.ingress_class.as_str(), (true, None));
+        default_ours = true;
+    }
+
+    // Our Ingresses, oldest first; the others with the reason.
+    let mut ours: Vec<&Ingress> = Vec::new();
+    let mut ignored = Vec::new();
+    for ing in &inputs.ingresses {
+        match classify(ing, &classes, default_ours, options) {
+            Ok(()) => ours.push(ing),
+            Err(reason) => {
+                let id = object_ref(&ing.metadata);
+                ignored.push(IgnoredIngress {
+                    namespace: id.namespace,
+                    name: id.name,
+                    reason,
+                });
+            }
+        }
+    }
+    ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    ignored.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    let mut resolver = Resolver::new(inputs, options);
+
+    // Routes, conflicts, default backends and TLS hosts, in age order.
+    let mut routes = Vec::new();
+    let mut taken: HashMap<(HostPattern, String, bool), ObjectRef> = HashMap::new();
+    // The default backend and the Ingress it came from (`None`: the flag).
+    let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
+    let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
+    let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
+    for ing in &ours {
+        let id = object_ref(&ing.metadata);
+        let Some(spec) = ing.spec.as_ref() else {
+            diags.push(Severity::Warning, "Ingress", &id, "spec", "has no spec");
+            continue;
+        };
+        let rules = spec.rules.as_deref().unwrap_or_default();
+        if rules.is_empty() && spec.default_backend.is_none() {
+            diags.push(
+                Severity::Warning,
+                "Ingress",
+                &id,
+                "spec",
+                "has no rules and no defaultBackend; it routes nothing",
+            );
+        }
+        if let Some(backend) = &spec.default_backend
+            && let Some(cluster) = resolver.backend(backend, &id, "spec.defaultBackend", &mut diags)
+        {
+            match &default_backend {
+                None => default_backend = Some((cluster, Some(id.clone()))),
+                Some((_, winner)) => diags.push(
+                    Severity::Warning,
+                    "Ingress",
+                    &id,
+                    "spec.defaultBackend",
+                    format!(
+                        "ignored: the older Ingress {} already sets the default backend",
+                        winner.as_ref().map(ToString::to_string).unwrap_or_default()
+                    ),
+                ),
+            }
+        }
+        let mut rule_hosts = Vec::new();
+        for (ri, rule) in rules.iter().enumerate() {
+            let host = match HostPattern::parse(rule.host.as_deref().unwrap_or_default()) {
+                Ok(h) => h,
+                Err(reason) => {
+                    diags.push(
+                        Severity::Error,
+                        "Ingress",
+                        &id,
+                        format!("spec.rules[{ri}].host"),
+                        reason,
+                    );
+                    continue;
+                }
+            };
+            if host != HostPattern::Any {
+                rule_hosts.push(host.clone());
+            }
+            let Some(http) = &rule.http else { continue };
+            for (pi, p) in http.paths.iter().enumerate() {
+                let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+                let path_type = match PathType::parse(&p.path_type) {
+                    Some(t) => t,
+                    None if p.path_type.is_empty() => {
+                        diags.push(
+                            Severity::Error,
+                            "Ingress",
+                            &id,
+                            format!("{field}.pathType"),
+                            "pathType is required (Exact, Prefix or ImplementationSpecific)",
+                        );
+                        continue;
+                    }
+                    None => {
+                        diags.push(
+                            Severity::Error,
+                            "Ingress",
+                            &id,
+                            format!("{field}.pathType"),
+                            format!(
+                                "unknown pathType `{}` (want Exact, Prefix or ImplementationSpecific)",
+                                p.path_type
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                let raw_path = match p.path.as_deref() {
+                    Some(s) if !s.is_empty() => s,
+                    _ if path_type == PathType::ImplementationSpecific => "/",
+                    _ => {
+                        diags.push(
+                            Severity::Error,
+                            "Ingress",
+                            &id,
+                            format!("{field}.path"),
+                            format!("path is required for pathType {path_type}"),
+                        );
+                        continue;
+                    }
+                };
+                let rule_path = match PathRule::new(raw_path, path_type) {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        diags.push(
+                            Severity::Error,
+                            "Ingress",
+                            &id,
+                            format!("{field}.path"),
+                            reason,
+                        );
+                        continue;
+                    }
+                };
+                let key = (host.clone(), rule_path.key.clone(), path_type.is_exact());
+                if let Some(winner) = taken.get(&key) {
+                    diags.push(
+                        Severity::Error,
+                        "Ingress",
+                        &id,
+                        field,
+                        format!(
+                            "conflict: host {host} path {raw_path} ({path_type}) is already served by the older Ingress {winner}"
+                        ),
+                    );
+                    continue;
+                }
+                let Some(cluster) =
+                    resolver.backend(&p.backend, &id, &format!("{field}.backend"), &mut diags)
+                else {
+                    continue;
+                };
+                taken.insert(key, id.clone());
+                routes.push(Route {
+                    host: host.clone(),
+                    path: rule_path,
+                    ingress: id.clone(),
+                    rule_index: ri,
+                    path_index: pi,
+                    order: routes.len() as u32,
+                    cluster,
+                });
+            }
+        }
+        for (ti, tls) in spec.tls.as_deref().unwrap_or_default().iter().enumerate() {
+            let field = format!("spec.tls[{ti}]");
+            let Some(secret_name) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
+                diags.push(
+                    Severity::Warning,
+                    "Ingress",
+                    &id,
+                    format!("{field}.secretName"),
+                    "no secretName: these hosts get the default certificate",
+                );
+                continue;
+            };
+            let secret = ObjectRef::new(id.namespace.clone(), secret_name);
+            let hosts: Vec<HostPattern> = match tls.hosts.as_deref() {
+                Some(hs) if !hs.is_empty() => {
+                    let mut out = Vec::new();
+                    for (hi, h) in hs.iter().enumerate() {
+                        match HostPattern::parse(h) {
+                            Ok(HostPattern::Any) | Err(_) => diags.push(
+                                Severity::Error,
+                                "Ingress",
+                                &id,
+                                format!("{field}.hosts[{hi}]"),
+                                format!("`{h}` is not a valid TLS host"),
+                            ),
+                            Ok(p) => out.push(p),
+                        }
+                    }
+                    out
+                }
+                // A tls entry without hosts covers the Ingress' own rule hosts.
+                _ => rule_hosts.clone(),
+            };
+            tls_secrets.insert(secret.clone());
+            for host in hosts {
+                match tls_hosts.get(&host) {
+                    Some(existing) if existing.secret != secret => diags.push(
+                        Severity::Error,
+                        "Ingress",
+                        &id,
+                        field.clone(),
+                        format!(
+                            "TLS host {host} already uses Secret {} from the older Ingress {}",
+                            existing.secret, existing.ingress
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        tls_hosts.insert(
+                            host,
+                            TlsHost {
+                                secret: secret.clone(),
+                                ingress: id.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    if default_backend.is_none()
+        && let Some(flag) = &options.default_backend_service
+    {
+        let cluster = resolver.cluster(&flag.service, &flag.port);
+        if let Some(reason) = resolver.unresolved(cluster) {
+            diags.push(
+                Severity::Error,
+                "Service",
+                &flag.service,
+                "--default-backend-service",
+                reason,
+            );
+        }
+        default_backend = Some((cluster, None));
+    }
+
+    // Certificates of the Secrets our TLS hosts name.
+    let secrets: HashMap<ObjectRef, &Secret> = inputs
+        .secrets
+        .iter()
+        .map(|s| (object_ref(&s.metadata), s.as_ref()))
+        .collect();
+    let mut certs = HashMap::new();
+    for secret_id in &tls_secrets {
+        let parsed = match secrets.get(secret_id) {
+            None => Err(SecretError {
+                field: "",
+                reason: "Secret not found: its hosts get the default certificate".into(),
+            }),
+            Some(secret) => parse_tls_secret(secret),
+        };
+        match parsed {
+            Ok(entry) => {
+                certs.insert(secret_id.clone(), Arc::new(entry));
+            }
+            Err(e) => {
+                let keep = secrets
+                    .contains_key(secret_id)
+                    .then(|| inputs.last_good_certs.get(secret_id))
+                    .flatten();
+                let reason = match keep {
+                    Some(_) => format!("{}; the last good certificate stays in use", e.reason),
+                    None if secrets.contains_key(secret_id) => {
+                        format!("{}; its hosts get the default certificate", e.reason)
+                    }
+                    None => e.reason,
+                };
+                diags.push(Severity::Error, "Secret", secret_id, e.field, reason);
+                if let Some(entry) = keep {
+                    certs.insert(secret_id.clone(), entry.clone());
+                }
+            }
+        }
+    }
+
+    resolver.orphan_slices(&mut diags);
+
+    let (table, failed) = RouteTable::build(routes);
+    for (route, reason) in failed {
+        diags.push(
+            Severity::Error,
+            "Ingress",
+            &route.ingress,
+            format!(
+                "spec.rules[{}].http.paths[{}].path",
+                route.rule_index, route.path_index
+            ),
+            reason,
+        );
+    }
+
+    let mut diagnostics = diags.0;
+    diagnostics.sort();
+    diagnostics.dedup();
+    Snapshot {
+        generation: 0,
+        routes: table,
+        clusters: resolver.clusters.into_iter().map(Arc::new).collect(),
+        default_backend_source: default_backend.as_ref().and_then(|(_, src)| src.clone()),
+        default_backend: default_backend.map(|(c, _)| c),
+        tls: TlsTable {
+            hosts: tls_hosts,
+            certs,
+        },
+        ignored,
+        diagnostics,
+    }
+}
+
+/// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
+/// namespace/name.
+fn age_key(ing: &Ingress) -> (Option<i64>, ObjectRef) {
+    let ts = ing
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_nanosecond() as i64);
+    (ts, object_ref(&ing.metadata))
+}
+
+/// `Ok` when the Ingress is ours, else the reason it is ignored.
+fn classify(
+    ing: &Ingress,
+    classes: &HashMap<&str, (bool, Option<&str>)>,
+    default_ours: bool,
+    options: &Options,
+) -> Result<(), String> {
+    let class_name = ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref());
+    if let Some(name) = class_name {
+        return match classes.get(name) {
+            Some((true, _)) => Ok(()),
+            Some((false, controller)) => Err(format!(
+                "IngressClass {name} belongs to controller {}, not {}",
+                controller.unwrap_or("(none)"),
+                options.controller_name
+            )),
+            None => Err(format!("IngressClass {name} not found")),
+        };
+    }
+    let annotation = ing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LEGACY_CLASS_ANNOTATION));
+    if let Some(value) = annotation {
+        return if *value == options.ingress_class {
+            Ok(())
+        } else {
+            Err(format!(
+                "annotation {LEGACY_CLASS_ANNOTATION}={value} is not {}",
+                options.ingress_class
+            ))
+        };
+    }
+    if default_ours || options.watch_without_class {
+        Ok(())
+    } else {
+        Err("names no IngressClass, and no IngressClass of ours is the default".into())
+    }
+}
+
+/// Resolves backends to clusters, once per Service port.
+struct Resolver<'a> {
+    options: &'a Options,
+    services: HashMap<ObjectRef, &'a Service>,
+    slices: HashMap<ObjectRef, Vec<&'a EndpointSlice>>,
+    ids: HashMap<(ObjectRef, PortRef), ClusterId>,
+    clusters: Vec<Cluster>,
+    /// Endpoint addresses refused for safety, reported once per slice.
+    refused: BTreeSet<(ObjectRef, String)>,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(inputs: &'a Inputs, options: &'a Options) -> Self {
+        let services = inputs
+            .services
+            .iter()
+            .map(|s| (object_ref(&s.metadata), s.as_ref()))
+            .collect();
+        let mut slices: HashMap<ObjectRef, Vec<&EndpointSlice>> = HashMap::new();
+        for s in &inputs.endpoint_slices {
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                let ns = s
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                slices
+                    .entry(ObjectRef::new(ns, svc.clone()))
+                    .or_default()
+                    .push(s);
+            }
+        }
+        for list in slices.values_mut() {
+            list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
+        Resolver {
+            options,
+            services,
+            slices,
+            ids: HashMap::new(),
+            clusters: Vec::new(),
+            refused: BTreeSet::new(),
+        }
+    }
+
+    /// The cluster of an Ingress backend, with a diagnostic when it is unusable. `None`
+    /// when the backend itself is malformed (no route is made for it).
+    fn backend(
+        &mut self,
+        backend: &IngressBackend,
+        ingress: &ObjectRef,
+        field: &str,
+        diags: &mut Diags,
+    ) -> Option<ClusterId> {
+        let Some(svc) = &backend.service else {
+            let reason = if backend.resource.is_some() {
+                "resource backends are not supported; use service"
+            } else {
+                "backend names no service"
+            };
+            diags.push(Severity::Error, "Ingress", ingress, field, reason);
+            return None;
+        };
+        let port = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
+            Some((Some(n), _)) => PortRef::Number(n),
+            Some((None, Some(name))) if !name.is_empty() => PortRef::Name(name.to_string()),
+            _ => {
+                diags.push(
+                    Severity::Error,
+                    "Ingress",
+                    ingress,
+                    format!("{field}.service.port"),
+                    "service port needs a number or a name",
+                );
+                return None;
+            }
+        };
+        let service = ObjectRef::new(ingress.namespace.clone(), svc.name.clone());
+        let id = self.cluster(&service, &port);
+        if let Some(reason) = self.unresolved(id) {
+            diags.push(
+                Severity::Error,
+                "Ingress",
+                ingress,
+                format!("{field}.service"),
+                format!("{reason}; the route answers 503 until it is fixed"),
+            );
+        } else if self.clusters[id as usize].active_endpoints().is_empty()
+            && matches!(
+                self.clusters[id as usize].upstream,
+                Upstream::Endpoints { .. }
+            )
+        {
+            diags.push(
+                Severity::Warning,
+                "Ingress",
+                ingress,
+                format!("{field}.service"),
+                format!(
+                    "Service {service} port {port} has no ready or serving endpoints; the route answers 503"
+                ),
+            );
+        }
+        Some(id)
+    }
+
+    fn unresolved(&self, id: ClusterId) -> Option<&str> {
+        match &self.clusters[id as usize].upstream {
+            Upstream::Unresolved { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    fn cluster(&mut self, service: &ObjectRef, port: &PortRef) -> ClusterId {
+        if let Some(&id) = self.ids.get(&(service.clone(), port.clone())) {
+            return id;
+        }
+        let cluster = self.resolve(service, port);
+        let id = self.clusters.len() as ClusterId;
+        self.clusters.push(cluster);
+        self.ids.insert((service.clone(), port.clone()), id);
+        id
+    }
+
+    fn resolve(&mut self, service: &ObjectRef, port: &PortRef) -> Cluster {
+        let mut cluster = Cluster {
+            service: service.clone(),
+            port: port.clone(),
+            service_port: None,
+            app_protocol: None,
+            upstream: Upstream::Unresolved {
+                reason: String::new(),
+            },
+        };
+        let unresolved = |reason: String| Upstream::Unresolved { reason };
+        let Some(svc) = self.services.get(service).copied() else {
+            cluster.upstream = unresolved(format!("Service {service} not found"));
+            return cluster;
+        };
+        let spec = svc.spec.clone().unwrap_or_default();
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let sp: Option<&ServicePort> = ports.iter().find(|p| match port {
+            PortRef::Number(n) => p.port == *n,
+            PortRef::Name(name) => p.name.as_deref() == Some(name.as_str()),
+        });
+
+        if spec.type_.as_deref() == Some("ExternalName") {
+            let host = spec.external_name.clone().unwrap_or_default();
+            let number = match (sp, port) {
+                (Some(p), _) => p.port,
+                (None, PortRef::Number(n)) => *n,
+                (None, PortRef::Name(name)) => {
+                    cluster.upstream =
+                        unresolved(format!("Service {service} has no port named {name}"));
+                    return cluster;
+                }
+            };
+            cluster.service_port = Some(number);
+            cluster.app_protocol = sp.and_then(|p| p.app_protocol.clone());
+            cluster.upstream = match external_name_problem(&host, self.options) {
+                Some(reason) => unresolved(format!("ExternalName Service {service}: {reason}")),
+                None => match u16::try_from(number) {
+                    Ok(port) if port > 0 => Upstream::ExternalName { host, port },
+                    _ => unresolved(format!("Service {service} port {number} is out of range")),
+                },
+            };
+            return cluster;
+        }
+
+        let Some(sp) = sp else {
+            cluster.upstream = unresolved(match port {
+                PortRef::Number(n) => format!("Service {service} has no port {n}"),
+                PortRef::Name(name) => format!("Service {service} has no port named {name}"),
+            });
+            return cluster;
+        };
+        cluster.service_port = Some(sp.port);
+        cluster.app_protocol = sp.app_protocol.clone();
+
+        let mut all: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+        for slice in self
+            .slices
+            .get(service)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+                continue;
+            }
+            let Some(target) = slice_port(slice, sp, ports.len()) else {
+                continue;
+            };
+            let slice_id = object_ref(&slice.metadata);
+            for ep in slice.endpoints.as_deref().unwrap_or_default() {
+                let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                let addr = SocketAddr::new(ip, target);
+                if let Some(reason) = endpoint_problem(addr, self.options) {
+                    self.refused
+                        .insert((slice_id.clone(), format!("{addr}: {reason}")));
+                    continue;
+                }
+                let c = ep.conditions.clone().unwrap_or_default();
+                let ready = c.ready.unwrap_or(true);
+                let endpoint = Endpoint {
+                    address: addr,
+                    ready,
+                    serving: c.serving.unwrap_or(ready),
+                    terminating: c.terminating.unwrap_or(false),
+                };
+                // The same address in two slices (during slice churn): keep the best view.
+                all.entry(addr)
+                    .and_modify(|e| {
+                        e.ready |= endpoint.ready;
+                        e.serving |= endpoint.serving;
+                        e.terminating &= endpoint.terminating;
+                    })
+                    .or_insert(endpoint);
+            }
+        }
+        let all: Vec<Endpoint> = all.into_values().collect();
+        let mut active: Vec<SocketAddr> =
+            all.iter().filter(|e| e.ready).map(|e| e.address).collect();
+        if active.is_empty() {
+            active = all
+                .iter()
+                .filter(|e| e.serving)
+                .map(|e| e.address)
+                .collect();
+        }
+        cluster.upstream = Upstream::Endpoints { all, active };
+        cluster
+    }
+
+    /// Diagnostics for refused endpoints and for EndpointSlices whose Service is missing.
+    fn orphan_slices(&self, diags: &mut Diags) {
+        for (slice, reason) in &self.refused {
+            diags.push(
+                Severity::Warning,
+                "EndpointSlice",
+                slice,
+                "endpoints",
+                format!("endpoint refused: {reason}"),
+            );
+        }
+        for (service, slices) in &self.slices {
+            if !self.services.contains_key(service) {
+                for s in slices {
+                    diags.push(
+                        Severity::Warning,
+                        "EndpointSlice",
+                        &object_ref(&s.metadata),
+                        format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                        format!("Service {service} not found"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The EndpointSlice port that carries a Service port: matched by port name (as the
+/// EndpointSlice controller writes it), else by a numeric targetPort, else the only port
+/// of a single-port slice for a single-port Service (hand-written slices).
+fn slice_port(slice: &EndpointSlice, sp: &ServicePort, service_ports: usize) -> Option<u16> {
+    let ports = slice.ports.as_deref().unwrap_or_default();
+    let want = sp.name.as_deref().unwrap_or("");
+    let found = ports
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or("") == want)
+        .or_else(|| match &sp.target_port {
+            Some(IntOrString::Int(n)) => ports.iter().find(|p| p.port == Some(*n)),
+            _ => None,
+        })
+        .or_else(|| (ports.len() == 1 && service_ports == 1).then(|| &ports[0]))?;
+    found
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p > 0)
+}
+
+/// Why an endpoint address must not be used, if it must not (CVE-2021-25740 class).
+fn endpoint_problem(addr: SocketAddr, options: &Options) -> Option<String> {
+    let ip = addr.ip();
+    let local = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    // A listener on 0.0.0.0 is reachable on every local address; the pod's own address
+    // is listed in `own_addresses` explicitly.
+    let ours = options.own_addresses.iter().any(|own| {
+        own.port() == addr.port()
+            && (own.ip() == ip
+                || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+    });
+    if ours {
+        return Some("points at one of Portcullis' own listeners".into());
+    }
+    (local && !options.allow_local_endpoints)
+        .then(|| "loopback, link-local and unspecified addresses are not allowed".into())
+}
+
+fn external_name_problem(host: &str, options: &Options) -> Option<String> {
+    if host.is_empty() {
+        return Some("spec.externalName is empty".into());
+    }
+    if options.allow_local_endpoints {
+        return None;
+    }
+    let lower = host.trim_end_matches('.').to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") {
+        return Some(format!("{host} is loopback"));
+    }
+    if let Ok(ip) = lower.parse::<IpAddr>() {
+        return endpoint_problem(SocketAddr::new(ip, 1), options);
+    }
+    None
+}
