@@ -1,1 +1,480 @@
-//! (filled in by the next commits)
+//! Manifest files as a source of Kubernetes objects (local development).
+//!
+//! `--manifests PATH` names files or folders of `.yaml`, `.yml` and `.json` files, with
+//! multi-document YAML and `kind: List` supported. A file that does not parse fails the
+//! whole load (so nothing is half-applied): the caller keeps what it had. An object that
+//! parses as YAML but not as its kind is skipped with a diagnostic naming file, line and
+//! field; the rest loads. [`watch`] re-reads everything when a file changes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info};
+
+use crate::k8s::Inputs;
+use crate::model::{Diagnostic, Severity};
+use crate::publish::SourceUpdate;
+
+/// Why manifests could not be loaded. Names the file, and the line where known.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}: no .yaml, .yml or .json files found")]
+    Empty(PathBuf),
+}
+
+impl LoadError {
+    /// Whether this is a problem with the content (as opposed to reading the files).
+    pub fn is_parse(&self) -> bool {
+        matches!(self, LoadError::Parse { .. })
+    }
+}
+
+/// The objects read from manifest files.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub inputs: Inputs,
+    /// Objects skipped while reading, and why.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The files that were read, in order.
+    pub files: Vec<PathBuf>,
+    /// Number of objects of the five kinds Portcullis reads.
+    pub objects: usize,
+}
+
+impl Loaded {
+    pub fn into_update(self) -> SourceUpdate {
+        SourceUpdate {
+            inputs: self.inputs,
+            diagnostics: self.diagnostics,
+        }
+    }
+}
+
+/// The files below `paths`: each path is a file, or a folder searched recursively for
+/// `.yaml`, `.yml` and `.json` files (hidden entries skipped), in sorted order.
+pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let before = out.len();
+            walk(path, &mut out)?;
+            if out.len() == before {
+                return Err(LoadError::Empty(path.clone()));
+            }
+        } else {
+            out.push(path.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    for p in entries {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_manifest(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// Reads every manifest below `paths`.
+pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
+    let files = manifest_files(paths)?;
+    let mut reader = Reader::default();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        reader.add_text(file, &text)?;
+    }
+    let mut loaded = reader.finish();
+    loaded.files = files;
+    Ok(loaded)
+}
+
+/// Reads manifests from text already in memory (the demo's embedded manifests).
+pub fn load_str(name: &str, text: &str) -> Result<Loaded, LoadError> {
+    let mut reader = Reader::default();
+    reader.add_text(Path::new(name), text)?;
+    Ok(reader.finish())
+}
+
+/// Where an object was defined: `file:line`.
+type Origin = String;
+
+#[derive(Default)]
+struct Reader {
+    ingresses: Vec<(Origin, Ingress)>,
+    classes: Vec<(Origin, IngressClass)>,
+    services: Vec<(Origin, Service)>,
+    slices: Vec<(Origin, EndpointSlice)>,
+    secrets: Vec<(Origin, Secret)>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Reader {
+    fn add_text(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
+        let parse_err = |message: String| LoadError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let docs: Vec<(usize, Value)> = if path.extension().and_then(|e| e.to_str()) == Some("json")
+        {
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| parse_err(format!("line {} column {}: {e}", e.line(), e.column())))?;
+            vec![(1, v)]
+        } else {
+            let docs: Vec<serde_saphyr::Spanned<Value>> = serde_saphyr::from_multiple(text)
+                .map_err(|e| {
+                    parse_err(
+                        e.to_string()
+                            .replace("<input>", &path.display().to_string()),
+                    )
+                })?;
+            docs.into_iter()
+                .map(|d| (d.referenced.line() as usize, d.value))
+                .collect()
+        };
+        for (line, doc) in docs {
+            let origin = format!("{}:{line}", path.display());
+            self.add_value(&origin, doc);
+        }
+        Ok(())
+    }
+
+    fn add_value(&mut self, origin: &str, doc: Value) {
+        let Value::Object(map) = &doc else {
+            if !doc.is_null() {
+                self.diag(
+                    "",
+                    "",
+                    "",
+                    "",
+                    format!("at {origin}: a document must be a Kubernetes object"),
+                );
+            }
+            return;
+        };
+        let kind = map
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let api_version = map
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if kind == "List" || kind.ends_with("List") && map.contains_key("items") {
+            if let Some(Value::Array(items)) = map.get("items") {
+                for item in items.clone() {
+                    self.add_value(origin, item);
+                }
+            }
+            return;
+        }
+        let meta = map.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        let want = match kind.as_str() {
+            "Ingress" | "IngressClass" => "networking.k8s.io/v1",
+            "Service" | "Secret" => "v1",
+            "EndpointSlice" => "discovery.k8s.io/v1",
+            "" => {
+                self.diag(
+                    "",
+                    &namespace,
+                    &name,
+                    "kind",
+                    format!("at {origin}: object has no kind"),
+                );
+                return;
+            }
+            other => {
+                debug!(kind = other, %origin, "ignoring object of a kind Portcullis does not read");
+                return;
+            }
+        };
+        if api_version != want {
+            self.diag(
+                &kind,
+                &namespace,
+                &name,
+                "apiVersion",
+                format!("at {origin}: apiVersion `{api_version}` is not supported for {kind}; use {want}"),
+            );
+            return;
+        }
+        if name.is_empty() {
+            self.diag(
+                &kind,
+                &namespace,
+                "",
+                "metadata.name",
+                format!("at {origin}: object has no name"),
+            );
+            return;
+        }
+        let namespaced = kind != "IngressClass";
+        let origin = origin.to_string();
+        match kind.as_str() {
+            "Ingress" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.ingresses
+            }),
+            "IngressClass" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.classes
+            }),
+            "Service" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.services
+            }),
+            "EndpointSlice" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.slices
+            }),
+            _ => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.secrets
+            }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn typed<T: DeserializeOwned + HasMeta>(
+        &mut self,
+        origin: Origin,
+        mut doc: Value,
+        namespaced: bool,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        list: impl FnOnce(&mut Self) -> &mut Vec<(Origin, T)>,
+    ) {
+        if namespaced && let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.entry("namespace")
+                .or_insert_with(|| Value::String("default".into()));
+        }
+        match serde_path_to_error::deserialize::<_, T>(doc) {
+            Ok(obj) => list(self).push((origin, obj)),
+            Err(e) => {
+                let field = e.path().to_string();
+                let ns = if namespaced { namespace } else { "" };
+                self.diag(
+                    kind,
+                    ns,
+                    name,
+                    if field == "." { "" } else { &field },
+                    format!("at {origin}: {}; the object is skipped", e.inner()),
+                );
+            }
+        }
+    }
+
+    fn diag(&mut self, kind: &str, namespace: &str, name: &str, field: &str, reason: String) {
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            field: field.to_string(),
+            reason,
+        });
+    }
+
+    fn finish(mut self) -> Loaded {
+        let mut objects = 0;
+        let diags = &mut self.diagnostics;
+        let inputs = Inputs {
+            ingresses: dedup("Ingress", self.ingresses, diags, &mut objects),
+            ingress_classes: dedup("IngressClass", self.classes, diags, &mut objects),
+            services: dedup("Service", self.services, diags, &mut objects),
+            endpoint_slices: dedup("EndpointSlice", self.slices, diags, &mut objects),
+            secrets: dedup("Secret", self.secrets, diags, &mut objects),
+            last_good_certs: Default::default(),
+        };
+        Loaded {
+            inputs,
+            diagnostics: self.diagnostics,
+            files: Vec::new(),
+            objects,
+        }
+    }
+}
+
+/// Access to the identity of an object, for duplicate detection.
+trait HasMeta {
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+}
+
+macro_rules! has_meta {
+    ($($t:ty),*) => {$(
+        impl HasMeta for $t {
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+        }
+    )*};
+}
+has_meta!(Ingress, IngressClass, Service, EndpointSlice, Secret);
+
+/// Keeps the last definition of each namespace/name, with a warning for the others, as
+/// `kubectl apply` of the same files would leave it.
+fn dedup<T: HasMeta>(
+    kind: &str,
+    objs: Vec<(Origin, T)>,
+    diags: &mut Vec<Diagnostic>,
+    count: &mut usize,
+) -> Vec<Arc<T>> {
+    let mut index: HashMap<(String, String), usize> = HashMap::new();
+    let mut out: Vec<Option<(Origin, T)>> = Vec::new();
+    for (origin, obj) in objs {
+        let key = (
+            obj.meta().namespace.clone().unwrap_or_default(),
+            obj.meta().name.clone().unwrap_or_default(),
+        );
+        if let Some(&i) = index.get(&key) {
+            if let Some((first, _)) = &out[i] {
+                diags.push(Diagnostic {
+                    severity: Severity::Warning,
+                    kind: kind.to_string(),
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    field: String::new(),
+                    reason: format!(
+                        "defined at {first} and again at {origin}; the later one is used"
+                    ),
+                });
+            }
+            out[i] = None;
+        }
+        index.insert(key, out.len());
+        out.push(Some((origin, obj)));
+    }
+    let out: Vec<Arc<T>> = out
+        .into_iter()
+        .flatten()
+        .map(|(_, o)| Arc::new(o))
+        .collect();
+    *count += out.len();
+    out
+}
+
+/// How long file events must be quiet before the manifests are re-read.
+pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Loads the manifests, then watches them and sends every good load to `tx`. A load that
+/// fails is logged with file and line, and nothing is sent: the last good configuration
+/// stays in force. Returns when `tx` is closed; errors only if the watcher cannot start.
+pub async fn watch(
+    paths: Vec<PathBuf>,
+    tx: watch::Sender<Option<Arc<SourceUpdate>>>,
+) -> Result<(), notify::Error> {
+    use notify::{RecursiveMode, Watcher};
+
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            let _ = event_tx.send(());
+        }
+    })?;
+    // Folders are watched recursively; a file is watched through its parent folder, so
+    // that editors which replace the file (write + rename) are seen too.
+    for p in &paths {
+        if p.is_dir() {
+            watcher.watch(p, RecursiveMode::Recursive)?;
+        } else {
+            let parent = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            watcher.watch(parent, RecursiveMode::NonRecursive)?;
+        }
+    }
+
+    let reload = |tx: &watch::Sender<Option<Arc<SourceUpdate>>>| {
+        let paths = paths.clone();
+        match load(&paths) {
+            Ok(loaded) => {
+                info!(
+                    files = loaded.files.len(),
+                    objects = loaded.objects,
+                    "manifests loaded"
+                );
+                tx.send_replace(Some(Arc::new(loaded.into_update())));
+            }
+            Err(e) => {
+                error!(error = %e, "manifests not loaded; the last good configuration stays in force")
+            }
+        }
+    };
+    reload(&tx);
+    loop {
+        tokio::select! {
+            ev = event_rx.recv() => if ev.is_none() { return Ok(()) },
+            _ = tx.closed() => return Ok(()),
+        }
+        // Debounce: wait until events stop for a moment.
+        loop {
+            match tokio::time::timeout(RELOAD_DEBOUNCE, event_rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return Ok(()),
+                Err(_) => break,
+            }
+        }
+        reload(&tx);
+    }
+}

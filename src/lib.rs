@@ -15,6 +15,7 @@
 //! - [`commands`]: the `check` and `explain` commands.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod commands;
 pub mod files;
 pub mod k8s;

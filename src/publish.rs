@@ -1,1 +1,182 @@
-//! (filled in by the next commits)
+//! Publish: turn source updates into snapshots and swap them in atomically.
+//!
+//! Sources send the complete current set of objects ([`SourceUpdate`]) on a `watch`
+//! channel, which coalesces bursts by itself. The publisher waits briefly for more
+//! changes ([`Publisher::debounce`]), rebuilds the whole snapshot off the async runtime,
+//! stamps the next generation and stores it in the one `ArcSwap` that every request
+//! loads from. Requests in flight keep the snapshot they loaded; nothing is rebound or
+//! closed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::k8s::{Inputs, Options, build};
+use crate::model::{Diagnostic, Severity, Snapshot, Upstream};
+
+/// Everything a source knows at one moment.
+#[derive(Debug, Default)]
+pub struct SourceUpdate {
+    pub inputs: Inputs,
+    /// Problems the source found before translation (such as an object that does not
+    /// parse as its kind); they are added to the snapshot's diagnostics.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Called after each publish with the new snapshot and how long translate + swap took.
+pub type PublishHook = Box<dyn Fn(&Snapshot, Duration) + Send + Sync>;
+
+/// Builds and publishes snapshots.
+pub struct Publisher {
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+    /// True once the first snapshot is published.
+    pub ready: Arc<AtomicBool>,
+    pub options: Options,
+    /// Quiet time to wait for further changes before rebuilding.
+    pub debounce: Duration,
+    hooks: Vec<PublishHook>,
+}
+
+/// Builds a snapshot from a source update: translation plus the source's diagnostics,
+/// with the certificates of `previous` as the last good ones.
+pub fn build_snapshot(update: &SourceUpdate, options: &Options, previous: &Snapshot) -> Snapshot {
+    let mut inputs = update.inputs.clone();
+    inputs.last_good_certs = previous.tls.certs.clone();
+    let mut snapshot = build(&inputs, options);
+    if !update.diagnostics.is_empty() {
+        snapshot
+            .diagnostics
+            .extend(update.diagnostics.iter().cloned());
+        snapshot.diagnostics.sort();
+    }
+    snapshot
+}
+
+impl Publisher {
+    pub fn new(options: Options) -> Publisher {
+        Publisher {
+            snapshots: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            ready: Arc::new(AtomicBool::new(false)),
+            options,
+            debounce: Duration::from_millis(10),
+            hooks: Vec::new(),
+        }
+    }
+
+    /// Adds a function called after every publish (metrics, status).
+    pub fn on_publish(&mut self, hook: PublishHook) {
+        self.hooks.push(hook);
+    }
+
+    /// Builds, stamps and stores one snapshot; returns its generation.
+    pub fn publish(&self, update: &SourceUpdate) -> u64 {
+        let started = Instant::now();
+        let previous = self.snapshots.load_full();
+        let mut snapshot = build_snapshot(update, &self.options, &previous);
+        snapshot.generation = previous.generation + 1;
+        let generation = snapshot.generation;
+        let counts = Counts::of(&snapshot);
+        let before = Counts::of(&previous);
+        let snapshot = Arc::new(snapshot);
+        self.snapshots.store(snapshot.clone());
+        self.ready.store(true, Ordering::Release);
+        let took = started.elapsed();
+        info!(
+            generation,
+            virtual_hosts = counts.vhosts,
+            routes = counts.routes,
+            routes_delta = counts.routes as i64 - before.routes as i64,
+            clusters = counts.clusters,
+            endpoints = counts.endpoints,
+            endpoints_delta = counts.endpoints as i64 - before.endpoints as i64,
+            tls_hosts = counts.tls_hosts,
+            errors = counts.errors,
+            warnings = counts.warnings,
+            took_ms = took.as_secs_f64() * 1000.0,
+            "snapshot published"
+        );
+        for d in snapshot
+            .diagnostics
+            .iter()
+            .filter(|d| !previous.diagnostics.contains(d))
+        {
+            warn!(severity = %d.severity, kind = %d.kind, namespace = %d.namespace, name = %d.name, field = %d.field, reason = %d.reason, "configuration problem");
+        }
+        for i in snapshot
+            .ignored
+            .iter()
+            .filter(|i| !previous.ignored.contains(i))
+        {
+            info!(namespace = %i.namespace, name = %i.name, reason = %i.reason, "ignoring ingress");
+        }
+        for hook in &self.hooks {
+            hook(&snapshot, took);
+        }
+        generation
+    }
+
+    /// Publishes every update from `rx` until the channel closes. Bursts of updates
+    /// within `debounce` of each other make one snapshot.
+    pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Option<Arc<SourceUpdate>>>) {
+        loop {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(self.debounce).await;
+            let Some(update) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let this = self.clone();
+            // Translation is CPU work of up to tens of milliseconds: keep it off the
+            // request-serving threads.
+            if let Err(e) = tokio::task::spawn_blocking(move || this.publish(&update)).await {
+                warn!(error = %e, "snapshot build failed; the previous snapshot stays in force");
+            }
+        }
+    }
+}
+
+/// Sizes of a snapshot, for logs and summaries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub vhosts: usize,
+    pub routes: usize,
+    pub clusters: usize,
+    pub endpoints: usize,
+    pub tls_hosts: usize,
+    pub errors: usize,
+    pub warnings: usize,
+}
+
+impl Counts {
+    pub fn of(s: &Snapshot) -> Counts {
+        Counts {
+            vhosts: s.routes.vhosts.len(),
+            routes: s.routes.routes().count(),
+            clusters: s.clusters.len(),
+            endpoints: s
+                .clusters
+                .iter()
+                .map(|c| match &c.upstream {
+                    Upstream::Endpoints { active, .. } => active.len(),
+                    _ => 0,
+                })
+                .sum(),
+            tls_hosts: s.tls.hosts.len(),
+            errors: s
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count(),
+            warnings: s
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Warning)
+                .count(),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Command-line options. Every flag of `run` also reads an environment variable:
+//! `PORTCULLIS_` + the flag name in capitals with `-` → `_` (repeatable flags take a
+//! comma-separated list there).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::k8s::Options;
+use crate::k8s::translate::ServiceRef;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A Kubernetes ingress controller and reverse proxy",
+    long_about = "A Kubernetes ingress controller and reverse proxy.\n\n\
+        With no subcommand, `run` is assumed: `portcullis --manifests examples/basic` serves \
+        the Ingresses in those files. Try `portcullis demo` for a built-in example.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: from --manifests files, or from the Kubernetes API when --manifests is absent.
+    Run(RunArgs),
+    /// Print the diagnostics and a summary of what the manifests would serve.
+    ///
+    /// Exit status: 0 fine or warnings only, 1 at least one error, 2 usage or I/O error.
+    Check(CheckArgs),
+    /// Explain which rule a request to URL would take, and why.
+    ///
+    /// Exit status: 0 explained (routed or not), 2 usage or I/O error.
+    Explain(ExplainArgs),
+    /// A test upstream: answers every request with JSON describing it.
+    Echo(EchoArgs),
+    /// A built-in example: echo upstreams and embedded manifests, no cluster needed.
+    Demo(DemoArgs),
+}
+
+/// Where objects come from and how they are translated (shared by run, check, explain).
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Files or folders of YAML/JSON Kubernetes objects (repeatable). Without it, `run`
+    /// reads the Kubernetes API.
+    #[arg(
+        long = "manifests",
+        value_name = "PATH",
+        env = "PORTCULLIS_MANIFESTS",
+        value_delimiter = ','
+    )]
+    pub manifests: Vec<PathBuf>,
+    /// `spec.controller` of the IngressClasses we serve.
+    #[arg(
+        long,
+        env = "PORTCULLIS_CONTROLLER_NAME",
+        default_value = "portcullis.io/ingress-controller"
+    )]
+    pub controller_name: String,
+    /// Value of the legacy `kubernetes.io/ingress.class` annotation we serve; in file mode
+    /// also the class assumed (ours, default) when the files define none of ours.
+    #[arg(long, env = "PORTCULLIS_INGRESS_CLASS", default_value = "portcullis")]
+    pub ingress_class: String,
+    /// Serve Ingresses that name no class even when no class of ours is the default.
+    #[arg(long, env = "PORTCULLIS_WATCH_INGRESS_WITHOUT_CLASS")]
+    pub watch_ingress_without_class: bool,
+    /// Answers what no rule matches: NAMESPACE/NAME:PORT (port number or name).
+    #[arg(
+        long,
+        value_name = "NS/NAME:PORT",
+        env = "PORTCULLIS_DEFAULT_BACKEND_SERVICE"
+    )]
+    pub default_backend_service: Option<ServiceRef>,
+}
+
+impl SourceArgs {
+    /// Translation options for file mode.
+    pub fn file_options(&self) -> Options {
+        Options {
+            controller_name: self.controller_name.clone(),
+            ingress_class: self.ingress_class.clone(),
+            watch_without_class: self.watch_ingress_without_class,
+            default_backend_service: self.default_backend_service.clone(),
+            assume_class: true,
+            allow_local_endpoints: true,
+            own_addresses: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// The request, such as http://foo.example.com/aaa/bbb (the scheme may be omitted).
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EchoArgs {
+    /// Address to listen on, such as 127.0.0.1:9000.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Name reported in every answer.
+    #[arg(long, default_value = "echo")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// Plain HTTP listener (HTTP/1.1 and HTTP/2 prior knowledge).
+    #[arg(long, env = "PORTCULLIS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Admin listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:10254")]
+    pub admin_addr: SocketAddr,
+    /// Dashboard listener: /debug/snapshot. Keep it on loopback.
+    #[arg(
+        long,
+        env = "PORTCULLIS_DASHBOARD_ADDR",
+        default_value = "127.0.0.1:10255"
+    )]
+    pub dashboard_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Limit for connecting to an upstream endpoint.
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// Limit for an upstream's response headers.
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_response_timeout: Duration,
+    /// How long a pooled upstream connection may stay idle; below common backend
+    /// keep-alives, such as Node's 5 s.
+    #[arg(long, env = "PORTCULLIS_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+    /// Limit for reading request headers; also closes a connection that sends nothing.
+    #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Largest request head: HTTP/1 headers and the HTTP/2 header list alike.
+    #[arg(long, env = "PORTCULLIS_MAX_HEADER_SIZE", default_value = "32KiB", value_parser = parse_size)]
+    pub max_header_size: u64,
+    /// Largest request body (413 beyond it); unlimited when not set.
+    #[arg(long, env = "PORTCULLIS_MAX_BODY_SIZE", value_parser = parse_size)]
+    pub max_body_size: Option<u64>,
+    /// Refuse downstream connections beyond this many; unlimited when not set.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Log format.
+    #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Parses a duration written with a unit: `500ms`, `10s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (write it with a unit: 500ms, 10s, 2m)"))
+}
+
+/// Parses a size: a number of bytes, or with a unit `KiB`, `MiB`, `GiB` (powers of
+/// 1024) or `KB`, `MB`, `GB` (powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 1048576, 32KiB, 10MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "KB" | "kB" | "K" | "k" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("32KiB"), Ok(32 * 1024));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2 MB"), Ok(2_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
