@@ -82,8 +82,9 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
-    /// Translation options for file mode.
-    pub fn file_options(&self) -> Options {
+    /// Translation options for file mode: an IngressClass of ours is assumed when the
+    /// files define none, and loopback endpoints are allowed (local development).
+    pub fn file_options(&self, own_addresses: Vec<SocketAddr>) -> Options {
         Options {
             controller_name: self.controller_name.clone(),
             ingress_class: self.ingress_class.clone(),
@@ -91,7 +92,17 @@ impl SourceArgs {
             default_backend_service: self.default_backend_service.clone(),
             assume_class: true,
             allow_local_endpoints: true,
-            own_addresses: Vec::new(),
+            own_addresses,
+        }
+    }
+
+    /// Translation options for Kubernetes mode: endpoints on loopback, link-local and
+    /// unspecified addresses, and at our own listeners, are refused.
+    pub fn kube_options(&self, own_addresses: Vec<SocketAddr>) -> Options {
+        Options {
+            assume_class: false,
+            allow_local_endpoints: false,
+            ..self.file_options(own_addresses)
         }
     }
 }
@@ -134,6 +145,9 @@ pub struct EchoArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     pub listen: ListenArgs,
+    /// Print the demo's embedded manifests (with placeholder ports) and exit.
+    #[arg(long)]
+    pub print_manifests: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,6 +178,21 @@ pub struct ListenArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Kubeconfig file for Kubernetes mode. Default: in-cluster configuration, then
+    /// `KUBECONFIG` or ~/.kube/config.
+    #[arg(long, value_name = "PATH", env = "PORTCULLIS_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use.
+    #[arg(long, value_name = "NAME", env = "PORTCULLIS_CONTEXT")]
+    pub context: Option<String>,
+    /// Namespace to watch (repeatable); all namespaces when not set.
+    #[arg(
+        long = "watch-namespace",
+        value_name = "NS",
+        env = "PORTCULLIS_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
     #[command(flatten)]
     pub listen: ListenArgs,
     /// Limit for connecting to an upstream endpoint.

@@ -33,7 +33,7 @@ fn check(args: portcullis::cli::CheckArgs) -> ExitCode {
         Err(code) => return code,
     };
     let (files, objects) = (loaded.files.len(), loaded.objects);
-    let snapshot = commands::snapshot_of(loaded, &args.source.file_options());
+    let snapshot = commands::snapshot_of(loaded, &args.source.file_options(Vec::new()));
     match args.output {
         OutputFormat::Text => print!("{}", commands::check_text(&snapshot, files, objects)),
         OutputFormat::Json => println!("{:#}", commands::check_json(&snapshot, files, objects)),
@@ -46,7 +46,7 @@ fn explain(args: portcullis::cli::ExplainArgs) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let snapshot = commands::snapshot_of(loaded, &args.source.file_options());
+    let snapshot = commands::snapshot_of(loaded, &args.source.file_options(Vec::new()));
     match commands::explain(&snapshot, &args.url) {
         Ok(ex) => {
             match args.output {

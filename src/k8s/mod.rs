@@ -2,5 +2,6 @@
 //! translation from objects to a [`Snapshot`](crate::model::Snapshot).
 
 pub mod translate;
+pub mod watch;
 
 pub use translate::{Inputs, Options, build};

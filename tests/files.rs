@@ -1,0 +1,150 @@
+//! Manifest files as a source: formats, namespaces, diagnostics with file and line, and
+//! the watch that keeps the last good configuration when a file breaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::files;
+use portcullis::model::Severity;
+use portcullis::publish::SourceUpdate;
+use tokio::sync::watch;
+
+const SERVICE: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+
+#[test]
+fn reads_multi_document_yaml_lists_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        format!(
+            "{SERVICE}---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: ignored}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.yml"),
+        "apiVersion: v1\nkind: List\nitems:\n  - {apiVersion: v1, kind: Service, metadata: {name: api, namespace: shop}, spec: {ports: [{port: 81}]}}\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(
+        dir.path().join("sub/c.json"),
+        r#"{"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass", "metadata": {"name": "pc"}, "spec": {"controller": "portcullis.io/ingress-controller"}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+    let loaded = files::load(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(loaded.files.len(), 3);
+    assert_eq!(loaded.objects, 3);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let mut svcs: Vec<_> = loaded
+        .inputs
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap(),
+                s.metadata.name.as_deref().unwrap()
+            )
+        })
+        .collect();
+    svcs.sort();
+    assert_eq!(svcs, ["default/web", "shop/api"]);
+    assert_eq!(loaded.inputs.ingress_classes.len(), 1);
+}
+
+#[test]
+fn wrong_api_version_and_bad_fields_are_diagnostics_naming_file_and_line() {
+    let text = format!(
+        "{SERVICE}---\napiVersion: extensions/v1beta1\nkind: Ingress\nmetadata: {{name: old}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: typed}}\nspec: {{ports: [{{port: eighty}}]}}\n"
+    );
+    let loaded = files::load_str("m.yaml", &text).unwrap();
+    assert_eq!(
+        loaded.inputs.services.len(),
+        1,
+        "the good Service still loads"
+    );
+    let d: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(d[0].contains("Ingress default/old apiVersion: at m.yaml:6: apiVersion `extensions/v1beta1` is not supported"), "{d:?}");
+    assert!(
+        d[1].contains("Service default/typed spec.ports[0].port: at m.yaml:10"),
+        "{d:?}"
+    );
+    assert!(
+        loaded
+            .diagnostics
+            .iter()
+            .all(|d| d.severity == Severity::Error)
+    );
+}
+
+#[test]
+fn duplicates_keep_the_later_definition_with_a_warning() {
+    let text = format!(
+        "{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{port: 81}}]}}\n"
+    );
+    let loaded = files::load_str("d.yaml", &text).unwrap();
+    assert_eq!(loaded.inputs.services.len(), 1);
+    let ports = loaded.inputs.services[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap();
+    assert_eq!(ports[0].port, 81);
+    assert_eq!(loaded.diagnostics.len(), 1);
+    assert_eq!(loaded.diagnostics[0].severity, Severity::Warning);
+    assert!(loaded.diagnostics[0].reason.contains("d.yaml:1"));
+}
+
+#[test]
+fn invalid_yaml_fails_the_whole_load_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("good.yaml"), SERVICE).unwrap();
+    std::fs::write(dir.path().join("zbad.yaml"), "a: 1\nb: {c: [\n").unwrap();
+    let err = files::load(&[dir.path().to_path_buf()]).unwrap_err();
+    assert!(err.is_parse());
+    let msg = err.to_string();
+    assert!(msg.contains("zbad.yaml"), "{msg}");
+    assert!(msg.contains("line 2"), "{msg}");
+}
+
+async fn next_update(rx: &mut watch::Receiver<Option<Arc<SourceUpdate>>>) -> Arc<SourceUpdate> {
+    tokio::time::timeout(Duration::from_secs(20), rx.changed())
+        .await
+        .expect("an update within 20 s")
+        .expect("sender alive");
+    rx.borrow_and_update().clone().expect("an update")
+}
+
+#[tokio::test]
+async fn watch_reloads_on_change_and_keeps_the_last_good_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc.yaml");
+    std::fs::write(&file, SERVICE).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![dir.path().to_path_buf()], tx));
+
+    let first = next_update(&mut rx).await;
+    assert_eq!(first.inputs.services.len(), 1);
+
+    // A broken file sends nothing: the last good configuration stays.
+    std::fs::write(&file, "kind: [\n").unwrap();
+    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "a broken file must not replace the last good load"
+    );
+
+    // A fixed file is picked up.
+    std::fs::write(&file, format!("{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: two}}\nspec: {{ports: [{{port: 80}}]}}\n")).unwrap();
+    let fixed = next_update(&mut rx).await;
+    assert_eq!(fixed.inputs.services.len(), 2);
+
+    drop(rx);
+    task.abort();
+}
