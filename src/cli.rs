@@ -25,13 +25,13 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: Box<RunArgs>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve: from --manifests files, or from the Kubernetes API when --manifests is absent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the diagnostics and a summary of what the manifests would serve.
     ///
     /// Exit status: 0 fine or warnings only, 1 at least one error, 2 usage or I/O error.

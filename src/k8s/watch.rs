@@ -145,7 +145,7 @@ where
     fn state(&self) -> Vec<Arc<K>> {
         let mut all: Vec<Arc<K>> = self.stores.iter().flat_map(|s| s.state()).collect();
         // Store order is a hash order; make inputs deterministic.
-        all.sort_by(|a, b| (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any())));
+        all.sort_by_key(|o| (o.namespace(), o.name_any()));
         all
     }
 
