@@ -13,12 +13,20 @@
 //! - [`files`]: manifest files as a source of objects (local development).
 //! - [`publish`]: debounce, rebuild, swap.
 //! - [`commands`]: the `check` and `explain` commands.
+//! - [`proxy`]: the data path: listeners, routing per request, forwarding.
+//! - [`admin`]: health, readiness, metrics and the debug dashboard.
+//! - [`metrics`]: the explicit prometheus registry and metric handles.
+//! - [`echo`]: a test upstream that answers with JSON about each request.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod commands;
+pub mod echo;
 pub mod files;
 pub mod k8s;
+pub mod metrics;
 pub mod model;
+pub mod proxy;
 pub mod publish;
 pub mod tls;

@@ -1,0 +1,368 @@
+//! Metrics: the explicit prometheus [`Registry`] and the handles the data path and the
+//! publisher record into.
+//!
+//! Everything registers into [`Metrics::registry`], never into the global default
+//! registry, so that each test (and each proxy in one process) reads its own counters.
+//! Labels stay bounded: namespace, ingress, service, method (standard methods or
+//! `OTHER`) and the status class; never a path, host or client address.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::model::{Snapshot, Upstream};
+
+/// Buckets of the request and upstream response histograms, in seconds (11 buckets).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of the upstream connect histogram, in seconds (10 buckets).
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+/// Buckets of the snapshot publish histogram, in seconds (10 buckets).
+const PUBLISH_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// The route a request took, as metric labels. Empty strings when no route matched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteLabels {
+    pub namespace: String,
+    pub ingress: String,
+    pub service: String,
+}
+
+/// The registry and every metric handle of the process.
+pub struct Metrics {
+    pub registry: Registry,
+    /// `portcullis_requests_total{namespace,ingress,service,method,code}`.
+    pub requests_total: IntCounterVec,
+    /// `portcullis_request_duration_seconds{namespace,ingress,service,code}`: until the
+    /// response headers are sent downstream.
+    pub request_duration_seconds: HistogramVec,
+    /// `portcullis_upstream_connect_duration_seconds{service}`, service as `ns/name`.
+    pub upstream_connect_duration_seconds: HistogramVec,
+    /// `portcullis_upstream_response_duration_seconds{service}`, service as `ns/name`:
+    /// from sending the request upstream until its response headers arrive.
+    pub upstream_response_duration_seconds: HistogramVec,
+    /// `portcullis_open_connections{listener,protocol}`; protocol is `detecting` until
+    /// the first request, then `http1` or `h2`.
+    pub open_connections: IntGaugeVec,
+    pub snapshot_generation: IntGauge,
+    pub snapshot_publish_timestamp_seconds: Gauge,
+    pub snapshot_publish_duration_seconds: Histogram,
+    /// `portcullis_diagnostics{kind,severity}`: diagnostics of the snapshot in force.
+    pub diagnostics: IntGaugeVec,
+    /// `portcullis_endpoints{namespace,service,state}`: distinct endpoint IPs of each
+    /// Service in the snapshot in force, by state `ready`, `serving` (serving but not
+    /// ready, such as terminating pods) and `not_ready`.
+    pub endpoints: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates the registry and registers every metric. `build_info{version}` is set to 1.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_requests_total",
+                "Requests answered, by route and status class.",
+            ),
+            &["namespace", "ingress", "service", "method", "code"],
+        )
+        .expect("static metric definition is valid");
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_request_duration_seconds",
+                "Time from receiving a request to sending its response headers.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["namespace", "ingress", "service", "code"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_connect_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_upstream_connect_duration_seconds",
+                "Time to open a new upstream connection.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
+            &["service"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_response_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_upstream_response_duration_seconds",
+                "Time from sending a request upstream to receiving its response headers.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["service"],
+        )
+        .expect("static metric definition is valid");
+        let open_connections = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_open_connections",
+                "Open downstream connections.",
+            ),
+            &["listener", "protocol"],
+        )
+        .expect("static metric definition is valid");
+        let snapshot_generation = IntGauge::new(
+            "portcullis_snapshot_generation",
+            "Generation of the snapshot in force.",
+        )
+        .expect("static metric definition is valid");
+        let snapshot_publish_timestamp_seconds = Gauge::new(
+            "portcullis_snapshot_publish_timestamp_seconds",
+            "When the snapshot in force was published (Unix seconds).",
+        )
+        .expect("static metric definition is valid");
+        let snapshot_publish_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "portcullis_snapshot_publish_duration_seconds",
+                "Time to build and publish a snapshot.",
+            )
+            .buckets(PUBLISH_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let diagnostics = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_diagnostics",
+                "Diagnostics of the snapshot in force.",
+            ),
+            &["kind", "severity"],
+        )
+        .expect("static metric definition is valid");
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_endpoints",
+                "Endpoints of each Service in the snapshot in force, by state.",
+            ),
+            &["namespace", "service", "state"],
+        )
+        .expect("static metric definition is valid");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_build_info",
+                "Always 1; labelled with the version.",
+            ),
+            &["version"],
+        )
+        .expect("static metric definition is valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(requests_total.clone()),
+            Box::new(request_duration_seconds.clone()),
+            Box::new(upstream_connect_duration_seconds.clone()),
+            Box::new(upstream_response_duration_seconds.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(snapshot_generation.clone()),
+            Box::new(snapshot_publish_timestamp_seconds.clone()),
+            Box::new(snapshot_publish_duration_seconds.clone()),
+            Box::new(diagnostics.clone()),
+            Box::new(endpoints.clone()),
+            Box::new(build_info.clone()),
+        ];
+        for c in collectors {
+            registry
+                .register(c)
+                .expect("metric names are unique within the registry");
+        }
+        Arc::new(Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            upstream_connect_duration_seconds,
+            upstream_response_duration_seconds,
+            open_connections,
+            snapshot_generation,
+            snapshot_publish_timestamp_seconds,
+            snapshot_publish_duration_seconds,
+            diagnostics,
+            endpoints,
+            build_info,
+        })
+    }
+
+    /// Records one answered request: the counter (with method) and the duration
+    /// histogram (without).
+    pub fn observe_request(
+        &self,
+        route: &RouteLabels,
+        method: &Method,
+        status: StatusCode,
+        seconds: f64,
+    ) {
+        let code = status_class(status);
+        self.requests_total
+            .with_label_values(&[
+                route.namespace.as_str(),
+                route.ingress.as_str(),
+                route.service.as_str(),
+                method_label(method),
+                code,
+            ])
+            .inc();
+        self.request_duration_seconds
+            .with_label_values(&[
+                route.namespace.as_str(),
+                route.ingress.as_str(),
+                route.service.as_str(),
+                code,
+            ])
+            .observe(seconds);
+    }
+
+    /// Sets the snapshot gauges from the snapshot just published: generation, publish
+    /// time (now) and duration, diagnostic counts and endpoints per Service. Gauges of
+    /// kinds and Services no longer present are removed.
+    pub fn observe_snapshot(&self, snap: &Snapshot, publish_seconds: f64) {
+        self.snapshot_generation
+            .set(i64::try_from(snap.generation).unwrap_or(i64::MAX));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.snapshot_publish_timestamp_seconds.set(now);
+        self.snapshot_publish_duration_seconds
+            .observe(publish_seconds);
+
+        let mut diags: BTreeMap<(&str, String), i64> = BTreeMap::new();
+        for d in &snap.diagnostics {
+            *diags
+                .entry((d.kind.as_str(), d.severity.to_string()))
+                .or_default() += 1;
+        }
+        self.diagnostics.reset();
+        for ((kind, severity), n) in diags {
+            self.diagnostics
+                .with_label_values(&[kind, severity.as_str()])
+                .set(n);
+        }
+
+        // Per Service, each endpoint IP once, in its best state across the Service's ports.
+        let mut services: HashMap<(&str, &str), HashMap<IpAddr, u8>> = HashMap::new();
+        let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for cluster in &snap.clusters {
+            let Upstream::Endpoints { all, .. } = &cluster.upstream else {
+                continue;
+            };
+            let key = (
+                cluster.service.namespace.as_str(),
+                cluster.service.name.as_str(),
+            );
+            seen.insert(key);
+            let ips = services.entry(key).or_default();
+            for e in all {
+                let state = if e.ready {
+                    2
+                } else if e.serving {
+                    1
+                } else {
+                    0
+                };
+                let cur = ips.entry(e.address.ip()).or_insert(state);
+                *cur = (*cur).max(state);
+            }
+        }
+        self.endpoints.reset();
+        for key in seen {
+            let mut counts = [0i64; 3];
+            if let Some(ips) = services.get(&key) {
+                for state in ips.values() {
+                    counts[usize::from(*state)] += 1;
+                }
+            }
+            for (state, n) in ["not_ready", "serving", "ready"].iter().zip(counts) {
+                self.endpoints
+                    .with_label_values(&[key.0, key.1, state])
+                    .set(n);
+            }
+        }
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let families = self.registry.gather();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// The `method` label: the standard method, or `OTHER`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+/// The `code` label: `1xx` … `5xx`.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(
+            method_label(&Method::from_bytes(b"PROPFIND").expect("valid method")),
+            "OTHER"
+        );
+        assert_eq!(status_class(StatusCode::OK), "2xx");
+        assert_eq!(status_class(StatusCode::SWITCHING_PROTOCOLS), "1xx");
+        assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+    }
+
+    #[test]
+    fn request_metrics_are_readable_from_the_registry() {
+        let m = Metrics::new();
+        let route = RouteLabels {
+            namespace: "ns".into(),
+            ingress: "web".into(),
+            service: "svc".into(),
+        };
+        m.observe_request(&route, &Method::GET, StatusCode::OK, 0.01);
+        m.observe_request(&route, &Method::GET, StatusCode::OK, 0.01);
+        let n = m
+            .requests_total
+            .with_label_values(&["ns", "web", "svc", "GET", "2xx"])
+            .get();
+        assert_eq!(n, 2);
+        let text = m.render();
+        assert!(text.contains("portcullis_build_info"));
+        assert!(text.contains("portcullis_request_duration_seconds_bucket"));
+    }
+}

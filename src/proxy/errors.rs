@@ -1,0 +1,172 @@
+//! Request-path errors: what can go wrong between receiving a request and sending
+//! the upstream response headers, and the answer each one becomes.
+//!
+//! The handler's inner function returns `Result<_, ProxyError>`; the outer one turns an
+//! error into its response with [`ProxyError::to_response`], so every failure is a
+//! short text/plain answer and nothing on the request path panics.
+
+use std::error::Error as StdError;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::{ProxyBody, full};
+use crate::model::ObjectRef;
+use crate::model::matching::HostError;
+
+/// Boxed error sources.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Which side of the proxy a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The downstream client sent something unusable.
+    Downstream,
+    /// The upstream could not be reached or misbehaved.
+    Upstream,
+    /// Portcullis' own configuration or state decided the answer.
+    Internal,
+}
+
+/// Everything that turns a request into an answer Portcullis generates itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// `Host` and the request authority disagree, or the host is malformed.
+    #[error("bad request: {0}")]
+    Host(#[source] HostError),
+    /// The request cannot be forwarded as sent (such as a non-ASCII `Host`).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// No route and no default backend.
+    #[error("no route for {host} {path}")]
+    NoRoute { host: String, path: String },
+    /// The route's cluster has no endpoint to send to.
+    #[error("no endpoints for {0}")]
+    NoEndpoints(ObjectRef),
+    /// The request body is larger than `max_body_size`.
+    #[error("request body too large")]
+    BodyTooLarge,
+    /// Reading the request body from downstream failed.
+    #[error("request body error")]
+    DownstreamBody(#[source] BoxError),
+    /// Connecting or waiting for the response headers took too long.
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    /// The upstream refused, reset, or answered with something that is not HTTP.
+    #[error("upstream error: {reason}")]
+    Upstream {
+        reason: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl ProxyError {
+    /// The status code of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Host(_) | ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            ProxyError::Host(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::BodyTooLarge
+            | ProxyError::DownstreamBody(_) => Origin::Downstream,
+            ProxyError::NoRoute { .. } | ProxyError::NoEndpoints(_) => Origin::Internal,
+            ProxyError::UpstreamTimeout | ProxyError::Upstream { .. } => Origin::Upstream,
+        }
+    }
+
+    /// Whether sending the same request again (to another endpoint) is safe: only when
+    /// the request never reached an upstream. Bodies are streamed, so this is only
+    /// useful for requests whose body was not consumed.
+    pub fn retry_safe(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Upstream {
+                reason: "connection refused" | "connect failed",
+                ..
+            }
+        )
+    }
+
+    /// The generated answer: the status and the error's message as text/plain.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let mut resp = Response::new(full(Bytes::from(self.to_string())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+/// Whether an error of type `T` is anywhere in `err`'s source chain.
+pub(crate) fn chain_has<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    find_in_chain::<T>(err).is_some()
+}
+
+/// The first error of type `T` in `err`'s source chain, `err` included.
+pub(crate) fn find_in_chain<'a, T: StdError + 'static>(
+    err: &'a (dyn StdError + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_and_statuses_follow_the_contract() {
+        let cases = [
+            (
+                ProxyError::NoRoute {
+                    host: "a.example".into(),
+                    path: "/x".into(),
+                },
+                404,
+                "no route for a.example /x",
+            ),
+            (
+                ProxyError::NoEndpoints(ObjectRef::new("ns", "svc")),
+                503,
+                "no endpoints for ns/svc",
+            ),
+            (ProxyError::BodyTooLarge, 413, "request body too large"),
+            (ProxyError::UpstreamTimeout, 504, "upstream timeout"),
+            (
+                ProxyError::Upstream {
+                    reason: "connection refused",
+                    source: None,
+                },
+                502,
+                "upstream error: connection refused",
+            ),
+        ];
+        for (err, status, body) in cases {
+            assert_eq!(err.status().as_u16(), status);
+            assert_eq!(err.to_string(), body);
+        }
+    }
+}

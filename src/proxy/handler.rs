@@ -1,0 +1,283 @@
+//! Request handling: one snapshot load, the routing decision, endpoint choice,
+//! header rewriting, forwarding, and the answer, with metrics and the request id.
+//!
+//! [`handle`] is the outer handler: it always produces a response. The inner
+//! [`proxy`] uses `?` with [`ProxyError`], which knows its status and body.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use http::header::{CONTENT_LENGTH, HOST, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use prometheus::IntGauge;
+use tracing::debug;
+
+use super::Inner;
+use super::balance::Target;
+use super::body::{ProxyBody, RequestBody, streamed};
+use super::errors::ProxyError;
+use super::headers::{self, ForwardedFor, X_REQUEST_ID};
+use crate::metrics::RouteLabels;
+use crate::model::{Decision, request_host};
+
+/// Per-connection state shared by the connection task and its requests.
+pub struct ConnState {
+    pub peer: SocketAddr,
+    /// Local port of the listener (for `X-Forwarded-Port`).
+    pub local_port: u16,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    listener: &'static str,
+    first_request: AtomicBool,
+    /// The `open_connections` series this connection is counted in.
+    gauge: Mutex<Option<IntGauge>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ConnState {
+    /// Counts the connection as open, protocol `detecting`, until it is dropped.
+    pub fn new(
+        peer: SocketAddr,
+        local_port: u16,
+        listener: &'static str,
+        proto: &'static str,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> ConnState {
+        let gauge = metrics
+            .open_connections
+            .with_label_values(&[listener, "detecting"]);
+        gauge.inc();
+        ConnState {
+            peer,
+            local_port,
+            proto,
+            listener,
+            first_request: AtomicBool::new(false),
+            gauge: Mutex::new(Some(gauge)),
+            metrics,
+        }
+    }
+
+    /// Whether a complete request head has arrived on this connection.
+    pub fn seen_request(&self) -> bool {
+        self.first_request.load(Ordering::Acquire)
+    }
+
+    /// Marks the first request and moves the connection to its protocol's gauge.
+    fn request_arrived(&self, version: Version) {
+        if self.first_request.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let protocol = if version == Version::HTTP_2 {
+            "h2"
+        } else {
+            "http1"
+        };
+        let next = self
+            .metrics
+            .open_connections
+            .with_label_values(&[self.listener, protocol]);
+        next.inc();
+        let mut cur = self.gauge.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.replace(next) {
+            old.dec();
+        }
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        let cur = self.gauge.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = cur.take() {
+            g.dec();
+        }
+    }
+}
+
+/// The outer handler: answers every request, stamps `x-request-id` and records metrics.
+pub async fn handle(
+    inner: &Inner,
+    conn: &ConnState,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    conn.request_arrived(req.version());
+    let request_id = headers::request_id(req.headers());
+    let method = req.method().clone();
+    let mut labels = RouteLabels::default();
+    let mut resp = match proxy(inner, conn, req, &request_id, &mut labels).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            debug!(
+                request_id = ?request_id,
+                status = err.status().as_u16(),
+                origin = ?err.origin(),
+                error = %err,
+                cause = ?std::error::Error::source(&err).map(ToString::to_string),
+                "request answered by the proxy"
+            );
+            err.to_response()
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    inner.metrics.observe_request(
+        &labels,
+        &method,
+        resp.status(),
+        start.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// Where a request goes, decided under one snapshot guard.
+struct Routed {
+    target: Target,
+    /// `ns/name` of the Service, for upstream metrics and logs.
+    service: String,
+}
+
+/// Routes with the snapshot in force: one `load()`, and nothing borrowed from it
+/// survives this function.
+fn route(
+    inner: &Inner,
+    host: Option<&str>,
+    path: &str,
+    labels: &mut RouteLabels,
+) -> Result<Routed, ProxyError> {
+    let snapshot = inner.snapshots.load();
+    let cluster = match snapshot.decide(host, path) {
+        Decision::Route(m, cluster) => {
+            labels.namespace.clone_from(&m.route.ingress.namespace);
+            labels.ingress.clone_from(&m.route.ingress.name);
+            labels.service.clone_from(&cluster.service.name);
+            cluster
+        }
+        Decision::DefaultBackend(cluster) => {
+            labels.namespace.clone_from(&cluster.service.namespace);
+            if let Some(src) = &snapshot.default_backend_source {
+                labels.ingress.clone_from(&src.name);
+            }
+            labels.service.clone_from(&cluster.service.name);
+            cluster
+        }
+        Decision::NotFound => {
+            return Err(ProxyError::NoRoute {
+                host: host.unwrap_or("-").to_string(),
+                path: path.to_string(),
+            });
+        }
+    };
+    match inner.balancer.pick(cluster) {
+        Some(target) => Ok(Routed {
+            target,
+            service: cluster.service.to_string(),
+        }),
+        None => Err(ProxyError::NoEndpoints(cluster.service.clone())),
+    }
+}
+
+/// The inner handler.
+async fn proxy(
+    inner: &Inner,
+    conn: &ConnState,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    labels: &mut RouteLabels,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+
+    let host_header = match parts.headers.get(HOST) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?,
+        ),
+        None => None,
+    };
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    let host = request_host(authority, host_header).map_err(ProxyError::Host)?;
+    let path = parts.uri.path();
+
+    let routed = route(inner, host.as_deref(), path, labels)?;
+
+    if let Some(limit) = inner.cfg.max_body_size {
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+    }
+
+    debug!(
+        request_id = ?request_id,
+        method = %parts.method,
+        host = host.as_deref().unwrap_or("-"),
+        path,
+        service = %routed.service,
+        upstream = %routed.target.authority(),
+        "forwarding"
+    );
+
+    // The host as received, for X-Forwarded-Host and for a synthesised Host.
+    let received_host: Option<HeaderValue> = match parts.headers.get(HOST) {
+        Some(v) => Some(v.clone()),
+        None => authority.and_then(|a| HeaderValue::from_str(a).ok()),
+    };
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(routed.target.authority())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    drop(host);
+
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(HOST)
+        && let Some(h) = &received_host
+    {
+        parts.headers.insert(HOST, h.clone());
+    }
+    headers::set_forwarded(
+        &mut parts.headers,
+        &ForwardedFor {
+            peer: peer_ip(conn.peer),
+            proto: conn.proto,
+            host: received_host.as_ref(),
+            port: conn.local_port,
+        },
+    );
+    parts
+        .headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+
+    let body = RequestBody::new(body, inner.cfg.max_body_size);
+    let exceeded = body.exceeded_flag();
+    let upstream_req = Request::from_parts(parts, body);
+    let resp = inner
+        .upstream
+        .send(upstream_req, &routed.service, &exceeded)
+        .await?;
+
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(parts, streamed(body)))
+}
+
+fn peer_ip(peer: SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
