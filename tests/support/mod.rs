@@ -1,0 +1,474 @@
+//! Shared test harness: Kubernetes object fixtures, snapshots built by the real
+//! translation, echo upstreams and a proxy on 127.0.0.1:0, and small raw-socket
+//! helpers for what HTTP clients refuse to send.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::Ingress;
+use portcullis::k8s::{self, Inputs, Options};
+use portcullis::metrics::Metrics;
+use portcullis::model::Snapshot;
+use portcullis::proxy::{Proxy, ProxyConfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Generous bound for anything that should happen "eventually".
+pub const EVENTUALLY: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------
+// Kubernetes object fixtures
+
+/// An Ingress under construction: `ingress("ns", "web").host("a.example").prefix("/", "svc", 80)`.
+/// Paths added before any `host` go to a host-less rule.
+#[derive(Debug, Clone)]
+pub struct IngressBuilder {
+    namespace: String,
+    name: String,
+    rules: Vec<(Option<String>, Vec<Value>)>,
+    default_backend: Option<Value>,
+    created: Option<String>,
+}
+
+pub fn ingress(namespace: &str, name: &str) -> IngressBuilder {
+    IngressBuilder {
+        namespace: namespace.into(),
+        name: name.into(),
+        rules: Vec::new(),
+        default_backend: None,
+        created: None,
+    }
+}
+
+fn backend(service: &str, port: i32) -> Value {
+    json!({"service": {"name": service, "port": {"number": port}}})
+}
+
+impl IngressBuilder {
+    /// Starts a rule for `host`.
+    pub fn host(mut self, host: &str) -> Self {
+        self.rules.push((Some(host.into()), Vec::new()));
+        self
+    }
+
+    fn path(mut self, path: &str, path_type: &str, service: &str, port: i32) -> Self {
+        if self.rules.is_empty() {
+            self.rules.push((None, Vec::new()));
+        }
+        if let Some((_, paths)) = self.rules.last_mut() {
+            paths.push(
+                json!({"path": path, "pathType": path_type, "backend": backend(service, port)}),
+            );
+        }
+        self
+    }
+
+    pub fn prefix(self, path: &str, service: &str, port: i32) -> Self {
+        self.path(path, "Prefix", service, port)
+    }
+
+    pub fn exact(self, path: &str, service: &str, port: i32) -> Self {
+        self.path(path, "Exact", service, port)
+    }
+
+    pub fn default_backend(mut self, service: &str, port: i32) -> Self {
+        self.default_backend = Some(backend(service, port));
+        self
+    }
+
+    /// `creationTimestamp`, RFC 3339.
+    pub fn created(mut self, ts: &str) -> Self {
+        self.created = Some(ts.into());
+        self
+    }
+
+    pub fn build(&self) -> Ingress {
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|(host, paths)| {
+                let mut rule = json!({"http": {"paths": paths}});
+                if let Some(h) = host {
+                    rule["host"] = json!(h);
+                }
+                rule
+            })
+            .collect();
+        let mut spec = json!({"rules": rules});
+        if let Some(b) = &self.default_backend {
+            spec["defaultBackend"] = b.clone();
+        }
+        let mut metadata = json!({"namespace": self.namespace, "name": self.name});
+        if let Some(ts) = &self.created {
+            metadata["creationTimestamp"] = json!(ts);
+        }
+        from_json(
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": metadata, "spec": spec}),
+        )
+    }
+}
+
+/// A ClusterIP Service with one unnamed port whose targetPort is the same number.
+pub fn service(namespace: &str, name: &str, port: i32) -> Service {
+    from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"type": "ClusterIP", "ports": [{"port": port, "targetPort": port, "protocol": "TCP"}]}
+    }))
+}
+
+/// An ExternalName Service pointing at `host`, with one port.
+pub fn external_name(namespace: &str, name: &str, host: &str, port: i32) -> Service {
+    from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"type": "ExternalName", "externalName": host, "ports": [{"port": port}]}
+    }))
+}
+
+/// EndpointSlices for `service` with the given ready endpoints. Each address gets its
+/// own slice, since a slice has one port list and test upstreams listen on different
+/// ports.
+pub fn slice(namespace: &str, service: &str, addrs: &[SocketAddr]) -> Vec<EndpointSlice> {
+    slice_with(namespace, service, addrs, true)
+}
+
+/// Like [`slice`], with every endpoint's `ready` condition set to `ready`.
+pub fn slice_with(
+    namespace: &str,
+    service: &str,
+    addrs: &[SocketAddr],
+    ready: bool,
+) -> Vec<EndpointSlice> {
+    addrs
+        .iter()
+        .map(|a| {
+            from_json(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {
+                    "namespace": namespace,
+                    "name": format!("{service}-{}", a.port()),
+                    "labels": {"kubernetes.io/service-name": service}
+                },
+                "addressType": if a.is_ipv4() { "IPv4" } else { "IPv6" },
+                "ports": [{"port": a.port(), "protocol": "TCP"}],
+                "endpoints": [{"addresses": [a.ip().to_string()], "conditions": {"ready": ready, "serving": ready}}]
+            }))
+        })
+        .collect()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("fixture is a valid Kubernetes object")
+}
+
+/// The objects of a test cluster.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    pub ingresses: Vec<Ingress>,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+impl World {
+    pub fn new() -> World {
+        World::default()
+    }
+
+    pub fn ingress(mut self, b: IngressBuilder) -> Self {
+        self.ingresses.push(b.build());
+        self
+    }
+
+    pub fn service(mut self, s: Service) -> Self {
+        self.services.push(s);
+        self
+    }
+
+    pub fn slices(mut self, s: Vec<EndpointSlice>) -> Self {
+        self.slices.extend(s);
+        self
+    }
+
+    /// A Service `ns/name` on `port` with `addrs` as its ready endpoints.
+    pub fn backend(self, ns: &str, name: &str, port: i32, addrs: &[SocketAddr]) -> Self {
+        self.service(service(ns, name, port))
+            .slices(slice(ns, name, addrs))
+    }
+
+    /// The snapshot the real translation builds, in file mode (class assumed, loopback
+    /// endpoints allowed). Generation 0.
+    pub fn snapshot(&self) -> Snapshot {
+        let inputs = Inputs {
+            ingresses: self.ingresses.iter().cloned().map(Arc::new).collect(),
+            services: self.services.iter().cloned().map(Arc::new).collect(),
+            endpoint_slices: self.slices.iter().cloned().map(Arc::new).collect(),
+            ..Default::default()
+        };
+        let options = Options {
+            assume_class: true,
+            allow_local_endpoints: true,
+            ..Default::default()
+        };
+        k8s::build(&inputs, &options)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Running things
+
+/// Stops its task when dropped.
+pub struct Stopper {
+    tx: watch::Sender<bool>,
+}
+
+impl Stopper {
+    pub fn new() -> (Stopper, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Stopper { tx }, rx)
+    }
+
+    pub fn stop(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+/// An echo upstream on 127.0.0.1:0.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub name: String,
+    _stop: Stopper,
+}
+
+pub async fn start_echo(name: &str) -> Echo {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    let (stop, rx) = Stopper::new();
+    tokio::spawn(portcullis::echo::serve(listener, name.to_string(), rx));
+    Echo {
+        addr,
+        name: name.to_string(),
+        _stop: stop,
+    }
+}
+
+/// A proxy on 127.0.0.1:0 with its snapshot store and metrics.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Proxy,
+    stop: Stopper,
+    task: JoinHandle<()>,
+}
+
+pub async fn start_proxy(snapshot: Snapshot) -> TestProxy {
+    start_proxy_with(snapshot, ProxyConfig::default()).await
+}
+
+pub async fn start_proxy_with(mut snapshot: Snapshot, cfg: ProxyConfig) -> TestProxy {
+    snapshot.generation = 1;
+    let snapshots = Arc::new(ArcSwap::from_pointee(snapshot));
+    let metrics = Metrics::new();
+    let proxy = Proxy::new(cfg, snapshots.clone(), metrics.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    let (stop, rx) = Stopper::new();
+    let task = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve_http(listener, rx).await })
+    };
+    TestProxy {
+        addr,
+        snapshots,
+        metrics,
+        proxy,
+        stop,
+        task,
+    }
+}
+
+impl TestProxy {
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Publishes `snapshot` as the next generation.
+    pub fn publish(&self, mut snapshot: Snapshot) {
+        snapshot.generation = self.snapshots.load().generation + 1;
+        self.snapshots.store(Arc::new(snapshot));
+    }
+
+    /// Asks the proxy to stop and waits until it has drained.
+    pub async fn shutdown(self) {
+        self.stop.stop();
+        tokio::time::timeout(EVENTUALLY, self.task)
+            .await
+            .expect("proxy drains in time")
+            .expect("proxy task did not panic");
+    }
+}
+
+/// An HTTP/1.1 client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("build reqwest client")
+}
+
+/// What the echo upstream reported.
+#[derive(Debug, serde::Deserialize)]
+pub struct EchoSeen {
+    pub name: String,
+    pub method: String,
+    pub path: String,
+    pub uri: String,
+    pub host: String,
+    pub version: String,
+    pub headers: serde_json::Map<String, Value>,
+    pub body_bytes: u64,
+}
+
+impl EchoSeen {
+    /// A single-valued header as the upstream saw it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+}
+
+/// GET `path` on the proxy with `Host: host`; returns status, headers and body.
+pub async fn get(
+    proxy: &TestProxy,
+    host: &str,
+    path: &str,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let resp = client()
+        .get(proxy.url(path))
+        .header("host", host)
+        .send()
+        .await
+        .expect("request reaches the proxy");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.text().await.expect("read body");
+    (status, headers, body)
+}
+
+/// GET through the proxy expecting an echo answer.
+pub async fn get_echo(proxy: &TestProxy, host: &str, path: &str) -> EchoSeen {
+    let (status, _, body) = get(proxy, host, path).await;
+    assert_eq!(status, 200, "body: {body}");
+    serde_json::from_str(&body).expect("echo JSON")
+}
+
+// ---------------------------------------------------------------------------------
+// Raw sockets
+
+/// Sends `request` bytes on a new connection and reads until the peer closes the
+/// connection, which must happen within [`EVENTUALLY`]. Returns everything read,
+/// lossily as text. A reset counts as closing.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write request");
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let read_all = async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(EVENTUALLY, read_all)
+        .await
+        .expect("the peer closes the connection in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1 response.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
+/// The body of a raw HTTP/1 response with Content-Length framing.
+pub fn raw_body(response: &str) -> &str {
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("")
+}
+
+/// An upstream that answers every connection with `response` (after reading the
+/// request head) and closes. For answers no well-behaved server gives.
+pub async fn start_canned(response: &'static [u8]) -> (SocketAddr, Stopper) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind canned");
+    let addr = listener.local_addr().expect("canned address");
+    let (stop, mut rx) = Stopper::new();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = tokio::select! {
+                _ = rx.wait_for(|v| *v) => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, stop)
+}
+
+/// An upstream that accepts connections and never answers.
+pub async fn start_silent() -> (SocketAddr, Stopper) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind silent");
+    let addr = listener.local_addr().expect("silent address");
+    let (stop, mut rx) = Stopper::new();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                _ = rx.wait_for(|v| *v) => return,
+                a = listener.accept() => if let Ok((s, _)) = a { held.push(s) },
+            }
+        }
+    });
+    (addr, stop)
+}
+
+/// An address on which nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    drop(listener);
+    addr
+}
