@@ -196,7 +196,7 @@ async fn probes_and_metrics() {
         .lines()
         .filter(|l| {
             l.starts_with("portcullis_request_duration_seconds_bucket")
-                && l.contains("method") == false
+                && !l.contains("method")
                 && l.contains("code=\"2xx\"")
                 && l.contains("service=\"svc\"")
         })

@@ -23,7 +23,7 @@ const REQUESTS_PER_SWAP: u64 = 18;
 
 /// The upstream names a generation routes to: even generations to set A, odd to B.
 fn names_for(generation: u64) -> [&'static str; 2] {
-    if generation % 2 == 0 {
+    if generation.is_multiple_of(2) {
         ["a0", "a1"]
     } else {
         ["b0", "b1"]
@@ -45,7 +45,7 @@ async fn thousand_swaps_under_load_never_misroute_or_fail() {
         .backend("ns", "svc-a", 80, &[a0.addr, a1.addr])
         .backend("ns", "svc-b", 80, &[b0.addr, b1.addr]);
     let snapshot_for = |generation: u64| {
-        let svc = if generation % 2 == 0 {
+        let svc = if generation.is_multiple_of(2) {
             "svc-a"
         } else {
             "svc-b"
