@@ -623,3 +623,118 @@ async fn swapping_a_snapshot_reroutes_the_next_request() {
     proxy.publish(to("svc-a"));
     assert_eq!(send().await, "a");
 }
+
+#[tokio::test]
+async fn upstream_connect_timeout_is_504() {
+    // A listener whose accept queue is full drops further SYNs, so connecting to it
+    // hangs: fill the queue (nobody accepts) until a connect attempt stalls.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let bind: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&bind.into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let stalled = socket
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet address");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(stalled),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("connect failed: {e}"),
+            Err(_) => break,
+        }
+    }
+
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[stalled]);
+    let cfg = ProxyConfig {
+        connect_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    let (status, headers, body) = get(&proxy, "a.example", "/").await;
+    assert_eq!((status, body.as_str()), (504, "upstream timeout"));
+    assert!(headers.contains_key("x-request-id"));
+    drop(socket);
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_downstream_and_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = start_echo("a").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[a.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n\
+          Expect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write head");
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(EVENTUALLY, s.read(&mut buf))
+        .await
+        .expect("100 Continue in time")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(b"hello").await.expect("write body");
+    let mut out = Vec::new();
+    tokio::time::timeout(EVENTUALLY, s.read_to_end(&mut out))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), 200, "{out}");
+    let seen: EchoSeen = serde_json::from_str(raw_body(&out)).expect("echo json");
+    assert_eq!(seen.body_bytes, 5);
+    assert!(seen.headers.get("expect").is_none());
+}
+
+#[tokio::test]
+async fn oversized_h2_header_lists_are_refused() {
+    let a = start_echo("a").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[a.addr]);
+    let cfg = ProxyConfig {
+        max_header_size: 16 * 1024,
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("a.example", proxy.addr)
+        .build()
+        .expect("h2 client");
+    let url = format!("http://a.example:{}/", proxy.addr.port());
+    let ok = h2
+        .get(&url)
+        .header("x-small", "v".repeat(8 * 1024))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ok.status(), 200);
+    let big = h2
+        .get(&url)
+        .header("x-big", "v".repeat(32 * 1024))
+        .send()
+        .await;
+    assert_eq!(big.expect("the proxy answers").status(), 431);
+}

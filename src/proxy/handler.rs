@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CONTENT_LENGTH, HOST, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use tracing::debug;
@@ -123,13 +123,21 @@ pub async fn handle(
             err.to_response()
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    inner.metrics.observe_request(
-        &labels,
-        &method,
-        resp.status(),
-        start.elapsed().as_secs_f64(),
+    let elapsed = start.elapsed().as_secs_f64();
+    debug!(
+        request_id = ?request_id,
+        %method,
+        status = resp.status().as_u16(),
+        namespace = %labels.namespace,
+        ingress = %labels.ingress,
+        service = %labels.service,
+        seconds = elapsed,
+        "answered"
     );
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    inner
+        .metrics
+        .observe_request(&labels, &method, resp.status(), elapsed);
     resp
 }
 
@@ -189,6 +197,9 @@ async fn proxy(
     labels: &mut RouteLabels,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported"));
+    }
 
     let host_header = match parts.headers.get(HOST) {
         Some(v) => Some(
@@ -244,6 +255,9 @@ async fn proxy(
     drop(host);
 
     headers::strip_hop_by_hop(&mut parts.headers);
+    // hyper already answered `Expect: 100-continue` downstream when the body was
+    // first read; the upstream client does not wait for a 100.
+    parts.headers.remove(EXPECT);
     if !parts.headers.contains_key(HOST)
         && let Some(h) = &received_host
     {

@@ -37,7 +37,8 @@ pub use errors::{Origin, ProxyError};
 pub struct ProxyConfig {
     /// Limit for opening an upstream TCP connection (DNS included for ExternalName).
     pub connect_timeout: Duration,
-    /// Limit from sending a request upstream until its response headers arrive.
+    /// Limit from handing a request to the upstream pool (connecting included) until
+    /// its response headers arrive.
     pub response_timeout: Duration,
     /// How long a pooled upstream connection may sit idle before it is closed.
     pub idle_timeout: Duration,
