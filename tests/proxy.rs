@@ -738,3 +738,44 @@ async fn oversized_h2_header_lists_are_refused() {
         .await;
     assert_eq!(big.expect("the proxy answers").status(), 431);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_closed_when_idle() {
+    let (up, mut closed, _stop) = start_keepalive_watch().await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let cfg = ProxyConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    for _ in 0..5 {
+        let (status, _, body) = get(&proxy, "a.example", "/").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    let connects = proxy
+        .metrics
+        .upstream_connect_duration_seconds
+        .with_label_values(&["ns/svc"])
+        .get_sample_count();
+    assert_eq!(
+        connects, 1,
+        "sequential requests reuse one pooled connection"
+    );
+
+    // The idle pooled connection is closed by the proxy.
+    tokio::time::timeout(EVENTUALLY, closed.recv())
+        .await
+        .expect("idle upstream connection closed in time")
+        .expect("watcher alive");
+
+    // And the next request opens a new one.
+    assert_eq!(get(&proxy, "a.example", "/").await.0, 200);
+    let connects = proxy
+        .metrics
+        .upstream_connect_duration_seconds
+        .with_label_values(&["ns/svc"])
+        .get_sample_count();
+    assert_eq!(connects, 2);
+}

@@ -472,3 +472,46 @@ pub async fn closed_port() -> SocketAddr {
     drop(listener);
     addr
 }
+
+/// An HTTP/1.1 keep-alive upstream answering every request head with `200 ok`, that
+/// reports each connection the proxy closes on the returned channel (by its peer
+/// address).
+pub async fn start_keepalive_watch() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+    Stopper,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, mut rx) = Stopper::new();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, peer) = tokio::select! {
+                _ = rx.wait_for(|v| *v) => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            let _ = closed_tx.send(peer);
+                            return;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, closed_rx, stop)
+}
