@@ -779,3 +779,38 @@ async fn upstream_connections_are_pooled_and_closed_when_idle() {
         .get_sample_count();
     assert_eq!(connects, 2);
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let (up, arrived, release) = start_gated().await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move {
+        let resp = client()
+            .get(url)
+            .header("host", "a.example")
+            .send()
+            .await
+            .expect("answered despite shutdown");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    });
+    arrived.await.expect("request reached the upstream");
+    let addr = proxy.addr;
+    let draining = tokio::spawn(proxy.shutdown());
+    // New connections are refused once the listener is gone.
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::task::yield_now().await;
+    }
+    assert!(!draining.is_finished(), "waits for the in-flight request");
+    release.send(()).expect("upstream waiting");
+    assert_eq!(in_flight.await.expect("join"), (200, "ok".to_string()));
+    tokio::time::timeout(EVENTUALLY, draining)
+        .await
+        .expect("drained in time")
+        .expect("join");
+}

@@ -57,6 +57,8 @@ pub enum ProxyError {
     #[error("upstream error: {reason}")]
     Upstream {
         reason: &'static str,
+        /// The failure happened while connecting: nothing of the request was sent.
+        connecting: bool,
         #[source]
         source: Option<BoxError>,
     },
@@ -96,7 +98,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::Upstream {
-                reason: "connection refused" | "connect failed",
+                connecting: true,
                 ..
             }
         )
@@ -158,6 +160,7 @@ mod tests {
             (
                 ProxyError::Upstream {
                     reason: "connection refused",
+                    connecting: true,
                     source: None,
                 },
                 502,

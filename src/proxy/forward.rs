@@ -130,6 +130,7 @@ fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) 
     };
     ProxyError::Upstream {
         reason,
+        connecting: err.is_connect(),
         source: Some(Box::new(err) as BoxError),
     }
 }

@@ -111,7 +111,9 @@ impl Proxy {
 
     /// Serves plain HTTP (HTTP/1.1 keep-alive and HTTP/2 prior knowledge on the same
     /// port) on `listener` until `shutdown` becomes true (or its sender is dropped);
-    /// then stops accepting and returns once in-flight connections have finished.
+    /// then stops accepting and returns once in-flight connections have finished (idle
+    /// keep-alive connections are closed at once). Callers that need a bound on the
+    /// drain wrap this in a timeout.
     pub async fn serve_http(&self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         listener::serve(self.inner.clone(), listener, "http", shutdown).await;
     }
