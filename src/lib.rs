@@ -29,4 +29,5 @@ pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod publish;
+pub mod run;
 pub mod tls;

@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check(args)) => check(args),
         Some(Command::Explain(args)) => explain(args),
-        _ => ExitCode::from(2),
+        Some(Command::Run(args)) => portcullis::run::main(*args),
+        None => portcullis::run::main(*cli.run),
+        Some(Command::Echo(args)) => portcullis::run::echo(args),
+        Some(Command::Demo(args)) => portcullis::run::demo(args),
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Metrics {
     /// ready, such as terminating pods) and `not_ready`.
     pub endpoints: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// `portcullis_kube_watch_errors_total{kind}`: failed lists and watches of the
+    /// Kubernetes API, by object kind.
+    pub kube_watch_errors_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -160,6 +163,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let kube_watch_errors_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_kube_watch_errors_total",
+                "Failed lists and watches of the Kubernetes API, by object kind; each is retried with backoff.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
 
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(requests_total.clone()),
@@ -173,6 +184,7 @@ impl Metrics {
             Box::new(diagnostics.clone()),
             Box::new(endpoints.clone()),
             Box::new(build_info.clone()),
+            Box::new(kube_watch_errors_total.clone()),
         ];
         for c in collectors {
             registry
@@ -192,7 +204,15 @@ impl Metrics {
             diagnostics,
             endpoints,
             build_info,
+            kube_watch_errors_total,
         })
+    }
+
+    /// Counts one failed list or watch of `kind`.
+    pub fn kube_watch_error(&self, kind: &str) {
+        self.kube_watch_errors_total
+            .with_label_values(&[kind])
+            .inc();
     }
 
     /// Records one answered request: the counter (with method) and the duration

@@ -120,8 +120,11 @@ impl Publisher {
     }
 
     /// Publishes every update from `rx` until the channel closes. Bursts of updates
-    /// within `debounce` of each other make one snapshot.
+    /// within `debounce` of each other make one snapshot. An update already in the channel
+    /// when this starts is published too.
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Option<Arc<SourceUpdate>>>) {
+        // An update already in the channel counts as a change.
+        rx.mark_changed();
         loop {
             if rx.changed().await.is_err() {
                 return;

@@ -1,0 +1,370 @@
+//! `portcullis run`, `echo` and `demo`: wire sources, the publisher and the listeners
+//! together on one tokio runtime, and stop them on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::admin::{AdminState, serve_admin, serve_dashboard};
+use crate::cli::{DemoArgs, EchoArgs, ListenArgs, LogFormat, RunArgs};
+use crate::k8s::watch::{ErrorHook, KubeSettings};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::publish::{Publisher, SourceUpdate};
+
+/// Starts logging to stderr: `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        })
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        error!(listener = what, %addr, error = %e, "cannot listen");
+        eprintln!("error: cannot listen on {addr} ({what}): {e}");
+        ExitCode::from(2)
+    })
+}
+
+impl RunArgs {
+    /// The proxy settings these flags ask for.
+    pub fn proxy_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            connect_timeout: self.upstream_connect_timeout,
+            response_timeout: self.upstream_response_timeout,
+            idle_timeout: self.upstream_idle_timeout,
+            header_read_timeout: self.header_read_timeout,
+            max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
+            max_body_size: self.max_body_size,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+/// The listeners of a running Portcullis, bound.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub admin: TcpListener,
+    pub dashboard: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(addrs: &ListenArgs) -> Result<Listeners, ExitCode> {
+        Ok(Listeners {
+            http: bind("http", addrs.http_addr).await?,
+            admin: bind("admin", addrs.admin_addr).await?,
+            dashboard: bind("dashboard", addrs.dashboard_addr).await?,
+        })
+    }
+
+    /// The bound addresses (ports resolved when `:0` was asked for).
+    pub fn addrs(&self) -> ListenArgs {
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        };
+        ListenArgs {
+            http_addr: addr(&self.http),
+            admin_addr: addr(&self.admin),
+            dashboard_addr: addr(&self.dashboard),
+        }
+    }
+}
+
+/// Serves until SIGTERM/SIGINT: the publisher fed by `updates`, and every listener.
+/// Readiness turns false at the signal; listeners then stop accepting and in-flight
+/// connections finish.
+pub async fn serve(
+    listeners: Listeners,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    proxy_config: ProxyConfig,
+    updates: watch::Receiver<Option<Arc<SourceUpdate>>>,
+) {
+    let publisher = Arc::new(publisher);
+    let snapshots = publisher.snapshots.clone();
+    let ready = publisher.ready.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let publishing = tokio::spawn(publisher.clone().run(updates));
+    let proxy = Proxy::new(proxy_config, snapshots.clone(), metrics.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let stop = stop_rx.clone();
+        tasks.spawn(async move { proxy.serve_http(listeners.http, stop).await });
+    }
+    tasks.spawn(serve_admin(
+        listeners.admin,
+        AdminState {
+            snapshots: snapshots.clone(),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+        stop_rx.clone(),
+    ));
+    tasks.spawn(serve_dashboard(
+        listeners.dashboard,
+        snapshots,
+        stop_rx.clone(),
+    ));
+
+    shutdown_signal().await;
+    info!("shutting down: readiness fails, listeners stop accepting, in-flight work finishes");
+    ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    publishing.abort();
+    while tasks.join_next().await.is_some() {}
+    info!("stopped");
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn new_publisher(options: crate::k8s::Options, metrics: &Arc<Metrics>) -> Publisher {
+    let mut publisher = Publisher::new(options);
+    let m = metrics.clone();
+    publisher.on_publish(Box::new(move |snap, took| {
+        m.observe_snapshot(snap, took.as_secs_f64())
+    }));
+    publisher
+}
+
+/// Addresses that are Portcullis itself: the listeners, and each listener's port on the
+/// pod's own address (`POD_IP`, set from the downward API in the cluster manifests).
+fn own_addresses(listen: &ListenArgs) -> Vec<SocketAddr> {
+    let mut own = vec![listen.http_addr, listen.admin_addr, listen.dashboard_addr];
+    if let Some(ip) = std::env::var("POD_IP").ok().and_then(|s| s.parse().ok()) {
+        own.extend(own.clone().iter().map(|a| SocketAddr::new(ip, a.port())));
+    }
+    own
+}
+
+/// `portcullis run`: from `--manifests` files, or from the Kubernetes API without them.
+pub fn main(args: RunArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let metrics = Metrics::new();
+        let (tx, rx) = watch::channel(None);
+        let own = own_addresses(&args.listen);
+        let options = if args.source.manifests.is_empty() {
+            let settings = KubeSettings {
+                kubeconfig: args.kubeconfig.clone(),
+                context: args.context.clone(),
+                namespaces: args.watch_namespaces.clone(),
+            };
+            let client = match crate::k8s::watch::client(&settings).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let m = metrics.clone();
+            let on_error: ErrorHook = Arc::new(move |kind| m.kube_watch_error(kind));
+            tokio::spawn(crate::k8s::watch::run(client, settings, tx, on_error));
+            args.source.kube_options(own)
+        } else {
+            // Files that cannot be read at all are a usage error; files that do not
+            // parse are logged and watched until they do.
+            if let Err(e) = crate::files::manifest_files(&args.source.manifests) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            let paths = args.source.manifests.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::files::watch(paths, tx).await {
+                    error!(error = %e, "cannot watch the manifest files; changes will not be seen");
+                }
+            });
+            args.source.file_options(own)
+        };
+        let listeners = match Listeners::bind(&args.listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        let publisher = new_publisher(options, &metrics);
+        let bound = listeners.addrs();
+        info!(
+            http = %bound.http_addr,
+            admin = %bound.admin_addr,
+            dashboard = %bound.dashboard_addr,
+            source = if args.source.manifests.is_empty() { "kubernetes" } else { "files" },
+            "portcullis listening"
+        );
+        serve(listeners, publisher, metrics, args.proxy_config(), rx).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// `portcullis echo`.
+pub fn echo(args: EchoArgs) -> ExitCode {
+    init_logging(LogFormat::Text);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let listener = match bind("echo", args.listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        info!(addr = %args.listen, name = %args.name, "echo upstream listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(crate::echo::serve(listener, args.name, stop_rx));
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// The demo's embedded manifests, with `${…_PORT}` placeholders.
+pub const DEMO_MANIFESTS: &str = include_str!("demo/manifests.yaml");
+
+/// Starts the demo's echo upstreams on loopback and returns them with the manifests
+/// filled in with their ports. The upstreams stop when `stop` turns true.
+pub async fn start_demo_upstreams(
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<(String, Vec<(String, SocketAddr)>)> {
+    let mut manifests = DEMO_MANIFESTS.to_string();
+    let mut upstreams = Vec::new();
+    for (name, placeholder) in [
+        ("web-1", "${WEB_1_PORT}"),
+        ("web-2", "${WEB_2_PORT}"),
+        ("api-1", "${API_1_PORT}"),
+    ] {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        manifests = manifests.replace(placeholder, &addr.port().to_string());
+        tokio::spawn(crate::echo::serve(listener, name.to_string(), stop.clone()));
+        upstreams.push((name.to_string(), addr));
+    }
+    Ok((manifests, upstreams))
+}
+
+/// `portcullis demo`.
+pub fn demo(args: DemoArgs) -> ExitCode {
+    if args.print_manifests {
+        print!("{DEMO_MANIFESTS}");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(LogFormat::Text);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let listeners = match Listeners::bind(&args.listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        let (_upstreams_stop, upstreams_stop_rx) = watch::channel(false);
+        let (manifests, upstreams) = match start_demo_upstreams(upstreams_stop_rx).await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: cannot start the demo upstreams: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let loaded = match crate::files::load_str("demo/manifests.yaml", &manifests) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: the embedded demo manifests do not load: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let metrics = Metrics::new();
+        let options = crate::k8s::Options {
+            assume_class: true,
+            allow_local_endpoints: true,
+            own_addresses: own_addresses(&args.listen),
+            ..Default::default()
+        };
+        let publisher = new_publisher(options, &metrics);
+        // Published before the curl lines are printed, so that they work at once.
+        publisher.publish(&loaded.into_update());
+        let (_tx, rx) = watch::channel(None);
+        let bound = listeners.addrs();
+        let http = bound.http_addr;
+        let host = match http.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let base = format!("http://{host}:{}", http.port());
+        println!(
+            "Portcullis demo: proxy on http://{http}, admin on http://{}, dashboard on http://{}",
+            bound.admin_addr, bound.dashboard_addr
+        );
+        for (name, addr) in &upstreams {
+            println!("  upstream {name} (echo) on {addr}");
+        }
+        println!("\nTry:");
+        println!(
+            "  curl -s {base}/ -H 'Host: demo.localhost'            # web-1 and web-2 in turn"
+        );
+        println!("  curl -s {base}/api/users -H 'Host: demo.localhost'   # path split: api-1");
+        println!("  curl -s {base}/ -H 'Host: api.localhost'             # second host: api-1");
+        println!("  curl -s {base}/ -H 'Host: unknown.example'           # default backend: web");
+        println!(
+            "  curl -s http://{}/debug/snapshot            # what is served",
+            bound.dashboard_addr
+        );
+        println!(
+            "  curl -s http://{}/metrics                   # Prometheus metrics",
+            bound.admin_addr
+        );
+        println!("\nThe demo's manifests: `portcullis demo --print-manifests`. Ctrl-C stops.");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        serve(listeners, publisher, metrics, ProxyConfig::default(), rx).await;
+        ExitCode::SUCCESS
+    })
+}
