@@ -182,7 +182,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
             }
         }
     }
-    ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    ours.sort_by_key(|a| age_key(a));
     ignored.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut resolver = Resolver::new(inputs, options);
