@@ -706,3 +706,72 @@ async fn kubeconfig_file_drives_a_client() {
             .any(|r| r.name == "ingresses/status")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_resume_without_relisting() {
+    let server = ApiServer::start().await;
+    server.apply(ingress("default", "one", "one.example.com"));
+    let (store, task) = reflect(
+        Api::<Ingress>::all(server.client()),
+        watcher::Config::default(),
+    )
+    .await;
+    assert!(eventually(PATIENCE, || server.count("watch", "ingresses") == 1).await);
+
+    server.drop_watches();
+    assert!(
+        eventually(PATIENCE, || server.count("watch", "ingresses") >= 2).await,
+        "the watcher re-watches after a clean end of stream"
+    );
+    server.apply(ingress("default", "two", "two.example.com"));
+    assert!(eventually(PATIENCE, || keys(&store).len() == 2).await);
+    assert_eq!(
+        server.count("list", "ingresses"),
+        1,
+        "history covered the gap"
+    );
+    assert_eq!(server.expired_watches(), 0);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_history_expires_old_resource_versions() {
+    let server = ApiServer::start_with(Options {
+        history_limit: 2,
+        ..Options::default()
+    })
+    .await;
+    let api = Api::<Ingress>::all(server.client());
+    server.apply(ingress("default", "a", "a.example.com"));
+    let old = server.resource_version().to_string();
+    for host in ["b", "c", "d"] {
+        server.apply(ingress("default", "a", &format!("{host}.example.com")));
+    }
+    // Two changes are kept: a watch from just before them still works ...
+    let recent = (server.resource_version() - 2).to_string();
+    let mut events = api
+        .watch(&WatchParams::default().timeout(1), &recent)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut modified = 0;
+    while let Some(Ok(event)) = events.next().await {
+        match event {
+            WatchEvent::Modified(_) => modified += 1,
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(modified, 2);
+    // ... one from before the window gets 410 Expired.
+    let mut events = api
+        .watch(&WatchParams::default(), &old)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(PATIENCE, events.next()).await {
+        Ok(Some(Ok(WatchEvent::Error(status)))) => assert_eq!(status.code, 410),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    assert_eq!(server.expired_watches(), 1);
+}

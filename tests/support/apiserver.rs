@@ -1624,6 +1624,9 @@ fn start_watch(
                 }
             }
         };
+    // Subscribed under the state lock, so no change or drop after this point is missed.
+    let changes = shared.changes.subscribe();
+    let drops = shared.drops.subscribe();
     let expired = position < st.history_floor(rt);
     logged.status = if expired { 410 } else { 200 };
     st.log(logged);
@@ -1637,6 +1640,8 @@ fn start_watch(
         selector,
         position,
         bookmarks,
+        changes,
+        drops,
         tx,
     };
     tokio::spawn(stream.run(initial, send_initial, expired, timeout));
@@ -1661,6 +1666,10 @@ struct WatchStream {
     /// The resourceVersion up to which this watch has delivered everything.
     position: u64,
     bookmarks: bool,
+    /// Wakes the stream on every change (subscribed when the request was answered).
+    changes: watch::Receiver<u64>,
+    /// Ends the stream on `drop_watches`.
+    drops: watch::Receiver<u64>,
     tx: mpsc::Sender<Bytes>,
 }
 
@@ -1672,9 +1681,6 @@ impl WatchStream {
         expired: bool,
         timeout: Option<Duration>,
     ) {
-        let mut changes = self.shared.changes.subscribe();
-        let mut drops = self.shared.drops.subscribe();
-        drops.mark_unchanged();
         if expired {
             self.send_expired().await;
             return;
@@ -1726,30 +1732,32 @@ impl WatchStream {
             let sleep_until = deadline
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = drops.changed() => return,
+                changed = self.changes.changed() => if changed.is_err() { return },
+                _ = self.drops.changed() => return,
                 _ = tokio::time::sleep_until(sleep_until) => return,
-                _ = ticker.tick() => {
-                    if self.bookmarks {
-                        // Everything up to the current resourceVersion for this resource
-                        // has been sent (history is drained under the same lock below).
-                        let bookmark = {
-                            let st = self.shared.lock();
-                            let pending = st
-                                .history
-                                .get(self.rt.plural)
-                                .is_some_and(|h| h.changes.back().is_some_and(|c| c.rv > self.position));
-                            if pending { None } else { self.position = self.position.max(st.rv); Some(self.bookmark(false)) }
-                        };
-                        if let Some(b) = bookmark
-                            && !self.send_raw(b).await
-                        {
-                            return;
-                        }
-                    }
-                }
+                _ = ticker.tick() => if self.bookmarks && !self.bookmark_if_idle().await { return },
             }
         }
+    }
+
+    /// Sends a BOOKMARK at the global resourceVersion when no change to this resource
+    /// is pending past our position, i.e. everything up to it has been delivered.
+    /// False once the client has gone.
+    async fn bookmark_if_idle(&mut self) -> bool {
+        let bookmark = {
+            let st = self.shared.lock();
+            let pending = st
+                .history
+                .get(self.rt.plural)
+                .and_then(|h| h.changes.back())
+                .is_some_and(|c| c.rv > self.position);
+            if pending {
+                return true;
+            }
+            self.position = self.position.max(st.rv);
+            self.bookmark(false)
+        };
+        self.send_raw(bookmark).await
     }
 
     /// Applies selectors to a change, turning selector transitions into ADDED/DELETED.
