@@ -68,7 +68,7 @@ fn path_type() -> impl Strategy<Value = PathType> {
 
 /// A request path derived from a rule path (the rule path itself, one element more or
 /// less, a suffix without a separator, a trailing slash), or an unrelated one.
-fn request_path(rules: &[(HostPattern, String, PathType)]) -> BoxedStrategy<String> {
+fn request_path(rules: &[Rule]) -> BoxedStrategy<String> {
     let random = path().boxed();
     if rules.is_empty() {
         return random;
@@ -93,7 +93,7 @@ fn request_path(rules: &[(HostPattern, String, PathType)]) -> BoxedStrategy<Stri
     prop_oneof![3 => derived, 1 => random].boxed()
 }
 
-fn routes_of(rules: &[(HostPattern, String, PathType)]) -> Vec<Route> {
+fn routes_of(rules: &[Rule]) -> Vec<Route> {
     rules
         .iter()
         .enumerate()
@@ -121,12 +121,12 @@ fn identity(m: Option<RouteMatch<'_>>) -> Option<(ObjectRef, usize, u32, String)
     })
 }
 
-fn scenario() -> impl Strategy<
-    Value = (
-        Vec<(HostPattern, String, PathType)>,
-        Vec<(Option<String>, String)>,
-    ),
-> {
+/// A rule: host, path as written, path type.
+type Rule = (HostPattern, String, PathType);
+/// A request: host (if any) and path.
+type Request = (Option<String>, String);
+
+fn scenario() -> impl Strategy<Value = (Vec<Rule>, Vec<Request>)> {
     prop::collection::vec((rule_host(), path(), path_type()), 0..12).prop_flat_map(|rules| {
         let requests = prop::collection::vec((request_host(), request_path(&rules)), 1..16);
         (Just(rules), requests)

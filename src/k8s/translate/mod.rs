@@ -182,14 +182,15 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
             }
         }
     }
-    ours.sort_by_key(|a| age_key(a));
+    ours.sort_by_cached_key(|i| age_key(i));
     ignored.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut resolver = Resolver::new(inputs, options);
 
     // Routes, conflicts, default backends and TLS hosts, in age order.
     let mut routes = Vec::new();
-    let mut taken: HashMap<(HostPattern, String, bool), ObjectRef> = HashMap::new();
+    // (host, match key, exact) → the Ingress and path field that serve it first.
+    let mut taken: HashMap<(HostPattern, String, bool), (ObjectRef, String)> = HashMap::new();
     // The default backend and the Ingress it came from (`None`: the flag).
     let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
     let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
@@ -302,16 +303,25 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                     }
                 };
                 let key = (host.clone(), rule_path.key.clone(), path_type.is_exact());
-                if let Some(winner) = taken.get(&key) {
-                    diags.push(
-                        Severity::Error,
-                        "Ingress",
-                        &id,
-                        field,
-                        format!(
-                            "conflict: host {host} path {raw_path} ({path_type}) is already served by the older Ingress {winner}"
-                        ),
-                    );
+                if let Some((winner, winner_field)) = taken.get(&key) {
+                    // The same Ingress repeating a path is a slip, not a conflict between
+                    // owners: name the earlier path rather than the Ingress itself.
+                    let (severity, reason) = if *winner == id {
+                        (
+                            Severity::Warning,
+                            format!(
+                                "duplicate: host {host} path {raw_path} ({path_type}) is already served by {winner_field} of this Ingress"
+                            ),
+                        )
+                    } else {
+                        (
+                            Severity::Error,
+                            format!(
+                                "conflict: host {host} path {raw_path} ({path_type}) is already served by the older Ingress {winner}"
+                            ),
+                        )
+                    };
+                    diags.push(severity, "Ingress", &id, field, reason);
                     continue;
                 }
                 let Some(cluster) =
@@ -319,7 +329,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                 else {
                     continue;
                 };
-                taken.insert(key, id.clone());
+                taken.insert(key, (id.clone(), field));
                 routes.push(Route {
                     host: host.clone(),
                     path: rule_path,
