@@ -1,0 +1,116 @@
+//! Translation cost: `k8s::build` over 10,000 Ingresses, 10,000 Services and 10,000
+//! EndpointSlices (a full rebuild, as the publisher does on every change).
+//!
+//! `cargo bench --bench translate -- --warm-up-time 1 --measurement-time 5`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::json;
+
+use portcullis::k8s::{Inputs, Options, build};
+
+/// `n` Ingresses across 20 namespaces, each with one host, two Prefix paths and an Exact
+/// path, a TLS-less rule, backed by its own Service (named port) with an EndpointSlice of
+/// three endpoints; one IngressClass of ours, the default.
+fn inputs(n: usize) -> Inputs {
+    let mut inputs = Inputs::default();
+    inputs.ingress_classes.push(Arc::new(
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "portcullis",
+                "annotations": { "ingressclass.kubernetes.io/is-default-class": "true" },
+            },
+            "spec": { "controller": "portcullis.io/ingress-controller" },
+        }))
+        .unwrap(),
+    ));
+    for i in 0..n {
+        let ns = format!("ns{}", i % 20);
+        let svc = format!("svc-{i}");
+        let backend = json!({ "service": { "name": svc, "port": { "name": "http" } } });
+        let host = if i % 4 == 0 {
+            format!("*.app{i}.example.com")
+        } else {
+            format!("app{i}.example.com")
+        };
+        inputs.ingresses.push(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {
+                    "namespace": ns, "name": format!("ing-{i}"),
+                    "creationTimestamp": format!("2024-01-01T00:{:02}:{:02}Z", (i / 60) % 60, i % 60),
+                    "annotations": { "kubernetes.io/ingress.class": "portcullis" },
+                },
+                "spec": { "rules": [{ "host": host, "http": { "paths": [
+                    { "path": "/", "pathType": "Prefix", "backend": backend },
+                    { "path": format!("/api/v{}", i % 3), "pathType": "Prefix", "backend": backend },
+                    { "path": "/healthz", "pathType": "Exact", "backend": backend },
+                ]}}]},
+            }))
+            .unwrap(),
+        ));
+        inputs.services.push(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "namespace": ns, "name": svc },
+                "spec": {
+                    "type": "ClusterIP",
+                    "selector": { "app": svc },
+                    "ports": [
+                        { "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" },
+                        { "name": "metrics", "port": 9090, "targetPort": 9090, "protocol": "TCP" },
+                    ],
+                },
+            }))
+            .unwrap(),
+        ));
+        let ep = |k: usize| {
+            json!({
+                "addresses": [format!("10.{}.{}.{}", (i >> 8) & 255, i & 255, k)],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": "node-1",
+            })
+        };
+        inputs.endpoint_slices.push(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {
+                    "namespace": ns, "name": format!("{svc}-x7k2p"),
+                    "labels": { "kubernetes.io/service-name": svc },
+                },
+                "addressType": "IPv4",
+                "ports": [
+                    { "name": "http", "port": 8080, "protocol": "TCP" },
+                    { "name": "metrics", "port": 9090, "protocol": "TCP" },
+                ],
+                "endpoints": [ep(1), ep(2), ep(3)],
+            }))
+            .unwrap(),
+        ));
+    }
+    inputs
+}
+
+fn translate(c: &mut Criterion) {
+    let inputs = inputs(10_000);
+    let options = Options::default();
+    let snap = build(&inputs, &options);
+    assert!(
+        snap.diagnostics.is_empty(),
+        "{:?}",
+        &snap.diagnostics[..3.min(snap.diagnostics.len())]
+    );
+    assert_eq!(snap.routes.routes().count(), 30_000);
+
+    let mut group = c.benchmark_group("translate");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    group.bench_function("build/10k-ingresses-services-slices", |b| {
+        b.iter(|| black_box(build(black_box(&inputs), &options)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, translate);
+criterion_main!(benches);
