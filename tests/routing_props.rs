@@ -149,10 +149,15 @@ proptest! {
         let routes = routes_of(&rules);
         let (table, failed) = RouteTable::build(routes.clone());
         prop_assert!(failed.is_empty(), "routes refused by the table: {:?}", failed);
+        // The same routes with every virtual host scanned, and with every one hashed.
+        let scanned = RouteTable::build_with_scan_limit(routes.clone(), usize::MAX);
+        let hashed = RouteTable::build_with_scan_limit(routes.clone(), 0);
         for (host, path) in &requests {
-            let got = identity(table.lookup(host.as_deref(), path));
             let want = identity(reference_lookup(&routes, host.as_deref(), path));
-            prop_assert_eq!(got, want, "host {:?} path {:?}", host, path);
+            for (name, t) in [("default", &table), ("scanned", &scanned), ("hashed", &hashed)] {
+                let got = identity(t.lookup(host.as_deref(), path));
+                prop_assert_eq!(&got, &want, "{} table: host {:?} path {:?}", name, host, path);
+            }
         }
     }
 }

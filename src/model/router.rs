@@ -1,20 +1,31 @@
-//! The route table: virtual hosts by host name, and one path router per virtual host.
+//! The route table: virtual hosts by host name, and one path index per virtual host.
 //!
 //! Lookup is tiered: the exact virtual host (a hash lookup), then the one-label wildcard
 //! virtual host (a hash lookup on the host without its first label), then the host-less
 //! one. The first tier whose routes match the path wins, which is the same answer as
 //! taking the maximum [`Precedence`] over every matching route, since host specificity
-//! is compared first. Within a virtual host, paths are matched by a `matchit` radix tree
-//! in which each Prefix rule is entered as its path, its path + `/` and its path +
-//! `/{*rest}`; the tree prefers longer static matches and backtracks to shorter
-//! catch-alls, which is exactly "longest path wins". Where several routes share a tree
-//! entry, the entry holds the one with the highest precedence.
+//! is compared first.
+//!
+//! Within a virtual host every route's precedence is fixed (the host part is the same
+//! for all of them), so the best match is the first matching route in precedence order:
+//! - a virtual host with few routes keeps its match keys in one contiguous buffer, sorted
+//!   best first, and scans them;
+//! - a larger one keeps the best Exact and the best Prefix route per match key in a hash
+//!   map, and probes the only keys that can match a request path, longest first: the
+//!   whole path, then the path cut before each `/` from the right (a Prefix key never
+//!   ends in `/`, and `/` itself is the empty key). Lengths strictly decrease along the
+//!   probes, so the first hit is the longest match; Exact is probed before Prefix on the
+//!   whole path, the only probe where both can match.
+//!
+//! Neither does allocation, decoding or normalisation; there is no router syntax, so
+//! `{`, `}`, `*` and `:` in paths are plain characters.
 //!
 //! [`reference_lookup`] is the obviously-correct linear matcher that property tests
 //! compare against.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+
+use foldhash::HashMap;
 
 use super::matching::{HostMatch, HostPattern, PathRule, Precedence};
 use super::{ClusterId, ObjectRef};
@@ -45,70 +56,164 @@ impl Route {
     }
 }
 
+/// Virtual hosts with at most this many routes are scanned; larger ones are hashed.
+pub const SCAN_LIMIT: usize = 8;
+
+/// No route, in the `u32` slots of [`KeyRoutes`].
+const NONE: u32 = u32::MAX;
+
+/// The best Exact and the best Prefix route (indices into the routes) for one match key.
+#[derive(Debug, Clone, Copy)]
+struct KeyRoutes {
+    exact: u32,
+    prefix: u32,
+}
+
+/// One route in a scanned virtual host: its match key as a range of the shared buffer.
+#[derive(Debug, Clone, Copy)]
+struct ScanEntry {
+    start: u32,
+    len: u32,
+    exact: bool,
+    route: u32,
+}
+
+#[derive(Debug)]
+enum PathIndex {
+    /// Entries best first; the first that matches wins.
+    Scan {
+        keys: Box<str>,
+        entries: Box<[ScanEntry]>,
+    },
+    /// Match key → best routes for it.
+    Hash(HashMap<Box<str>, KeyRoutes>),
+}
+
+impl PathIndex {
+    fn scan(routes: &[Route]) -> PathIndex {
+        let mut order: Vec<u32> = (0..routes.len() as u32).collect();
+        // Precedence within one virtual host: the host part is equal for all routes.
+        order.sort_by_key(|&i| Reverse(routes[i as usize].precedence(HostMatch::Any)));
+        let mut keys = String::new();
+        let mut entries = Vec::with_capacity(order.len());
+        for i in order {
+            let route = &routes[i as usize];
+            let start = keys.len() as u32;
+            keys.push_str(&route.path.key);
+            entries.push(ScanEntry {
+                start,
+                len: route.path.key.len() as u32,
+                exact: route.path.path_type.is_exact(),
+                route: i,
+            });
+        }
+        PathIndex::Scan {
+            keys: keys.into_boxed_str(),
+            entries: entries.into_boxed_slice(),
+        }
+    }
+
+    fn hash(routes: &[Route]) -> PathIndex {
+        let mut map: HashMap<Box<str>, KeyRoutes> = HashMap::default();
+        for (i, route) in routes.iter().enumerate() {
+            let slot = map
+                .entry(route.path.key.as_str().into())
+                .or_insert(KeyRoutes {
+                    exact: NONE,
+                    prefix: NONE,
+                });
+            let cur = if route.path.path_type.is_exact() {
+                &mut slot.exact
+            } else {
+                &mut slot.prefix
+            };
+            // Same key and type: the older route wins.
+            if *cur == NONE || route.order < routes[*cur as usize].order {
+                *cur = i as u32;
+            }
+        }
+        PathIndex::Hash(map)
+    }
+
+    /// The index of the best route matching a request path.
+    fn lookup(&self, path: &str) -> Option<u32> {
+        match self {
+            PathIndex::Scan { keys, entries } => entries
+                .iter()
+                .find(|e| {
+                    let key = &keys[e.start as usize..(e.start + e.len) as usize];
+                    if e.exact {
+                        path == key
+                    } else {
+                        prefix_matches(key, path)
+                    }
+                })
+                .map(|e| e.route),
+            PathIndex::Hash(map) => {
+                if let Some(k) = map.get(path) {
+                    if k.exact != NONE {
+                        return Some(k.exact);
+                    }
+                    if k.prefix != NONE {
+                        return Some(k.prefix);
+                    }
+                }
+                let bytes = path.as_bytes();
+                let mut end = bytes.len();
+                while let Some(i) = bytes[..end].iter().rposition(|&b| b == b'/') {
+                    end = i;
+                    // A Prefix key never ends in `/` (it is trimmed when the rule is made).
+                    if i > 0 && bytes[i - 1] == b'/' {
+                        continue;
+                    }
+                    if let Some(k) = map.get(&path[..i])
+                        && k.prefix != NONE
+                    {
+                        return Some(k.prefix);
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Prefix matching on a trimmed key: the whole path, or the key followed by `/`.
+#[inline]
+fn prefix_matches(key: &str, path: &str) -> bool {
+    match path.strip_prefix(key) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
 /// The routes for one host pattern.
 #[derive(Debug)]
 pub struct VirtualHost {
     pub host: HostPattern,
     /// Routes in age order.
     pub routes: Vec<Route>,
-    paths: matchit::Router<u32>,
+    paths: PathIndex,
 }
 
 impl VirtualHost {
-    /// Builds the path router. Fails only if the radix tree refuses an entry, which
-    /// would be a bug in the escaping below; the caller reports it as a diagnostic.
-    fn new(host: HostPattern, routes: Vec<Route>) -> Result<VirtualHost, String> {
-        let kind = host.kind();
-        let mut best: HashMap<String, u32> = HashMap::new();
-        for (i, route) in routes.iter().enumerate() {
-            let escaped = escape(&route.path.key);
-            let keys = if route.path.path_type.is_exact() {
-                vec![escaped]
-            } else if escaped.is_empty() {
-                vec!["/".to_string(), "/{*rest}".to_string()]
-            } else {
-                vec![
-                    format!("{escaped}/{{*rest}}"),
-                    format!("{escaped}/"),
-                    escaped,
-                ]
-            };
-            for key in keys {
-                let idx = i as u32;
-                best.entry(key)
-                    .and_modify(|cur| {
-                        if route.precedence(kind) > routes[*cur as usize].precedence(kind) {
-                            *cur = idx;
-                        }
-                    })
-                    .or_insert(idx);
-            }
-        }
-        let mut paths = matchit::Router::new();
-        for (key, idx) in best {
-            paths
-                .insert(key.clone(), idx)
-                .map_err(|e| format!("path router refused `{key}`: {e}"))?;
-        }
-        Ok(VirtualHost {
+    fn new(host: HostPattern, routes: Vec<Route>, scan_limit: usize) -> VirtualHost {
+        let paths = if routes.len() <= scan_limit {
+            PathIndex::scan(&routes)
+        } else {
+            PathIndex::hash(&routes)
+        };
+        VirtualHost {
             host,
             routes,
             paths,
-        })
+        }
     }
 
     /// The best route of this virtual host for a request path.
     pub fn lookup(&self, path: &str) -> Option<&Route> {
-        let m = self.paths.at(path).ok()?;
-        self.routes.get(*m.value as usize)
-    }
-}
-
-fn escape(path: &str) -> String {
-    if path.contains(['{', '}']) {
-        path.replace('{', "{{").replace('}', "}}")
-    } else {
-        path.to_string()
+        let i = self.paths.lookup(path)?;
+        self.routes.get(i as usize)
     }
 }
 
@@ -130,24 +235,34 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from routes in age order. Returns the routes that could not be
-    /// entered, with the reason.
+    /// entered, with the reason (none today: every valid [`PathRule`] can be indexed).
     pub fn build(routes: Vec<Route>) -> (RouteTable, Vec<(Route, String)>) {
-        let mut by_host: HashMap<HostPattern, Vec<Route>> = HashMap::new();
+        (
+            RouteTable::build_with_scan_limit(routes, SCAN_LIMIT),
+            Vec::new(),
+        )
+    }
+
+    /// [`RouteTable::build`] with another threshold between scanned and hashed virtual
+    /// hosts, so that tests can exercise both indexes on the same routes.
+    #[doc(hidden)]
+    pub fn build_with_scan_limit(routes: Vec<Route>, scan_limit: usize) -> RouteTable {
+        let mut by_host: HashMap<HostPattern, Vec<Route>> = HashMap::default();
         for r in routes {
-            by_host.entry(r.host.clone()).or_default().push(r);
+            match by_host.get_mut(&r.host) {
+                Some(list) => list.push(r),
+                None => {
+                    by_host.insert(r.host.clone(), vec![r]);
+                }
+            }
         }
         let mut hosts: Vec<_> = by_host.into_iter().collect();
-        hosts.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut table = RouteTable::default();
-        let mut failed = Vec::new();
+        hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut table = RouteTable {
+            vhosts: Vec::with_capacity(hosts.len()),
+            ..RouteTable::default()
+        };
         for (host, routes) in hosts {
-            let vh = match VirtualHost::new(host.clone(), routes.clone()) {
-                Ok(vh) => vh,
-                Err(reason) => {
-                    failed.extend(routes.into_iter().map(|r| (r, reason.clone())));
-                    continue;
-                }
-            };
             let idx = table.vhosts.len() as u32;
             match &host {
                 HostPattern::Any => table.any = Some(idx),
@@ -158,9 +273,11 @@ impl RouteTable {
                     table.wildcard.insert(s.as_str().into(), idx);
                 }
             }
-            table.vhosts.push(vh);
+            table
+                .vhosts
+                .push(VirtualHost::new(host, routes, scan_limit));
         }
-        (table, failed)
+        table
     }
 
     /// The winning route for a normalised request host (or none) and a request path.
