@@ -91,22 +91,20 @@ enum PathIndex {
 
 impl PathIndex {
     fn scan(routes: &[Route]) -> PathIndex {
-        let mut order: Vec<u32> = (0..routes.len() as u32).collect();
-        // Precedence within one virtual host: the host part is equal for all routes.
-        order.sort_by_key(|&i| Reverse(routes[i as usize].precedence(HostMatch::Any)));
-        let mut keys = String::new();
-        let mut entries = Vec::with_capacity(order.len());
-        for i in order {
-            let route = &routes[i as usize];
+        let mut keys = String::with_capacity(routes.iter().map(|r| r.path.key.len()).sum());
+        let mut entries = Vec::with_capacity(routes.len());
+        for (i, route) in routes.iter().enumerate() {
             let start = keys.len() as u32;
             keys.push_str(&route.path.key);
             entries.push(ScanEntry {
                 start,
                 len: route.path.key.len() as u32,
                 exact: route.path.path_type.is_exact(),
-                route: i,
+                route: i as u32,
             });
         }
+        // Precedence within one virtual host: the host part is equal for all routes.
+        entries.sort_by_key(|e| Reverse(routes[e.route as usize].precedence(HostMatch::Any)));
         PathIndex::Scan {
             keys: keys.into_boxed_str(),
             entries: entries.into_boxed_slice(),
@@ -247,7 +245,8 @@ impl RouteTable {
     /// hosts, so that tests can exercise both indexes on the same routes.
     #[doc(hidden)]
     pub fn build_with_scan_limit(routes: Vec<Route>, scan_limit: usize) -> RouteTable {
-        let mut by_host: HashMap<HostPattern, Vec<Route>> = HashMap::default();
+        let mut by_host: HashMap<HostPattern, Vec<Route>> =
+            HashMap::with_capacity_and_hasher(routes.len() / 2, Default::default());
         for r in routes {
             match by_host.get_mut(&r.host) {
                 Some(list) => list.push(r),
@@ -260,6 +259,7 @@ impl RouteTable {
         hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut table = RouteTable {
             vhosts: Vec::with_capacity(hosts.len()),
+            exact: HashMap::with_capacity_and_hasher(hosts.len(), Default::default()),
             ..RouteTable::default()
         };
         for (host, routes) in hosts {

@@ -8,10 +8,11 @@
 mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Secret, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Secret, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -109,6 +110,44 @@ impl Default for Options {
     }
 }
 
+/// The hasher for maps that live only during a build: keys come from the API server
+/// and the build must be fast at 10,000s of objects.
+type FastMap<K, V> = foldhash::HashMap<K, V>;
+
+/// `spec.rules[R].http.paths[P]`, formatted only when a diagnostic needs it.
+#[derive(Debug, Clone, Copy)]
+struct PathField {
+    ri: usize,
+    pi: usize,
+}
+
+impl PathField {
+    /// The path's `backend` field.
+    fn backend(self) -> impl fmt::Display {
+        struct Backend(PathField);
+        impl fmt::Display for Backend {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}.backend", self.0)
+            }
+        }
+        Backend(self)
+    }
+}
+
+impl fmt::Display for PathField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spec.rules[{}].http.paths[{}]", self.ri, self.pi)
+    }
+}
+
+/// `(namespace, name)` borrowed from object metadata; namespace `default` when unset.
+fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
 fn object_ref(meta: &ObjectMeta) -> ObjectRef {
     ObjectRef::new(
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -143,7 +182,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     let mut diags = Diags(Vec::new());
 
     // Which IngressClasses are ours, and whether one of ours is the default.
-    let mut classes: HashMap<&str, (bool, Option<&str>)> = HashMap::new();
+    let mut classes: FastMap<&str, (bool, Option<&str>)> = FastMap::default();
     let mut default_ours = false;
     for class in &inputs.ingress_classes {
         let name = class.metadata.name.as_deref().unwrap_or_default();
@@ -188,14 +227,24 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     let mut resolver = Resolver::new(inputs, options);
 
     // Routes, conflicts, default backends and TLS hosts, in age order.
-    let mut routes = Vec::new();
-    // (host, match key, exact) → the Ingress and path field that serve it first.
-    let mut taken: HashMap<(HostPattern, String, bool), (ObjectRef, String)> = HashMap::new();
+    let paths_hint: usize = ours
+        .iter()
+        .filter_map(|i| i.spec.as_ref()?.rules.as_ref())
+        .flatten()
+        .filter_map(|r| Some(r.http.as_ref()?.paths.len()))
+        .sum();
+    let mut routes = Vec::with_capacity(paths_hint);
+    // Rule hosts, numbered, so that the conflict key below borrows instead of cloning.
+    let mut host_ids: FastMap<HostPattern, u32> =
+        FastMap::with_capacity_and_hasher(ours.len(), Default::default());
+    // (host id, match key, exact) → the Ingress (index in `ours`) and path serving it.
+    let mut taken: FastMap<(u32, &str, bool), (usize, PathField)> =
+        FastMap::with_capacity_and_hasher(paths_hint, Default::default());
     // The default backend and the Ingress it came from (`None`: the flag).
     let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
     let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
     let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
-    for ing in &ours {
+    for (ii, ing) in ours.iter().enumerate() {
         let id = object_ref(&ing.metadata);
         let Some(spec) = ing.spec.as_ref() else {
             diags.push(Severity::Warning, "Ingress", &id, "spec", "has no spec");
@@ -212,7 +261,8 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
             );
         }
         if let Some(backend) = &spec.default_backend
-            && let Some(cluster) = resolver.backend(backend, &id, "spec.defaultBackend", &mut diags)
+            && let Some(cluster) =
+                resolver.backend(backend, &id, &"spec.defaultBackend", &mut diags)
         {
             match &default_backend {
                 None => default_backend = Some((cluster, Some(id.clone()))),
@@ -243,12 +293,20 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                     continue;
                 }
             };
-            if host != HostPattern::Any {
+            if host != HostPattern::Any && spec.tls.is_some() {
                 rule_hosts.push(host.clone());
             }
             let Some(http) = &rule.http else { continue };
+            let host_id = match host_ids.get(&host) {
+                Some(&n) => n,
+                None => {
+                    let n = host_ids.len() as u32;
+                    host_ids.insert(host.clone(), n);
+                    n
+                }
+            };
             for (pi, p) in http.paths.iter().enumerate() {
-                let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+                let field = PathField { ri, pi };
                 let path_type = match PathType::parse(&p.path_type) {
                     Some(t) => t,
                     None if p.path_type.is_empty() => {
@@ -302,11 +360,17 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                         continue;
                     }
                 };
-                let key = (host.clone(), rule_path.key.clone(), path_type.is_exact());
-                if let Some((winner, winner_field)) = taken.get(&key) {
+                let match_key = if path_type.is_exact() {
+                    raw_path
+                } else {
+                    raw_path.trim_end_matches('/')
+                };
+                let key = (host_id, match_key, path_type.is_exact());
+                if let Some(&(winner, winner_field)) = taken.get(&key) {
+                    let winner = object_ref(&ours[winner].metadata);
                     // The same Ingress repeating a path is a slip, not a conflict between
                     // owners: name the earlier path rather than the Ingress itself.
-                    let (severity, reason) = if *winner == id {
+                    let (severity, reason) = if winner == id {
                         (
                             Severity::Warning,
                             format!(
@@ -321,15 +385,14 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                             ),
                         )
                     };
-                    diags.push(severity, "Ingress", &id, field, reason);
+                    diags.push(severity, "Ingress", &id, field.to_string(), reason);
                     continue;
                 }
-                let Some(cluster) =
-                    resolver.backend(&p.backend, &id, &format!("{field}.backend"), &mut diags)
+                let Some(cluster) = resolver.backend(&p.backend, &id, &field.backend(), &mut diags)
                 else {
                     continue;
                 };
-                taken.insert(key, (id.clone(), field));
+                taken.insert(key, (ii, field));
                 routes.push(Route {
                     host: host.clone(),
                     path: rule_path,
@@ -493,19 +556,19 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
 
 /// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
 /// namespace/name.
-fn age_key(ing: &Ingress) -> (Option<i64>, ObjectRef) {
+fn age_key(ing: &Ingress) -> (Option<i64>, (&str, &str)) {
     let ts = ing
         .metadata
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.as_nanosecond() as i64);
-    (ts, object_ref(&ing.metadata))
+    (ts, ns_name(&ing.metadata))
 }
 
 /// `Ok` when the Ingress is ours, else the reason it is ignored.
 fn classify(
     ing: &Ingress,
-    classes: &HashMap<&str, (bool, Option<&str>)>,
+    classes: &FastMap<&str, (bool, Option<&str>)>,
     default_ours: bool,
     options: &Options,
 ) -> Result<(), String> {
@@ -549,9 +612,12 @@ fn classify(
 /// Resolves backends to clusters, once per Service port.
 struct Resolver<'a> {
     options: &'a Options,
-    services: HashMap<ObjectRef, &'a Service>,
-    slices: HashMap<ObjectRef, Vec<&'a EndpointSlice>>,
-    ids: HashMap<(ObjectRef, PortRef), ClusterId>,
+    /// By (namespace, name), borrowed from the inputs.
+    services: FastMap<(&'a str, &'a str), &'a Service>,
+    /// By the (namespace, name) of the Service they are labelled with, sorted by name.
+    slices: FastMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    /// Service → the clusters made for its ports.
+    ids: FastMap<ObjectRef, Vec<(PortRef, ClusterId)>>,
     clusters: Vec<Cluster>,
     /// Endpoint addresses refused for safety, reported once per slice.
     refused: BTreeSet<(ObjectRef, String)>,
@@ -562,9 +628,10 @@ impl<'a> Resolver<'a> {
         let services = inputs
             .services
             .iter()
-            .map(|s| (object_ref(&s.metadata), s.as_ref()))
+            .map(|s| (ns_name(&s.metadata), s.as_ref()))
             .collect();
-        let mut slices: HashMap<ObjectRef, Vec<&EndpointSlice>> = HashMap::new();
+        let mut slices: FastMap<(&str, &str), Vec<&EndpointSlice>> =
+            FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default());
         for s in &inputs.endpoint_slices {
             if let Some(svc) = s
                 .metadata
@@ -572,26 +639,21 @@ impl<'a> Resolver<'a> {
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
             {
-                let ns = s
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                slices
-                    .entry(ObjectRef::new(ns, svc.clone()))
-                    .or_default()
-                    .push(s);
+                let ns = ns_name(&s.metadata).0;
+                slices.entry((ns, svc.as_str())).or_default().push(s);
             }
         }
         for list in slices.values_mut() {
-            list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            if list.len() > 1 {
+                list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            }
         }
         Resolver {
             options,
             services,
             slices,
-            ids: HashMap::new(),
-            clusters: Vec::new(),
+            ids: FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default()),
+            clusters: Vec::with_capacity(inputs.services.len()),
             refused: BTreeSet::new(),
         }
     }
@@ -602,7 +664,7 @@ impl<'a> Resolver<'a> {
         &mut self,
         backend: &IngressBackend,
         ingress: &ObjectRef,
-        field: &str,
+        field: &dyn fmt::Display,
         diags: &mut Diags,
     ) -> Option<ClusterId> {
         let Some(svc) = &backend.service else {
@@ -611,7 +673,13 @@ impl<'a> Resolver<'a> {
             } else {
                 "backend names no service"
             };
-            diags.push(Severity::Error, "Ingress", ingress, field, reason);
+            diags.push(
+                Severity::Error,
+                "Ingress",
+                ingress,
+                field.to_string(),
+                reason,
+            );
             return None;
         };
         let port = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
@@ -665,13 +733,20 @@ impl<'a> Resolver<'a> {
     }
 
     fn cluster(&mut self, service: &ObjectRef, port: &PortRef) -> ClusterId {
-        if let Some(&id) = self.ids.get(&(service.clone(), port.clone())) {
+        if let Some(ports) = self.ids.get(service)
+            && let Some(&(_, id)) = ports.iter().find(|(p, _)| p == port)
+        {
             return id;
         }
         let cluster = self.resolve(service, port);
         let id = self.clusters.len() as ClusterId;
         self.clusters.push(cluster);
-        self.ids.insert((service.clone(), port.clone()), id);
+        match self.ids.get_mut(service) {
+            Some(ports) => ports.push((port.clone(), id)),
+            None => {
+                self.ids.insert(service.clone(), vec![(port.clone(), id)]);
+            }
+        }
         id
     }
 
@@ -686,11 +761,19 @@ impl<'a> Resolver<'a> {
             },
         };
         let unresolved = |reason: String| Upstream::Unresolved { reason };
-        let Some(svc) = self.services.get(service).copied() else {
+        let key = (service.namespace.as_str(), service.name.as_str());
+        let Some(svc) = self.services.get(&key).copied() else {
             cluster.upstream = unresolved(format!("Service {service} not found"));
             return cluster;
         };
-        let spec = svc.spec.clone().unwrap_or_default();
+        let empty;
+        let spec: &ServiceSpec = match svc.spec.as_ref() {
+            Some(spec) => spec,
+            None => {
+                empty = ServiceSpec::default();
+                &empty
+            }
+        };
         let ports = spec.ports.as_deref().unwrap_or_default();
         let sp: Option<&ServicePort> = ports.iter().find(|p| match port {
             PortRef::Number(n) => p.port == *n,
@@ -730,20 +813,15 @@ impl<'a> Resolver<'a> {
         cluster.service_port = Some(sp.port);
         cluster.app_protocol = sp.app_protocol.clone();
 
-        let mut all: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
-        for slice in self
-            .slices
-            .get(service)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
+        let mut all: Vec<Endpoint> = Vec::new();
+        let slices = self.slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        for slice in slices {
             if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
                 continue;
             }
             let Some(target) = slice_port(slice, sp, ports.len()) else {
                 continue;
             };
-            let slice_id = object_ref(&slice.metadata);
             for ep in slice.endpoints.as_deref().unwrap_or_default() {
                 let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                     continue;
@@ -751,28 +829,32 @@ impl<'a> Resolver<'a> {
                 let addr = SocketAddr::new(ip, target);
                 if let Some(reason) = endpoint_problem(addr, self.options) {
                     self.refused
-                        .insert((slice_id.clone(), format!("{addr}: {reason}")));
+                        .insert((object_ref(&slice.metadata), format!("{addr}: {reason}")));
                     continue;
                 }
-                let c = ep.conditions.clone().unwrap_or_default();
-                let ready = c.ready.unwrap_or(true);
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let endpoint = Endpoint {
                     address: addr,
                     ready,
-                    serving: c.serving.unwrap_or(ready),
-                    terminating: c.terminating.unwrap_or(false),
+                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                 };
-                // The same address in two slices (during slice churn): keep the best view.
-                all.entry(addr)
-                    .and_modify(|e| {
-                        e.ready |= endpoint.ready;
-                        e.serving |= endpoint.serving;
-                        e.terminating &= endpoint.terminating;
-                    })
-                    .or_insert(endpoint);
+                all.push(endpoint);
             }
         }
-        let all: Vec<Endpoint> = all.into_values().collect();
+        // Sorted by address; the same address in two slices (during slice churn) is
+        // merged into its best view.
+        all.sort_unstable_by_key(|e| e.address);
+        all.dedup_by(|later, kept| {
+            if later.address != kept.address {
+                return false;
+            }
+            kept.ready |= later.ready;
+            kept.serving |= later.serving;
+            kept.terminating &= later.terminating;
+            true
+        });
         let mut active: Vec<SocketAddr> =
             all.iter().filter(|e| e.ready).map(|e| e.address).collect();
         if active.is_empty() {
@@ -799,6 +881,7 @@ impl<'a> Resolver<'a> {
         }
         for (service, slices) in &self.slices {
             if !self.services.contains_key(service) {
+                let service = ObjectRef::new(service.0, service.1);
                 for s in slices {
                     diags.push(
                         Severity::Warning,
