@@ -245,18 +245,30 @@ impl RouteTable {
     /// hosts, so that tests can exercise both indexes on the same routes.
     #[doc(hidden)]
     pub fn build_with_scan_limit(routes: Vec<Route>, scan_limit: usize) -> RouteTable {
-        let mut by_host: HashMap<HostPattern, Vec<Route>> =
-            HashMap::with_capacity_and_hasher(routes.len() / 2, Default::default());
-        for r in routes {
-            match by_host.get_mut(&r.host) {
-                Some(list) => list.push(r),
-                None => {
-                    by_host.insert(r.host.clone(), vec![r]);
-                }
-            }
+        // Group by host (routes keep their age order inside a group), then order the
+        // groups by host so that the table's layout does not depend on hashing.
+        let mut group_of: HashMap<&HostPattern, u32> = HashMap::default();
+        let slots: Vec<u32> = routes
+            .iter()
+            .map(|r| {
+                let next = group_of.len() as u32;
+                *group_of.entry(&r.host).or_insert(next)
+            })
+            .collect();
+        let mut counts = vec![0usize; group_of.len()];
+        for &g in &slots {
+            counts[g as usize] += 1;
         }
-        let mut hosts: Vec<_> = by_host.into_iter().collect();
-        hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        drop(group_of);
+        let mut groups: Vec<Vec<Route>> = counts.into_iter().map(Vec::with_capacity).collect();
+        for (route, g) in routes.into_iter().zip(slots) {
+            groups[g as usize].push(route);
+        }
+        for g in &mut groups {
+            g.sort_by_key(|r| r.order);
+        }
+        groups.sort_unstable_by(|a, b| a[0].host.cmp(&b[0].host));
+        let hosts = groups.into_iter().map(|g| (g[0].host.clone(), g));
         let mut table = RouteTable {
             vhosts: Vec::with_capacity(hosts.len()),
             exact: HashMap::with_capacity_and_hasher(hosts.len(), Default::default()),

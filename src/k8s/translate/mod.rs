@@ -140,6 +140,13 @@ impl fmt::Display for PathField {
     }
 }
 
+/// A Service port as a backend names it, borrowed from the Ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortKey<'a> {
+    Number(i32),
+    Name(&'a str),
+}
+
 /// `(namespace, name)` borrowed from object metadata; namespace `default` when unset.
 fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
     (
@@ -246,6 +253,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
     for (ii, ing) in ours.iter().enumerate() {
         let id = object_ref(&ing.metadata);
+        let namespace = ns_name(&ing.metadata).0;
         let Some(spec) = ing.spec.as_ref() else {
             diags.push(Severity::Warning, "Ingress", &id, "spec", "has no spec");
             continue;
@@ -262,7 +270,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         }
         if let Some(backend) = &spec.default_backend
             && let Some(cluster) =
-                resolver.backend(backend, &id, &"spec.defaultBackend", &mut diags)
+                resolver.backend(backend, namespace, &id, &"spec.defaultBackend", &mut diags)
         {
             match &default_backend {
                 None => default_backend = Some((cluster, Some(id.clone()))),
@@ -388,7 +396,8 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                     diags.push(severity, "Ingress", &id, field.to_string(), reason);
                     continue;
                 }
-                let Some(cluster) = resolver.backend(&p.backend, &id, &field.backend(), &mut diags)
+                let Some(cluster) =
+                    resolver.backend(&p.backend, namespace, &id, &field.backend(), &mut diags)
                 else {
                     continue;
                 };
@@ -468,7 +477,14 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     if default_backend.is_none()
         && let Some(flag) = &options.default_backend_service
     {
-        let cluster = resolver.cluster(&flag.service, &flag.port);
+        let port = match &flag.port {
+            PortRef::Number(n) => PortKey::Number(*n),
+            PortRef::Name(name) => PortKey::Name(name),
+        };
+        let cluster = resolver.cluster(
+            (flag.service.namespace.as_str(), flag.service.name.as_str()),
+            port,
+        );
         if let Some(reason) = resolver.unresolved(cluster) {
             diags.push(
                 Severity::Error,
@@ -616,8 +632,8 @@ struct Resolver<'a> {
     services: FastMap<(&'a str, &'a str), &'a Service>,
     /// By the (namespace, name) of the Service they are labelled with, sorted by name.
     slices: FastMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
-    /// Service → the clusters made for its ports.
-    ids: FastMap<ObjectRef, Vec<(PortRef, ClusterId)>>,
+    /// Service (namespace, name) → the clusters made for its ports.
+    ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
     clusters: Vec<Cluster>,
     /// Endpoint addresses refused for safety, reported once per slice.
     refused: BTreeSet<(ObjectRef, String)>,
@@ -662,7 +678,8 @@ impl<'a> Resolver<'a> {
     /// when the backend itself is malformed (no route is made for it).
     fn backend(
         &mut self,
-        backend: &IngressBackend,
+        backend: &'a IngressBackend,
+        namespace: &'a str,
         ingress: &ObjectRef,
         field: &dyn fmt::Display,
         diags: &mut Diags,
@@ -683,8 +700,8 @@ impl<'a> Resolver<'a> {
             return None;
         };
         let port = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
-            Some((Some(n), _)) => PortRef::Number(n),
-            Some((None, Some(name))) if !name.is_empty() => PortRef::Name(name.to_string()),
+            Some((Some(n), _)) => PortKey::Number(n),
+            Some((None, Some(name))) if !name.is_empty() => PortKey::Name(name),
             _ => {
                 diags.push(
                     Severity::Error,
@@ -696,8 +713,7 @@ impl<'a> Resolver<'a> {
                 return None;
             }
         };
-        let service = ObjectRef::new(ingress.namespace.clone(), svc.name.clone());
-        let id = self.cluster(&service, &port);
+        let id = self.cluster((namespace, svc.name.as_str()), port);
         if let Some(reason) = self.unresolved(id) {
             diags.push(
                 Severity::Error,
@@ -712,13 +728,15 @@ impl<'a> Resolver<'a> {
                 Upstream::Endpoints { .. }
             )
         {
+            let cluster = &self.clusters[id as usize];
             diags.push(
                 Severity::Warning,
                 "Ingress",
                 ingress,
                 format!("{field}.service"),
                 format!(
-                    "Service {service} port {port} has no ready or serving endpoints; the route answers 503"
+                    "Service {} port {} has no ready or serving endpoints; the route answers 503",
+                    cluster.service, cluster.port
                 ),
             );
         }
@@ -732,21 +750,22 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    fn cluster(&mut self, service: &ObjectRef, port: &PortRef) -> ClusterId {
-        if let Some(ports) = self.ids.get(service)
-            && let Some(&(_, id)) = ports.iter().find(|(p, _)| p == port)
+    /// The cluster of a Service port, resolved on first use. Looking up one already made
+    /// allocates nothing.
+    fn cluster(&mut self, service: (&'a str, &'a str), port: PortKey<'a>) -> ClusterId {
+        if let Some(ports) = self.ids.get(&service)
+            && let Some(&(_, id)) = ports.iter().find(|(p, _)| *p == port)
         {
             return id;
         }
-        let cluster = self.resolve(service, port);
+        let port_ref = match port {
+            PortKey::Number(n) => PortRef::Number(n),
+            PortKey::Name(name) => PortRef::Name(name.to_string()),
+        };
+        let cluster = self.resolve(&ObjectRef::new(service.0, service.1), &port_ref);
         let id = self.clusters.len() as ClusterId;
         self.clusters.push(cluster);
-        match self.ids.get_mut(service) {
-            Some(ports) => ports.push((port.clone(), id)),
-            None => {
-                self.ids.insert(service.clone(), vec![(port.clone(), id)]);
-            }
-        }
+        self.ids.entry(service).or_default().push((port, id));
         id
     }
 
@@ -813,8 +832,13 @@ impl<'a> Resolver<'a> {
         cluster.service_port = Some(sp.port);
         cluster.app_protocol = sp.app_protocol.clone();
 
-        let mut all: Vec<Endpoint> = Vec::new();
         let slices = self.slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let mut all: Vec<Endpoint> = Vec::with_capacity(
+            slices
+                .iter()
+                .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+                .sum(),
+        );
         for slice in slices {
             if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
                 continue;
