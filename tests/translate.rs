@@ -1756,3 +1756,23 @@ fn routes_carry_their_identity_and_host_match() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn tls_secret_without_namespace_is_filed_under_default() {
+    let mut secret = (*tls_secret("default", "t", &["foo.com"])).clone();
+    secret.metadata.namespace = None;
+    let snap = World::new()
+        .backend("default", "svc", "10.0.0.1")
+        .ing(
+            ingress("default", "secure")
+                .host("foo.com")
+                .prefix("/", "svc", 80)
+                .tls(&["foo.com"], "t"),
+        )
+        .secret(Arc::new(secret))
+        .build();
+    no_diagnostics(&snap);
+    let cert = snap.tls.cert_for("foo.com").unwrap();
+    assert_eq!(cert.secret, ObjectRef::new("default", "t"));
+    assert!(snap.tls.certs.contains_key(&cert.secret));
+}

@@ -28,9 +28,11 @@ fn err(field: &'static str, reason: impl Into<String>) -> SecretError {
 /// key is usable and that it matches the leaf certificate.
 pub fn parse_tls_secret(secret: &Secret) -> Result<CertEntry, SecretError> {
     let meta = &secret.metadata;
+    // The same `default` namespace the build files Secrets under, so that the entry's
+    // `secret` equals the key it is stored by.
     let id = ObjectRef::new(
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default(),
     );
     match secret.type_.as_deref() {
         Some("kubernetes.io/tls") => {}
