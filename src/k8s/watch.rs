@@ -19,7 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
@@ -142,11 +142,10 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
+    /// Every object of the kind. In store (hash) order: translation does not depend on
+    /// the order of its inputs.
     fn state(&self) -> Vec<Arc<K>> {
-        let mut all: Vec<Arc<K>> = self.stores.iter().flat_map(|s| s.state()).collect();
-        // Store order is a hash order; make inputs deterministic.
-        all.sort_by_key(|o| (o.namespace(), o.name_any()));
-        all
+        self.stores.iter().flat_map(|s| s.state()).collect()
     }
 
     async fn wait_until_ready(&self) {
