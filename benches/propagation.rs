@@ -7,7 +7,6 @@
 //! `PROPAGATION_CHANGES` override the sizes.
 
 #[path = "../tests/support/apiserver.rs"]
-#[allow(dead_code)]
 mod apiserver;
 
 use std::net::SocketAddr;
