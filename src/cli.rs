@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::k8s::Options;
 use crate::k8s::translate::ServiceRef;
+use crate::proxy::LoadBalance;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -217,6 +218,17 @@ pub struct RunArgs {
     /// Refuse downstream connections beyond this many; unlimited when not set.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// How a cluster's endpoints share requests: `p2c` (the less busy of two random
+    /// endpoints, by requests in flight) or `round-robin`.
+    #[arg(long, value_enum, env = "PORTCULLIS_LOAD_BALANCE", default_value_t = LoadBalance::P2c)]
+    pub load_balance: LoadBalance,
+    /// After SIGTERM/SIGINT: keep accepting this long with readiness failing, while
+    /// clients are told to reconnect (HTTP/1 `Connection: close`, HTTP/2 GOAWAY).
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// Then: how long in-flight requests and open upgrades (WebSocket) get to finish.
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
     /// Log format.
     #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

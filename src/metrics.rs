@@ -69,6 +69,13 @@ pub struct Metrics {
     /// `portcullis_kube_watch_errors_total{kind}`: failed lists and watches of the
     /// Kubernetes API, by object kind.
     pub kube_watch_errors_total: IntCounterVec,
+    /// `portcullis_endpoint_ejections_total{namespace,service}`: endpoints taken out of
+    /// balancing for a backoff window after refusing or resetting a connection.
+    pub endpoint_ejections_total: IntCounterVec,
+    /// `portcullis_upstream_retries_total{namespace,service,reason}`: requests sent a
+    /// second time; reason `connect` (another endpoint after a failed connect) or
+    /// `stale_connection` (a fresh connection after a pooled one turned out closed).
+    pub upstream_retries_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -172,6 +179,23 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let endpoint_ejections_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_endpoint_ejections_total",
+                "Endpoints ejected from balancing after refusing or resetting a connection.",
+            ),
+            &["namespace", "service"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_retries_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_upstream_retries_total",
+                "Requests retried upstream, by reason (connect, stale_connection).",
+            ),
+            &["namespace", "service", "reason"],
+        )
+        .expect("static metric definition is valid");
+
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(requests_total.clone()),
             Box::new(request_duration_seconds.clone()),
@@ -185,6 +209,8 @@ impl Metrics {
             Box::new(endpoints.clone()),
             Box::new(build_info.clone()),
             Box::new(kube_watch_errors_total.clone()),
+            Box::new(endpoint_ejections_total.clone()),
+            Box::new(upstream_retries_total.clone()),
         ];
         for c in collectors {
             registry
@@ -205,6 +231,8 @@ impl Metrics {
             endpoints,
             build_info,
             kube_watch_errors_total,
+            endpoint_ejections_total,
+            upstream_retries_total,
         })
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{AdminState, serve_admin, serve_dashboard};
 use crate::cli::{DemoArgs, EchoArgs, ListenArgs, LogFormat, RunArgs};
@@ -61,6 +61,10 @@ impl RunArgs {
             max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
             max_body_size: self.max_body_size,
             max_connections: self.max_connections,
+            load_balance: self.load_balance,
+            shutdown_delay: self.shutdown_delay,
+            shutdown_grace: self.shutdown_grace,
+            ..ProxyConfig::default()
         }
     }
 }
@@ -96,8 +100,12 @@ impl Listeners {
 }
 
 /// Serves until SIGTERM/SIGINT: the publisher fed by `updates`, and every listener.
-/// Readiness turns false at the signal; listeners then stop accepting and in-flight
-/// connections finish.
+///
+/// At the signal readiness turns false and the proxy starts draining (HTTP/1 responses
+/// carry `Connection: close`, HTTP/2 connections get GOAWAY) while the listeners keep
+/// accepting for `shutdown_delay`, so that load balancers notice before connections
+/// are refused; a second signal cuts the delay short. Then the listeners close, and
+/// in-flight requests and open upgrades get `shutdown_grace` to finish.
 pub async fn serve(
     listeners: Listeners,
     publisher: Publisher,
@@ -111,9 +119,12 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let publishing = tokio::spawn(publisher.clone().run(updates));
+    let delay = proxy_config.shutdown_delay;
+    let grace = proxy_config.shutdown_grace;
     let proxy = Proxy::new(proxy_config, snapshots.clone(), metrics.clone());
     let mut tasks = tokio::task::JoinSet::new();
     {
+        let proxy = proxy.clone();
         let stop = stop_rx.clone();
         tasks.spawn(async move { proxy.serve_http(listeners.http, stop).await });
     }
@@ -133,11 +144,28 @@ pub async fn serve(
     ));
 
     shutdown_signal().await;
-    info!("shutting down: readiness fails, listeners stop accepting, in-flight work finishes");
+    info!(
+        delay_seconds = delay.as_secs_f64(),
+        grace_seconds = grace.as_secs_f64(),
+        "shutting down: readiness fails; still accepting for the shutdown delay"
+    );
     ready.store(false, Ordering::Release);
+    proxy.start_draining();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown_signal() => info!("second signal: shutdown delay cut short"),
+    }
+    info!("listeners closed; in-flight work gets the shutdown grace");
     let _ = stop_tx.send(true);
     publishing.abort();
-    while tasks.join_next().await.is_some() {}
+    let drained = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+        proxy.tunnels_closed().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!("shutdown grace over with work still in flight; closing it");
+    }
     info!("stopped");
 }
 
@@ -364,7 +392,12 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         println!("\nThe demo's manifests: `portcullis demo --print-manifests`. Ctrl-C stops.");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        serve(listeners, publisher, metrics, ProxyConfig::default(), rx).await;
+        // Nothing balances traffic onto the demo, so Ctrl-C need not wait for anyone.
+        let config = ProxyConfig {
+            shutdown_delay: Duration::ZERO,
+            ..ProxyConfig::default()
+        };
+        serve(listeners, publisher, metrics, config, rx).await;
         ExitCode::SUCCESS
     })
 }

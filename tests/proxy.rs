@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use portcullis::proxy::ProxyConfig;
+use portcullis::proxy::{LoadBalance, ProxyConfig};
 use support::*;
 
 const NS: &str = "ns";
@@ -107,7 +107,11 @@ async fn round_robin_spreads_over_endpoints() {
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
         .backend(NS, "svc", 80, &[e1.addr, e2.addr]);
-    let proxy = start_proxy(world.snapshot()).await;
+    let cfg = ProxyConfig {
+        load_balance: LoadBalance::RoundRobin,
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..10 {
         *counts

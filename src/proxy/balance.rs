@@ -1,19 +1,66 @@
-//! Endpoint selection: which upstream address of a cluster gets the next request.
+//! Endpoint selection: which upstream address of a cluster gets the next request, and
+//! passive health (ejection of endpoints that refuse or reset connections).
 //!
-//! Round robin, with one position per cluster (Service and port) kept in a long-lived
-//! table owned by the proxy, so a snapshot swap does not reset where each cluster's
-//! rotation stands.
+//! Everything here outlives snapshots: per-endpoint state (in-flight requests,
+//! consecutive failures, ejection deadline) is keyed by endpoint address, round-robin
+//! positions by cluster (Service and port). A new snapshot carries new `Cluster` values
+//! that find the same state, so a configuration change neither resets balancing nor
+//! re-admits an ejected endpoint early.
+//!
+//! - **p2c** (default): two distinct candidates at random, the one with fewer requests
+//!   in flight wins. In-flight counts are held by an [`InFlight`] guard that the
+//!   response body carries, so a long download counts until its last byte.
+//! - **round-robin**: one rotating position per cluster.
+//!
+//! Ejected endpoints are skipped until their backoff window ends. When every endpoint
+//! of a cluster is ejected the cluster is in *panic mode* (Envoy's term): ejection is
+//! ignored and all endpoints are balanced over, rather than answering 503.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
+use crate::metrics::Metrics;
 use crate::model::{Cluster, ObjectRef, PortRef, Upstream};
 
-/// Clusters the table remembers before it is cleared; positions are only a fairness
-/// aid, so forgetting them under heavy Service churn is harmless.
+/// Clusters the round-robin table remembers before it is cleared; positions are only a
+/// fairness aid, so forgetting them under heavy Service churn is harmless.
 const MAX_CLUSTERS: usize = 16 * 1024;
+
+/// Endpoint states kept before idle ones (nothing in flight, not ejected) are pruned.
+const MAX_ENDPOINTS: usize = 64 * 1024;
+
+/// The `appProtocol` that asks for HTTP/2 cleartext (prior knowledge) upstream.
+pub const H2C: &str = "kubernetes.io/h2c";
+
+/// How a cluster's endpoints share its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadBalance {
+    /// Power of two choices on least requests in flight.
+    #[default]
+    P2c,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+/// Backoff of passive health: the first ejection lasts `base`, each further
+/// consecutive one twice as long, up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Ejection {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Where to send a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,32 +86,218 @@ impl Target {
             }
         }
     }
+
+    /// The endpoint address, when the target is one.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Target::Addr(a) => Some(*a),
+            Target::Name { .. } => None,
+        }
+    }
 }
 
-/// Round-robin positions by cluster.
+/// Long-lived state of one endpoint address.
 #[derive(Debug, Default)]
+struct EndpointState {
+    in_flight: AtomicUsize,
+    /// Consecutive ejections without a success in between.
+    failures: AtomicU32,
+    /// Ejected until this many nanoseconds after the balancer's epoch; 0 = admitted.
+    ejected_until: AtomicU64,
+}
+
+/// Counts one request in flight on an endpoint until dropped. The response body
+/// carries it, so the count falls when the body finishes or is dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    state: Arc<EndpointState>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A chosen target and, for pod endpoints, its in-flight guard.
+#[derive(Debug)]
+pub struct Picked {
+    pub target: Target,
+    pub guard: Option<InFlight>,
+}
+
+/// Balancing and passive-health state of every cluster and endpoint.
+#[derive(Debug)]
 pub struct Balancer {
+    policy: LoadBalance,
+    ejection: Ejection,
+    epoch: Instant,
     positions: RwLock<HashMap<(ObjectRef, PortRef), Arc<AtomicUsize>>>,
+    endpoints: RwLock<HashMap<SocketAddr, Arc<EndpointState>>>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer::new(LoadBalance::default(), Ejection::default())
+    }
 }
 
 impl Balancer {
-    /// The next target of `cluster`, or `None` when it has nothing to send to.
-    pub fn pick(&self, cluster: &Cluster) -> Option<Target> {
+    pub fn new(policy: LoadBalance, ejection: Ejection) -> Balancer {
+        Balancer {
+            policy,
+            ejection,
+            epoch: Instant::now(),
+            positions: RwLock::default(),
+            endpoints: RwLock::default(),
+        }
+    }
+
+    /// The next target of `cluster`, skipping `exclude` (endpoints that already failed
+    /// this request), or `None` when nothing is left to send to.
+    pub fn pick(&self, cluster: &Cluster, exclude: &[SocketAddr]) -> Option<Picked> {
         match &cluster.upstream {
-            Upstream::Endpoints { active, .. } => match active.len() {
-                0 => None,
-                1 => Some(Target::Addr(active[0])),
-                n => {
-                    let i = self.next(cluster) % n;
-                    active.get(i).copied().map(Target::Addr)
+            Upstream::Endpoints { active, .. } => {
+                let candidates: Vec<SocketAddr> = active
+                    .iter()
+                    .copied()
+                    .filter(|a| !exclude.contains(a))
+                    .collect();
+                if candidates.is_empty() {
+                    return None;
                 }
-            },
-            Upstream::ExternalName { host, port } => Some(Target::Name {
-                host: host.clone(),
-                port: *port,
-            }),
+                let now = self.now();
+                let states: Vec<(SocketAddr, Arc<EndpointState>)> =
+                    candidates.iter().map(|a| (*a, self.state(*a))).collect();
+                let healthy: Vec<&(SocketAddr, Arc<EndpointState>)> = states
+                    .iter()
+                    .filter(|(_, s)| s.ejected_until.load(Ordering::Acquire) <= now)
+                    .collect();
+                // Panic mode: every candidate is ejected, so ejection is ignored.
+                let pool: Vec<&(SocketAddr, Arc<EndpointState>)> = if healthy.is_empty() {
+                    states.iter().collect()
+                } else {
+                    healthy
+                };
+                let chosen = match (pool.len(), self.policy) {
+                    (0, _) => return None,
+                    (1, _) => pool[0],
+                    (n, LoadBalance::RoundRobin) => pool[self.next(cluster) % n],
+                    (n, LoadBalance::P2c) => {
+                        let i = fastrand::usize(..n);
+                        let mut j = fastrand::usize(..n - 1);
+                        if j >= i {
+                            j += 1;
+                        }
+                        let (a, b) = (pool[i], pool[j]);
+                        if b.1.in_flight.load(Ordering::Acquire)
+                            < a.1.in_flight.load(Ordering::Acquire)
+                        {
+                            b
+                        } else {
+                            a
+                        }
+                    }
+                };
+                chosen.1.in_flight.fetch_add(1, Ordering::AcqRel);
+                Some(Picked {
+                    target: Target::Addr(chosen.0),
+                    guard: Some(InFlight {
+                        state: chosen.1.clone(),
+                    }),
+                })
+            }
+            Upstream::ExternalName { host, port } => {
+                if exclude.is_empty() {
+                    Some(Picked {
+                        target: Target::Name {
+                            host: host.clone(),
+                            port: *port,
+                        },
+                        guard: None,
+                    })
+                } else {
+                    None
+                }
+            }
             Upstream::Unresolved { .. } => None,
         }
+    }
+
+    /// Records that `addr` refused or reset a connection: it is ejected for the next
+    /// backoff window, counted under `service` in `endpoint_ejections_total`.
+    pub fn report_failure(&self, addr: SocketAddr, service: &ObjectRef, metrics: &Metrics) {
+        let state = self.state(addr);
+        let n = state.failures.fetch_add(1, Ordering::AcqRel).min(16);
+        let window = self
+            .ejection
+            .base
+            .saturating_mul(1u32 << n)
+            .min(self.ejection.max);
+        let until = self.now().saturating_add(nanos(window)).max(1);
+        state.ejected_until.store(until, Ordering::Release);
+        metrics
+            .endpoint_ejections_total
+            .with_label_values(&[service.namespace.as_str(), service.name.as_str()])
+            .inc();
+        tracing::info!(
+            namespace = %service.namespace,
+            service = %service.name,
+            endpoint = %addr,
+            seconds = window.as_secs_f64(),
+            "endpoint ejected"
+        );
+    }
+
+    /// Records that `addr` answered: the backoff starts from the beginning again.
+    pub fn report_success(&self, addr: SocketAddr) {
+        let state = {
+            let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+            read.get(&addr).cloned()
+        };
+        if let Some(state) = state
+            && state.failures.load(Ordering::Acquire) != 0
+        {
+            state.failures.store(0, Ordering::Release);
+            state.ejected_until.store(0, Ordering::Release);
+        }
+    }
+
+    /// Requests in flight on `addr` (for tests and debug views).
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        read.get(&addr)
+            .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Whether `addr` is ejected now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        let now = self.now();
+        let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        read.get(&addr)
+            .is_some_and(|s| s.ejected_until.load(Ordering::Acquire) > now)
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.epoch.elapsed())
+    }
+
+    fn state(&self, addr: SocketAddr) -> Arc<EndpointState> {
+        {
+            let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = read.get(&addr) {
+                return s.clone();
+            }
+        }
+        let now = self.now();
+        let mut write = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        if write.len() >= MAX_ENDPOINTS {
+            // Forget endpoints nobody holds: nothing in flight, not ejected.
+            write.retain(|_, s| {
+                Arc::strong_count(s) > 1 || s.ejected_until.load(Ordering::Acquire) > now
+            });
+        }
+        write.entry(addr).or_default().clone()
     }
 
     fn next(&self, cluster: &Cluster) -> usize {
@@ -84,6 +317,18 @@ impl Balancer {
             .or_insert_with(|| Arc::new(AtomicUsize::new(fastrand::usize(..))))
             .fetch_add(1, Ordering::Relaxed)
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether a cluster asks for HTTP/2 cleartext upstream.
+pub fn is_h2c(cluster: &Cluster) -> bool {
+    cluster
+        .app_protocol
+        .as_deref()
+        .is_some_and(|p| p.eq_ignore_ascii_case(H2C))
 }
 
 #[cfg(test)]
@@ -106,11 +351,21 @@ mod tests {
         }
     }
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    fn rr() -> Balancer {
+        Balancer::new(LoadBalance::RoundRobin, Ejection::default())
+    }
+
     #[test]
     fn rotates_and_survives_a_new_cluster_value() {
-        let b = Balancer::default();
+        let b = rr();
         let c = cluster(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
-        let first: Vec<_> = (0..3).filter_map(|_| b.pick(&c)).collect();
+        let first: Vec<_> = (0..3)
+            .filter_map(|_| b.pick(&c, &[]).map(|p| p.target))
+            .collect();
         let mut sorted = first.clone();
         sorted.sort_by_key(|t| t.authority());
         sorted.dedup();
@@ -118,18 +373,102 @@ mod tests {
         // A new snapshot carries a new Cluster value for the same Service port: the
         // rotation continues where it stood.
         let c2 = cluster(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
-        let next: Vec<_> = (0..3).filter_map(|_| b.pick(&c2)).collect();
+        let next: Vec<_> = (0..3)
+            .filter_map(|_| b.pick(&c2, &[]).map(|p| p.target))
+            .collect();
         assert_eq!(first, next);
     }
 
     #[test]
     fn nothing_to_pick() {
         let b = Balancer::default();
-        assert_eq!(b.pick(&cluster(&[])), None);
+        assert!(b.pick(&cluster(&[]), &[]).is_none());
         let mut c = cluster(&[]);
         c.upstream = Upstream::Unresolved {
             reason: "gone".into(),
         };
-        assert_eq!(b.pick(&c), None);
+        assert!(b.pick(&c, &[]).is_none());
+        let one = cluster(&["10.0.0.1:80"]);
+        assert!(b.pick(&one, &[addr("10.0.0.1:80")]).is_none());
+    }
+
+    #[test]
+    fn p2c_prefers_the_endpoint_with_fewer_requests_in_flight() {
+        let b = Balancer::default();
+        let c = cluster(&["10.0.0.1:80", "10.0.0.2:80"]);
+        // Hold requests on whichever endpoint comes first; with two endpoints p2c
+        // always compares both, so every later pick goes to the idle one.
+        let held = b.pick(&c, &[]).expect("an endpoint");
+        let busy = held.target.addr().expect("address");
+        for _ in 0..20 {
+            let p = b.pick(&c, &[]).expect("an endpoint");
+            assert_ne!(p.target.addr(), Some(busy));
+        }
+        assert_eq!(b.in_flight(busy), 1);
+        drop(held);
+        assert_eq!(b.in_flight(busy), 0, "the guard gives the request back");
+    }
+
+    #[test]
+    fn ejection_backs_off_and_panic_mode_uses_everything() {
+        let metrics = Metrics::new();
+        let b = Balancer::new(
+            LoadBalance::RoundRobin,
+            Ejection {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(120),
+            },
+        );
+        let c = cluster(&["10.0.0.1:80", "10.0.0.2:80"]);
+        let bad = addr("10.0.0.1:80");
+        b.report_failure(bad, &c.service, &metrics);
+        assert!(b.is_ejected(bad));
+        for _ in 0..10 {
+            let p = b.pick(&c, &[]).expect("an endpoint");
+            assert_eq!(p.target.addr(), Some(addr("10.0.0.2:80")));
+        }
+        // Both ejected: panic mode balances over both again.
+        b.report_failure(addr("10.0.0.2:80"), &c.service, &metrics);
+        let mut seen: Vec<_> = (0..10)
+            .filter_map(|_| b.pick(&c, &[]).and_then(|p| p.target.addr()))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // Success re-admits at once and resets the backoff.
+        b.report_success(bad);
+        assert!(!b.is_ejected(bad));
+        assert_eq!(
+            metrics
+                .endpoint_ejections_total
+                .with_label_values(&["ns", "svc"])
+                .get(),
+            2
+        );
+    }
+
+    #[test]
+    fn ejection_window_doubles_up_to_the_cap() {
+        let metrics = Metrics::new();
+        let b = Balancer::new(
+            LoadBalance::P2c,
+            Ejection {
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+            },
+        );
+        let svc = ObjectRef::new("ns", "svc");
+        let a = addr("10.0.0.9:80");
+        let mut windows = Vec::new();
+        for _ in 0..5 {
+            let before = b.now();
+            b.report_failure(a, &svc, &metrics);
+            let until = b.state(a).ejected_until.load(Ordering::Acquire);
+            windows.push(Duration::from_nanos(until - before).as_millis());
+        }
+        // Each window is at least its nominal length (plus a little clock slack).
+        for (w, nominal) in windows.iter().zip([1u128, 2, 4, 4, 4]) {
+            assert!(*w >= nominal && *w < nominal + 1000, "{windows:?}");
+        }
     }
 }

@@ -5,8 +5,8 @@
 //! body.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::balance::InFlight;
 use super::errors::BoxError;
 
 /// The response body type of every answer the proxy gives.
@@ -24,9 +25,43 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// A proxied upstream body, streamed.
-pub fn streamed(body: Incoming) -> ProxyBody {
-    body.map_err(|e| Box::new(e) as BoxError).boxed()
+/// A proxied upstream body, streamed. `guard` (the endpoint's in-flight count) is
+/// released when the body ends, fails or is dropped, not when the headers arrive.
+pub(crate) fn streamed(body: Incoming, guard: Option<InFlight>) -> ProxyBody {
+    Guarded { inner: body, guard }
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed()
+}
+
+/// A response body that holds an endpoint's in-flight guard until it is done.
+struct Guarded {
+    inner: Incoming,
+    guard: Option<InFlight>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Why the request body stopped.
@@ -40,29 +75,76 @@ pub enum RequestBodyError {
     Downstream(#[source] hyper::Error),
 }
 
+/// The downstream body, shared by every attempt to send one request upstream. It stays
+/// here until an attempt first polls it, so an attempt that failed before sending any
+/// of the body (a refused connect, a pooled connection found closed) leaves it for the
+/// next one.
+struct BodySource {
+    slot: Mutex<Option<Incoming>>,
+    /// The body was empty from the start: any attempt can send it again.
+    empty: bool,
+    exceeded: Arc<AtomicBool>,
+}
+
 /// The downstream request body on its way upstream: streamed, counted, and cut off with
 /// [`RequestBodyError::TooLarge`] once it passes the limit. `exceeded` records the cut so
 /// that the forwarder can answer 413 whatever error the upstream client reports.
 pub struct RequestBody {
-    inner: Incoming,
+    source: Arc<BodySource>,
+    inner: Option<Incoming>,
+    taken: bool,
     limit: Option<u64>,
     seen: u64,
-    exceeded: Arc<AtomicBool>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+        let empty = inner.is_end_stream();
         RequestBody {
-            inner,
+            source: Arc::new(BodySource {
+                slot: Mutex::new(Some(inner)),
+                empty,
+                exceeded: Arc::new(AtomicBool::new(false)),
+            }),
+            inner: None,
+            taken: false,
             limit,
             seen: 0,
-            exceeded: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// A flag that becomes true when the body passes the limit.
     pub fn exceeded_flag(&self) -> Arc<AtomicBool> {
-        self.exceeded.clone()
+        self.source.exceeded.clone()
+    }
+
+    /// Whether the request has no body at all.
+    pub fn is_empty(&self) -> bool {
+        self.source.empty
+    }
+
+    /// Whether no attempt has read any of the body yet.
+    pub fn untouched(&self) -> bool {
+        self.source.empty || self.slot().is_some()
+    }
+
+    /// The same body for another attempt, when it can be sent again in full: it was
+    /// empty, or no attempt has read from it.
+    pub fn replay(&self) -> Option<RequestBody> {
+        if !self.untouched() {
+            return None;
+        }
+        Some(RequestBody {
+            source: self.source.clone(),
+            inner: None,
+            taken: false,
+            limit: self.limit,
+            seen: 0,
+        })
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+        self.source.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -75,7 +157,15 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        if !this.taken {
+            this.taken = true;
+            let taken = this.slot().take();
+            this.inner = taken;
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Downstream(e)))),
@@ -83,7 +173,7 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
                     if this.limit.is_some_and(|limit| this.seen > limit) {
-                        this.exceeded.store(true, Ordering::Release);
+                        this.source.exceeded.store(true, Ordering::Release);
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge)));
                     }
                 }
@@ -93,10 +183,21 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match (&self.inner, self.taken) {
+            (Some(inner), _) => inner.is_end_stream(),
+            (None, true) => true,
+            (None, false) => self.slot().as_ref().is_none_or(Body::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match (&self.inner, self.taken) {
+            (Some(inner), _) => inner.size_hint(),
+            (None, true) => SizeHint::with_exact(0),
+            (None, false) => self
+                .slot()
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+        }
     }
 }

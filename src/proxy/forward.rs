@@ -1,8 +1,11 @@
 //! Forwarding: sends a routed request to its upstream endpoint over a pooled keep-alive
 //! HTTP/1.1 connection and returns the response headers, with the body still streaming.
+//! Failures are classified for retries and passive health ([`FailureKind`]).
 //!
-//! The pool (hyper-util's client, keyed by endpoint address) lives as long as the
-//! proxy. Its connector opens TCP connections with `TCP_NODELAY` under
+//! Clusters whose Service port has `appProtocol: kubernetes.io/h2c` get HTTP/2
+//! cleartext with prior knowledge instead (gRPC, trailers included). The pools
+//! (hyper-util's clients, keyed by endpoint address) live as long as the proxy; each
+//! has an unpooled twin for the retry after a stale pooled connection. Its connector opens TCP connections with `TCP_NODELAY` under
 //! `connect_timeout`, resolving ExternalName hosts at connect time, and tags each new
 //! connection with how long it took to open so the first response on it can record
 //! `upstream_connect_duration_seconds` under the Service that asked for it.
@@ -29,9 +32,43 @@ use super::body::RequestBody;
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::Metrics;
 
-/// The pooled upstream client.
+/// How an attempt failed, as far as retries and passive health care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No connection could be opened (refused, unreachable, timed out): nothing of the
+    /// request was sent, and the endpoint is to be ejected.
+    Connect,
+    /// A pooled connection that had already served a response was found closed (or
+    /// reset) before any response byte: the stale keep-alive race.
+    StaleConnection,
+    /// A fresh connection was reset before a response: the endpoint is to be ejected.
+    Reset,
+    /// Anything else: never retried.
+    Other,
+}
+
+/// A failed attempt: the answer it becomes and what kind of failure it was.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ProxyError,
+    pub kind: FailureKind,
+}
+
+/// Which upstream client an attempt uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Via {
+    /// HTTP/2 cleartext with prior knowledge (`appProtocol: kubernetes.io/h2c`).
+    pub h2c: bool,
+    /// A new connection, not one from the pool (the retry after a stale connection).
+    pub fresh: bool,
+}
+
+/// The upstream clients: HTTP/1.1 and h2c, each pooled and unpooled.
 pub struct UpstreamClient {
-    client: Client<Connector, RequestBody>,
+    http1: Client<Connector, RequestBody>,
+    http1_fresh: Client<Connector, RequestBody>,
+    h2c: Client<Connector, RequestBody>,
+    h2c_fresh: Client<Connector, RequestBody>,
     response_timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -47,31 +84,60 @@ impl UpstreamClient {
             http,
             timeout: cfg.connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let build = |h2: bool, pooled: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(cfg.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                // The Host header is always set by the handler.
+                .set_host(false)
+                .http2_only(h2);
+            if !pooled {
+                b.pool_max_idle_per_host(0);
+            }
+            b.build(connector.clone())
+        };
         UpstreamClient {
-            client,
+            http1: build(false, true),
+            http1_fresh: build(false, false),
+            h2c: build(true, true),
+            h2c_fresh: build(true, false),
             response_timeout: cfg.response_timeout,
             metrics,
         }
     }
 
+    /// The limit for one request's response headers, across all its attempts.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Sends `req` (whose URI names the upstream endpoint) and waits for the response
-    /// headers under `response_timeout`. `service` (`ns/name`) labels the upstream
-    /// metrics. `body_exceeded` is the request body's over-limit flag.
+    /// headers until `deadline`. `service` (`ns/name`) labels the upstream metrics.
+    /// `body_exceeded` is the request body's over-limit flag.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
+        via: Via,
         service: &str,
         body_exceeded: &AtomicBool,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, Failure> {
         let start = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let client = match (via.h2c, via.fresh) {
+            (false, false) => &self.http1,
+            (false, true) => &self.http1_fresh,
+            (true, false) => &self.h2c,
+            (true, true) => &self.h2c_fresh,
+        };
+        let result = tokio::time::timeout_at(deadline, client.request(req)).await;
         let resp = match result {
-            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
+            Err(_elapsed) => {
+                return Err(Failure {
+                    error: ProxyError::UpstreamTimeout,
+                    kind: FailureKind::Other,
+                });
+            }
             Ok(Err(e)) => return Err(classify(e, body_exceeded)),
             Ok(Ok(resp)) => resp,
         };
@@ -91,47 +157,91 @@ impl UpstreamClient {
     }
 }
 
-/// Maps an upstream client error to the answer it becomes.
-fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) -> ProxyError {
+/// Whether the connection an error happened on had already carried a response.
+fn reused(err: &hyper_util::client::legacy::Error) -> bool {
+    err.connect_info().is_some_and(|c| {
+        let mut ext = http::Extensions::new();
+        c.get_extras(&mut ext);
+        ext.get::<ConnectTiming>()
+            .is_some_and(|t| t.reported.load(Ordering::Relaxed))
+    })
+}
+
+/// Maps an upstream client error to the answer it becomes and its failure kind.
+fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) -> Failure {
     if body_exceeded.load(Ordering::Acquire) {
-        return ProxyError::BodyTooLarge;
+        return Failure {
+            error: ProxyError::BodyTooLarge,
+            kind: FailureKind::Other,
+        };
     }
     let root: &(dyn std::error::Error + 'static) = &err;
     if chain_has::<ConnectTimeout>(root) {
-        return ProxyError::UpstreamTimeout;
+        return Failure {
+            error: ProxyError::UpstreamTimeout,
+            kind: FailureKind::Connect,
+        };
     }
     if let Some(super::body::RequestBodyError::Downstream(_)) =
         find_in_chain::<super::body::RequestBodyError>(root)
     {
-        return ProxyError::DownstreamBody(Box::new(err));
+        return Failure {
+            error: ProxyError::DownstreamBody(Box::new(err)),
+            kind: FailureKind::Other,
+        };
     }
-    let reason = if err.is_connect() {
-        match find_in_chain::<io::Error>(root).map(io::Error::kind) {
-            Some(io::ErrorKind::ConnectionRefused) => "connection refused",
-            Some(io::ErrorKind::TimedOut) => return ProxyError::UpstreamTimeout,
-            _ => "connect failed",
+    let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
+    let was_reused = reused(&err);
+    let (reason, kind) = if err.is_connect() {
+        match io_kind {
+            Some(io::ErrorKind::ConnectionRefused) => ("connection refused", FailureKind::Connect),
+            Some(io::ErrorKind::TimedOut) => {
+                return Failure {
+                    error: ProxyError::UpstreamTimeout,
+                    kind: FailureKind::Connect,
+                };
+            }
+            _ => ("connect failed", FailureKind::Connect),
         }
     } else if let Some(h) = find_in_chain::<hyper::Error>(root) {
+        let reset = matches!(
+            io_kind,
+            Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+        );
         if h.is_parse() || h.is_parse_status() {
-            "invalid response"
-        } else if h.is_incomplete_message() {
-            "connection closed before response"
+            ("invalid response", FailureKind::Other)
+        } else if h.is_incomplete_message() || h.is_canceled() {
+            let kind = if was_reused {
+                FailureKind::StaleConnection
+            } else {
+                FailureKind::Other
+            };
+            ("connection closed before response", kind)
         } else if h.is_timeout() {
-            return ProxyError::UpstreamTimeout;
-        } else if find_in_chain::<io::Error>(root)
-            .is_some_and(|e| e.kind() == io::ErrorKind::ConnectionReset)
-        {
-            "connection reset"
+            return Failure {
+                error: ProxyError::UpstreamTimeout,
+                kind: FailureKind::Other,
+            };
+        } else if reset {
+            let kind = if was_reused {
+                FailureKind::StaleConnection
+            } else {
+                FailureKind::Reset
+            };
+            ("connection reset", kind)
         } else {
-            "request failed"
+            ("request failed", FailureKind::Other)
         }
     } else {
-        "request failed"
+        ("request failed", FailureKind::Other)
     };
-    ProxyError::Upstream {
-        reason,
-        connecting: err.is_connect(),
-        source: Some(Box::new(err) as BoxError),
+    Failure {
+        error: ProxyError::Upstream {
+            reason,
+            connecting: err.is_connect(),
+            source: Some(Box::new(err) as BoxError),
+        },
+        kind,
     }
 }
 

@@ -10,19 +10,21 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CONTENT_LENGTH, EXPECT, HOST, HeaderValue};
-use http::{Method, Request, Response, Uri, Version};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderValue, UPGRADE};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
 use tracing::debug;
 
 use super::Inner;
-use super::balance::Target;
-use super::body::{ProxyBody, RequestBody, streamed};
+use super::balance::is_h2c;
+use super::body::{ProxyBody, RequestBody, full, streamed};
 use super::errors::ProxyError;
+use super::forward::{FailureKind, Via};
 use super::headers::{self, ForwardedFor, X_REQUEST_ID};
+use super::upgrade;
 use crate::metrics::RouteLabels;
-use crate::model::{Decision, request_host};
+use crate::model::{Cluster, Decision, request_host};
 
 /// Per-connection state shared by the connection task and its requests.
 pub struct ConnState {
@@ -33,6 +35,7 @@ pub struct ConnState {
     pub proto: &'static str,
     listener: &'static str,
     first_request: AtomicBool,
+    first_request_notify: tokio::sync::Notify,
     /// The `open_connections` series this connection is counted in.
     gauge: Mutex<Option<IntGauge>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -57,6 +60,7 @@ impl ConnState {
             proto,
             listener,
             first_request: AtomicBool::new(false),
+            first_request_notify: tokio::sync::Notify::new(),
             gauge: Mutex::new(Some(gauge)),
             metrics,
         }
@@ -67,11 +71,20 @@ impl ConnState {
         self.first_request.load(Ordering::Acquire)
     }
 
+    /// Resolves once a complete request head has arrived on this connection.
+    pub async fn first_request(&self) {
+        let notified = self.first_request_notify.notified();
+        if !self.seen_request() {
+            notified.await;
+        }
+    }
+
     /// Marks the first request and moves the connection to its protocol's gauge.
     fn request_arrived(&self, version: Version) {
         if self.first_request.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.first_request_notify.notify_waiters();
         let protocol = if version == Version::HTTP_2 {
             "h2"
         } else {
@@ -105,7 +118,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
-    conn.request_arrived(req.version());
+    let version = req.version();
+    conn.request_arrived(version);
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();
     let mut labels = RouteLabels::default();
@@ -135,6 +149,14 @@ pub async fn handle(
         "answered"
     );
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    // Draining: HTTP/1 clients are told to reconnect (elsewhere) after this response.
+    if *inner.draining.borrow()
+        && version < Version::HTTP_2
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     inner
         .metrics
         .observe_request(&labels, &method, resp.status(), elapsed);
@@ -143,7 +165,8 @@ pub async fn handle(
 
 /// Where a request goes, decided under one snapshot guard.
 struct Routed {
-    target: Target,
+    /// The cluster, shared with the snapshot; holding it does not hold the snapshot.
+    cluster: Arc<Cluster>,
     /// `ns/name` of the Service, for upstream metrics and logs.
     service: String,
 }
@@ -157,12 +180,12 @@ fn route(
     labels: &mut RouteLabels,
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
-    let cluster = match snapshot.decide(host, path) {
+    let id = match snapshot.decide(host, path) {
         Decision::Route(m, cluster) => {
             labels.namespace.clone_from(&m.route.ingress.namespace);
             labels.ingress.clone_from(&m.route.ingress.name);
             labels.service.clone_from(&cluster.service.name);
-            cluster
+            m.route.cluster
         }
         Decision::DefaultBackend(cluster) => {
             labels.namespace.clone_from(&cluster.service.namespace);
@@ -170,7 +193,7 @@ fn route(
                 labels.ingress.clone_from(&src.name);
             }
             labels.service.clone_from(&cluster.service.name);
-            cluster
+            snapshot.default_backend.unwrap_or_default()
         }
         Decision::NotFound => {
             return Err(ProxyError::NoRoute {
@@ -179,23 +202,40 @@ fn route(
             });
         }
     };
-    match inner.balancer.pick(cluster) {
-        Some(target) => Ok(Routed {
-            target,
-            service: cluster.service.to_string(),
-        }),
-        None => Err(ProxyError::NoEndpoints(cluster.service.clone())),
-    }
+    let cluster = snapshot
+        .clusters
+        .get(id as usize)
+        .cloned()
+        .ok_or(ProxyError::NoRoute {
+            host: host.unwrap_or("-").to_string(),
+            path: path.to_string(),
+        })?;
+    Ok(Routed {
+        service: cluster.service.to_string(),
+        cluster,
+    })
+}
+
+/// Methods whose repetition has the same effect as one request (RFC 9110, 9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// The inner handler.
 async fn proxy(
     inner: &Inner,
     conn: &ConnState,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     labels: &mut RouteLabels,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let upgrade_protocol = upgrade::requested(&req);
+    let downstream_upgrade = upgrade_protocol
+        .as_ref()
+        .map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
@@ -213,6 +253,11 @@ async fn proxy(
     let path = parts.uri.path();
 
     let routed = route(inner, host.as_deref(), path, labels)?;
+    let cluster = routed.cluster.clone();
+    let mut picked = inner
+        .balancer
+        .pick(&cluster, &[])
+        .ok_or_else(|| ProxyError::NoEndpoints(cluster.service.clone()))?;
 
     if let Some(limit) = inner.cfg.max_body_size {
         let declared = parts
@@ -225,13 +270,17 @@ async fn proxy(
         }
     }
 
+    // Upgrades need HTTP/1.1 on both sides.
+    let h2c = is_h2c(&cluster) && upgrade_protocol.is_none();
     debug!(
         request_id = ?request_id,
         method = %parts.method,
         host = host.as_deref().unwrap_or("-"),
         path,
         service = %routed.service,
-        upstream = %routed.target.authority(),
+        upstream = %picked.target.authority(),
+        h2c,
+        upgrade = upgrade_protocol.is_some(),
         "forwarding"
     );
 
@@ -244,17 +293,14 @@ async fn proxy(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(routed.target.authority())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
     drop(host);
 
     headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = &upgrade_protocol {
+        upgrade::restore_headers(&mut parts.headers, protocol.clone());
+    }
     // hyper already answered `Expect: 100-continue` downstream when the body was
     // first read; the upstream client does not wait for a 100.
     parts.headers.remove(EXPECT);
@@ -275,21 +321,125 @@ async fn proxy(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
 
     let body = RequestBody::new(body, inner.cfg.max_body_size);
     let exceeded = body.exceeded_flag();
-    let upstream_req = Request::from_parts(parts, body);
-    let resp = inner
-        .upstream
-        .send(upstream_req, &routed.service, &exceeded)
-        .await?;
+    let deadline = tokio::time::Instant::now() + inner.upstream.response_timeout();
+    let mut via = Via { h2c, fresh: false };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retried = false;
+    let resp = loop {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(picked.target.authority())
+            .path_and_query(path_and_query.as_str())
+            .build()
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        let Some(attempt_body) = body.replay() else {
+            return Err(ProxyError::Upstream {
+                reason: "request body already sent",
+                connecting: false,
+                source: None,
+            });
+        };
+        let mut upstream_req = Request::new(attempt_body);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = if h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *upstream_req.headers_mut() = parts.headers.clone();
+        let failure = match inner
+            .upstream
+            .send(upstream_req, via, &routed.service, &exceeded, deadline)
+            .await
+        {
+            Ok(resp) => break resp,
+            Err(f) => f,
+        };
+        let addr = picked.target.addr();
+        if let Some(addr) = addr
+            && matches!(failure.kind, FailureKind::Connect | FailureKind::Reset)
+        {
+            inner
+                .balancer
+                .report_failure(addr, &cluster.service, &inner.metrics);
+        }
+        if retried {
+            return Err(failure.error);
+        }
+        let reason = match failure.kind {
+            FailureKind::Connect if body.untouched() => {
+                tried.extend(addr);
+                match inner.balancer.pick(&cluster, &tried) {
+                    Some(next) => {
+                        picked = next;
+                        via.fresh = false;
+                        "connect"
+                    }
+                    None => return Err(failure.error),
+                }
+            }
+            FailureKind::StaleConnection
+                if body.untouched() && (idempotent(&parts.method) || !body.is_empty()) =>
+            {
+                via.fresh = true;
+                "stale_connection"
+            }
+            _ => return Err(failure.error),
+        };
+        debug!(
+            request_id = ?request_id,
+            reason,
+            error = %failure.error,
+            upstream = %picked.target.authority(),
+            "retrying"
+        );
+        inner
+            .metrics
+            .upstream_retries_total
+            .with_label_values(&[
+                cluster.service.namespace.as_str(),
+                cluster.service.name.as_str(),
+                reason,
+            ])
+            .inc();
+        retried = true;
+    };
+    if let Some(addr) = picked.target.addr() {
+        inner.balancer.report_success(addr);
+    }
+
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(downstream) = downstream_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let protocol = resp.headers().get(UPGRADE).cloned();
+        let (mut parts, _empty) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = protocol {
+            upgrade::restore_headers(&mut parts.headers, protocol);
+        }
+        inner
+            .tunnels
+            .spawn(downstream, upstream, picked.guard.take());
+        return Ok(Response::from_parts(parts, empty()));
+    }
 
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, streamed(body)))
+    Ok(Response::from_parts(
+        parts,
+        streamed(body, picked.guard.take()),
+    ))
+}
+
+fn empty() -> ProxyBody {
+    full(bytes::Bytes::new())
 }
 
 fn peer_ip(peer: SocketAddr) -> IpAddr {

@@ -5,8 +5,10 @@
 //! detected per connection). hyper has no timeout while the auto builder detects the
 //! protocol, so a connection that completes no request head within
 //! `header_read_timeout` is closed here; later HTTP/1 heads are timed by hyper's own
-//! `header_read_timeout`. Shutdown stops accepting and lets connections finish
-//! gracefully.
+//! `header_read_timeout`. Draining (see [`super::Proxy::start_draining`]) shuts
+//! connections down gracefully while accepting goes on; shutdown stops accepting and
+//! waits for connections to finish. Upgrades (WebSocket) are served: hyper hands the
+//! socket to the tunnel in [`super::upgrade`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,7 +52,42 @@ async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Counts a connection as open until dropped.
+struct OpenGuard(watch::Sender<usize>);
+
+impl OpenGuard {
+    fn new(open: &watch::Sender<usize>) -> OpenGuard {
+        open.send_modify(|n| *n += 1);
+        OpenGuard(open.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resolves when a connection should shut down gracefully: the proxy is draining and
+/// the connection has carried a request (so that a request arriving on a new
+/// connection during the shutdown delay is still answered), or the listener closed.
+async fn should_shut(
+    state: &ConnState,
+    draining: &mut watch::Receiver<bool>,
+    closing: &mut watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = async {
+            let _ = draining.wait_for(|d| *d).await;
+            state.first_request().await;
+        } => {}
+        _ = shutdown_requested(closing) => {}
+    }
+}
+
 /// Serves `listener` until shutdown, then waits for open connections to finish.
+/// While the proxy drains, connections are shut down gracefully (HTTP/1 keep-alive
+/// ends after the response in progress, HTTP/2 gets GOAWAY) but accepting goes on.
 pub(crate) async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
@@ -59,7 +96,8 @@ pub(crate) async fn serve(
 ) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let builder = builder(&inner);
-    let graceful = GracefulShutdown::new();
+    let open = watch::Sender::new(0usize);
+    let (closing_tx, closing_rx) = watch::channel(false);
     let limit = inner
         .cfg
         .max_connections
@@ -109,38 +147,54 @@ pub(crate) async fn serve(
             })
         };
         let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
         let first_head_limit = inner.cfg.header_read_timeout;
+        let open_guard = OpenGuard::new(&open);
+        let mut draining = inner.draining.subscribe();
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = open_guard;
             let silent = async {
                 tokio::time::sleep(first_head_limit).await;
                 if state.seen_request() {
                     std::future::pending::<()>().await;
                 }
             };
-            tokio::select! {
-                res = conn => {
-                    if let Err(e) = res {
-                        debug!(%peer, error = %e, "connection ended with an error");
+            tokio::pin!(conn);
+            tokio::pin!(silent);
+            let mut shut = false;
+            loop {
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(e) = res {
+                            debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
                     }
-                }
-                _ = silent => {
-                    debug!(%peer, "no request head within header_read_timeout; closing");
+                    _ = &mut silent => {
+                        debug!(%peer, "no request head within header_read_timeout; closing");
+                        break;
+                    }
+                    _ = should_shut(&state, &mut draining, &mut closing), if !shut => {
+                        conn.as_mut().graceful_shutdown();
+                        shut = true;
+                    }
                 }
             }
         });
     }
 
     drop(listener);
+    closing_tx.send_replace(true);
     info!(
         listener = name,
-        open = graceful.count(),
+        open = *open.borrow(),
         "stopped accepting; draining connections"
     );
-    graceful.shutdown().await;
+    let mut open = open.subscribe();
+    let _ = open.wait_for(|n| *n == 0).await;
 }
 
 /// Serves a small local HTTP service (admin, dashboard, echo) on `listener` until

@@ -8,9 +8,15 @@
 //!  errors: every failure becomes a short text/plain answer carrying x-request-id
 //! ```
 //!
-//! State that outlives a snapshot (round-robin positions, the upstream connection pool)
-//! lives in [`Proxy`], never in the snapshot, so a swap neither resets balancing nor
-//! drops pooled connections.
+//! State that outlives a snapshot (in-flight counts, ejections, round-robin positions,
+//! the upstream connection pools, open upgrade tunnels) lives in [`Proxy`], never in
+//! the snapshot, so a swap neither resets balancing nor drops pooled connections.
+//!
+//! Shutdown has two steps: [`Proxy::start_draining`] keeps listeners accepting but
+//! asks every client to go elsewhere (HTTP/1 responses carry `Connection: close`,
+//! HTTP/2 connections get GOAWAY); the `shutdown` signal of [`Proxy::serve_http`] then
+//! closes the listener and waits for open connections, and
+//! [`Proxy::tunnels_closed`] for upgraded ones.
 
 mod balance;
 pub mod body;
@@ -19,6 +25,7 @@ mod forward;
 mod handler;
 pub mod headers;
 pub(crate) mod listener;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +37,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
 
+pub use balance::{Ejection, LoadBalance};
 pub use errors::{Origin, ProxyError};
 
 /// Limits and timeouts of the data path. `Default` gives the documented defaults.
@@ -54,6 +62,15 @@ pub struct ProxyConfig {
     /// Downstream connections beyond this many are closed right after accept; `None`
     /// is unlimited.
     pub max_connections: Option<usize>,
+    /// How a cluster's endpoints share its requests.
+    pub load_balance: LoadBalance,
+    /// Backoff of passive health for endpoints that refuse or reset connections.
+    pub ejection: Ejection,
+    /// After SIGTERM: how long listeners keep accepting while clients are asked to
+    /// go elsewhere (readiness already failing).
+    pub shutdown_delay: Duration,
+    /// Then: how long in-flight requests and open upgrades get to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -66,6 +83,10 @@ impl Default for ProxyConfig {
             max_header_size: 32 * 1024,
             max_body_size: None,
             max_connections: None,
+            load_balance: LoadBalance::P2c,
+            ejection: Ejection::default(),
+            shutdown_delay: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -83,6 +104,10 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) balancer: balance::Balancer,
     pub(crate) upstream: forward::UpstreamClient,
+    /// True once draining began: see [`Proxy::start_draining`].
+    pub(crate) draining: watch::Sender<bool>,
+    /// Open upgrade tunnels.
+    pub(crate) tunnels: upgrade::Tunnels,
 }
 
 impl Proxy {
@@ -95,11 +120,13 @@ impl Proxy {
         let upstream = forward::UpstreamClient::new(&cfg, metrics.clone());
         Proxy {
             inner: Arc::new(Inner {
+                balancer: balance::Balancer::new(cfg.load_balance, cfg.ejection),
                 cfg,
                 snapshots,
                 metrics,
-                balancer: balance::Balancer::default(),
                 upstream,
+                draining: watch::Sender::new(false),
+                tunnels: upgrade::Tunnels::default(),
             }),
         }
     }
@@ -116,5 +143,28 @@ impl Proxy {
     /// drain wrap this in a timeout.
     pub async fn serve_http(&self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         listener::serve(self.inner.clone(), listener, "http", shutdown).await;
+    }
+
+    /// Starts draining: listeners keep accepting, but every HTTP/1 response from now on
+    /// carries `Connection: close`, and HTTP/2 connections get GOAWAY once they have
+    /// carried a request.
+    pub fn start_draining(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Resolves once no upgrade tunnel (such as a WebSocket) is open.
+    pub async fn tunnels_closed(&self) {
+        self.inner.tunnels.closed().await;
+    }
+
+    /// Requests in flight on the endpoint `addr`, across all clusters (response bodies
+    /// still streaming included).
+    pub fn in_flight(&self, addr: std::net::SocketAddr) -> usize {
+        self.inner.balancer.in_flight(addr)
+    }
+
+    /// Whether passive health has ejected the endpoint `addr` right now.
+    pub fn is_ejected(&self, addr: std::net::SocketAddr) -> bool {
+        self.inner.balancer.is_ejected(addr)
     }
 }

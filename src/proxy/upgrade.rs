@@ -1,0 +1,132 @@
+//! HTTP/1.1 upgrades (WebSocket and friends): which requests ask for one, the headers
+//! that must survive hop-by-hop removal, and the tunnel that copies bytes both ways
+//! once the upstream answered `101 Switching Protocols`.
+//!
+//! A tunnel outlives the downstream connection's HTTP state (hyper hands the socket
+//! over), so open tunnels are counted in [`Tunnels`] for the shutdown grace period.
+
+use http::header::{CONNECTION, HeaderMap, HeaderValue, UPGRADE};
+use http::{Request, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::balance::InFlight;
+
+/// The `Upgrade` value of a request that asks for a protocol switch: HTTP/1.1, with
+/// `upgrade` among the `Connection` tokens and an `Upgrade` header.
+pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    connection_has_upgrade(req.headers())
+        .then(|| req.headers().get(UPGRADE).cloned())
+        .flatten()
+}
+
+fn connection_has_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Puts `Connection: upgrade` and `Upgrade: protocol` back after hop-by-hop removal.
+pub fn restore_headers(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
+/// Counts open tunnels; [`Tunnels::closed`] waits for none.
+#[derive(Debug)]
+pub struct Tunnels {
+    open: watch::Sender<usize>,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            open: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Tunnels {
+    /// Resolves once no tunnel is open.
+    pub async fn closed(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    fn enter(&self) -> TunnelGuard {
+        self.open.send_modify(|n| *n += 1);
+        TunnelGuard {
+            open: self.open.clone(),
+        }
+    }
+
+    /// Spawns the tunnel between the downstream and upstream upgraded connections.
+    /// `in_flight` keeps the endpoint's in-flight count until the tunnel closes.
+    pub fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, in_flight: Option<InFlight>) {
+        let guard = self.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _in_flight = in_flight;
+            let (down, up) = match tokio::try_join!(downstream, upstream) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                Ok((from_down, from_up)) => {
+                    debug!(from_down, from_up, "upgrade tunnel closed");
+                }
+                Err(e) => debug!(error = %e, "upgrade tunnel ended with an error"),
+            }
+        });
+    }
+}
+
+struct TunnelGuard {
+    open: watch::Sender<usize>,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_requests_are_recognised() {
+        let req = Request::builder()
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        assert_eq!(requested(&req), Some(HeaderValue::from_static("websocket")));
+        let no_token = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        assert_eq!(requested(&no_token), None);
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        assert_eq!(requested(&h2), None);
+    }
+}
