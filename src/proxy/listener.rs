@@ -215,6 +215,8 @@ pub(crate) async fn serve_simple<F, Fut>(
         .header_read_timeout(Duration::from_secs(10));
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    info!(listener = name, port, "listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown_requested(&mut shutdown) => break,

@@ -3,6 +3,8 @@
 //! helpers for what HTTP clients refuse to send.
 #![allow(dead_code)]
 
+pub mod data_path;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

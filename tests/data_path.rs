@@ -1,0 +1,447 @@
+//! Data path II in process: load balancing, passive health, safe retries, upgrades,
+//! h2c upstreams (gRPC) and streamed responses. Real sockets on 127.0.0.1, real
+//! clients (reqwest, tokio-tungstenite, tonic).
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use portcullis::proxy::{Ejection, LoadBalance, ProxyConfig};
+use support::data_path::*;
+use support::*;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+const NS: &str = "ns";
+
+fn retries(proxy: &TestProxy, service: &str, reason: &str) -> u64 {
+    proxy
+        .metrics
+        .upstream_retries_total
+        .with_label_values(&[NS, service, reason])
+        .get()
+}
+
+fn ejections(proxy: &TestProxy, service: &str) -> u64 {
+    proxy
+        .metrics
+        .endpoint_ejections_total
+        .with_label_values(&[NS, service])
+        .get()
+}
+
+fn long_ejection() -> Ejection {
+    Ejection {
+        base: Duration::from_secs(600),
+        max: Duration::from_secs(600),
+    }
+}
+
+#[tokio::test]
+async fn p2c_avoids_the_endpoint_whose_response_body_is_still_streaming() {
+    let (slow, _s) = start_headers_only().await;
+    let fast = start_echo("fast").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[slow, fast.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    let client = client();
+
+    // Until one request lands on `slow`: its headers arrive, its body never ends.
+    let mut held = None;
+    for _ in 0..50 {
+        let resp = client
+            .get(proxy.url("/"))
+            .header("host", "a.example")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200);
+        if resp.headers().get("x-name").is_some_and(|v| v == "slow") {
+            held = Some(resp);
+            break;
+        }
+        resp.text().await.expect("fast body");
+    }
+    let held = held.expect("p2c picks the slow endpoint at some point");
+    assert_eq!(
+        proxy.proxy.in_flight(slow),
+        1,
+        "counted while the body streams, not released at the headers"
+    );
+
+    // With two endpoints p2c compares both every time: all go to the idle one.
+    for _ in 0..20 {
+        let seen = get_echo(&proxy, "a.example", "/").await;
+        assert_eq!(seen.name, "fast");
+    }
+
+    // Dropping the response body gives the request back.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while proxy.proxy.in_flight(slow) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "in-flight never fell"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(proxy.proxy.in_flight(fast.addr), 0);
+}
+
+#[tokio::test]
+async fn a_refused_endpoint_is_retried_elsewhere_ejected_and_counted() {
+    let refused = closed_port().await;
+    let good = start_echo("good").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[refused, good.addr]);
+    let cfg = ProxyConfig {
+        load_balance: LoadBalance::RoundRobin,
+        ejection: long_ejection(),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    for _ in 0..10 {
+        // POST with a body: a failed connect sent nothing, so even this is retried.
+        let resp = client()
+            .post(proxy.url("/"))
+            .header("host", "a.example")
+            .body("payload")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200);
+        let seen: EchoSeen = serde_json::from_str(&resp.text().await.expect("body")).expect("json");
+        assert_eq!((seen.name.as_str(), seen.body_bytes), ("good", 7));
+    }
+    // Round robin reaches the refused endpoint within two requests; it is then
+    // ejected for the (long) window, so exactly one retry and one ejection happen.
+    assert_eq!(retries(&proxy, "svc", "connect"), 1);
+    assert_eq!(ejections(&proxy, "svc"), 1);
+    assert!(proxy.proxy.is_ejected(refused));
+    assert!(!proxy.proxy.is_ejected(good.addr));
+    let metrics = proxy.metrics.render();
+    assert!(
+        metrics.contains(
+            r#"portcullis_upstream_retries_total{namespace="ns",reason="connect",service="svc"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"portcullis_endpoint_ejections_total{namespace="ns",service="svc"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn when_every_endpoint_is_ejected_all_are_used_again_panic_mode() {
+    let r1 = closed_port().await;
+    let r2 = closed_port().await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[r1, r2]);
+    let cfg = ProxyConfig {
+        ejection: long_ejection(),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    // The first request fails on one endpoint, retries on the other: both ejected.
+    let (status, _, body) = get(&proxy, "a.example", "/").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (502, "upstream error: connection refused")
+    );
+    assert!(proxy.proxy.is_ejected(r1) && proxy.proxy.is_ejected(r2));
+    // Panic mode: still sent (and still refused), never a 503 for "no endpoints".
+    for _ in 0..3 {
+        let (status, _, body) = get(&proxy, "a.example", "/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (502, "upstream error: connection refused")
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_ejected_endpoint_is_readmitted_after_its_window() {
+    let flaky = closed_port().await;
+    let good = start_echo("good").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[flaky, good.addr]);
+    let cfg = ProxyConfig {
+        load_balance: LoadBalance::RoundRobin,
+        ejection: Ejection {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        },
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    for _ in 0..2 {
+        assert_eq!(get_echo(&proxy, "a.example", "/").await.name, "good");
+    }
+    assert_eq!(ejections(&proxy, "svc"), 1);
+
+    // The endpoint comes back on the same address; once its window is over it gets
+    // traffic again, and its success clears the backoff.
+    let listener = tokio::net::TcpListener::bind(flaky)
+        .await
+        .expect("rebind the flaky port");
+    let (_stop, rx) = Stopper::new();
+    tokio::spawn(portcullis::echo::serve(listener, "flaky".into(), rx));
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if get_echo(&proxy, "a.example", "/").await.name == "flaky" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never re-admitted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!proxy.proxy.is_ejected(flaky));
+}
+
+#[tokio::test]
+async fn a_stale_pooled_connection_is_retried_once_on_a_fresh_one() {
+    let (up, mut accepted, _stop) = start_stale_after_one().await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+    let client = client();
+
+    // First request: a new upstream connection, answered, kept in the pool.
+    let (status, _, body) = get(&proxy, "a.example", "/one").await;
+    assert_eq!((status, body.as_str()), (200, "first"));
+    accepted.recv().await.expect("first connection");
+
+    // Second (GET, no body): sent on the pooled connection, which the upstream closes
+    // without answering. Retried once on a fresh connection, which answers.
+    let (status, _, body) = get(&proxy, "a.example", "/two").await;
+    assert_eq!((status, body.as_str()), (200, "first"));
+    accepted
+        .recv()
+        .await
+        .expect("a fresh connection for the retry");
+    assert_eq!(retries(&proxy, "svc", "stale_connection"), 1);
+    assert_eq!(
+        ejections(&proxy, "svc"),
+        0,
+        "a stale connection says nothing about the endpoint's health"
+    );
+
+    // The retry's connection is not pooled; the next request opens one that is.
+    let (status, _, body) = get(&proxy, "a.example", "/three").await;
+    assert_eq!((status, body.as_str()), (200, "first"));
+    accepted.recv().await.expect("a new pooled connection");
+
+    // A POST whose body was already streamed upstream is never sent twice: it goes on
+    // that pooled connection, which the upstream closes on it.
+    let resp = client
+        .post(proxy.url("/four"))
+        .header("host", "a.example")
+        .body("not twice")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        resp.text().await.expect("body"),
+        "upstream error: connection closed before response"
+    );
+    assert_eq!(retries(&proxy, "svc", "stale_connection"), 1);
+    assert!(accepted.try_recv().is_err(), "no connection for a retry");
+}
+
+#[tokio::test]
+async fn a_websocket_stays_open_and_echoing_across_100_snapshot_swaps() {
+    let (ws_up, _stop) = start_ws_echo().await;
+    let other = start_echo("other").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("ws.example").prefix("/", "ws", 80))
+        .backend(NS, "ws", 80, &[ws_up]);
+    let proxy = start_proxy(world.snapshot()).await;
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.example/chat", stream)
+        .await
+        .expect("WebSocket handshake through the proxy");
+    assert_eq!(resp.status(), 101);
+    assert!(resp.headers().contains_key("x-request-id"));
+
+    for i in 0..100 {
+        // Each swap is a new generation, alternating between two configurations.
+        let next = if i % 2 == 0 {
+            world
+                .clone()
+                .ingress(
+                    ingress(NS, "extra")
+                        .host("b.example")
+                        .prefix("/", "other", 80),
+                )
+                .backend(NS, "other", 80, &[other.addr])
+        } else {
+            world.clone()
+        };
+        proxy.publish(next.snapshot());
+        let text = format!("message {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let echoed = tokio::time::timeout(EVENTUALLY, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("socket open")
+            .expect("frame");
+        assert_eq!(echoed, Message::text(text));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .expect("send binary");
+    let echoed = ws.next().await.expect("open").expect("frame");
+    assert_eq!(echoed, Message::binary(vec![0u8, 1, 2, 255]));
+    ws.close(None).await.expect("close");
+    // The closing handshake completes through the tunnel, then both sides hang up.
+    tokio::time::timeout(EVENTUALLY, async { while ws.next().await.is_some() {} })
+        .await
+        .expect("close handshake in time");
+    drop(ws);
+    tokio::time::timeout(EVENTUALLY, proxy.proxy.tunnels_closed())
+        .await
+        .expect("the tunnel ends with the WebSocket");
+}
+
+#[tokio::test]
+async fn grpc_over_h2c_unary_and_server_streaming_with_trailers() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("orders", ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC upstream");
+    let grpc_addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // A host-less rule, so the client's :authority (the proxy address) routes.
+    let world = World::new()
+        .ingress(ingress(NS, "grpc").prefix("/", "grpc", 50051))
+        .service(data_path::service_h2c(NS, "grpc", 50051))
+        .slices(slice(NS, "grpc", &[grpc_addr]));
+    let proxy = start_proxy(world.snapshot()).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(proxy.url(""))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the proxy");
+    let mut client = HealthClient::new(channel);
+
+    // Unary: the message, then grpc-status in the trailers.
+    let resp = client
+        .check(HealthCheckRequest {
+            service: "orders".into(),
+        })
+        .await
+        .expect("unary call through the proxy");
+    assert_eq!(resp.get_ref().status, Wire::Serving as i32);
+
+    // An error status comes back as such.
+    let err = client
+        .check(HealthCheckRequest {
+            service: "unknown".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Server streaming, event by event: the second message is only produced after
+    // the first has arrived through the proxy.
+    let mut stream = client
+        .watch(HealthCheckRequest {
+            service: "orders".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("first").expect("message");
+    assert_eq!(first.status, Wire::Serving as i32);
+    reporter
+        .set_service_status("orders", ServingStatus::NotServing)
+        .await;
+    let second = tokio::time::timeout(EVENTUALLY, stream.message())
+        .await
+        .expect("second message in time")
+        .expect("second")
+        .expect("message");
+    assert_eq!(second.status, Wire::NotServing as i32);
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_one_by_one() {
+    let (events_tx, events_rx) = mpsc::channel::<mpsc::Receiver<Bytes>>(1);
+    let events_rx = std::sync::Arc::new(tokio::sync::Mutex::new(events_rx));
+    let (up, _stop) = start_hyper(move |_req| {
+        let events_rx = events_rx.clone();
+        async move {
+            let rx = events_rx
+                .lock()
+                .await
+                .recv()
+                .await
+                .expect("the test hands over an event channel");
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(channel_body(rx))
+                .expect("response")
+        }
+    })
+    .await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "sse", 80))
+        .backend(NS, "sse", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    events_tx.send(rx).await.expect("upstream waiting");
+    let mut resp = client()
+        .get(proxy.url("/events"))
+        .header("host", "a.example")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    for i in 1..=3 {
+        let event = format!("id: {i}\ndata: event {i}\n\n");
+        tx.send(Bytes::from(event.clone()))
+            .await
+            .expect("upstream streaming");
+        // Event i must arrive before event i+1 exists at all.
+        let mut got = Vec::new();
+        while got.len() < event.len() {
+            let chunk = tokio::time::timeout(EVENTUALLY, resp.chunk())
+                .await
+                .expect("event in time")
+                .expect("read")
+                .expect("stream open");
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), event);
+    }
+    drop(tx);
+    assert!(resp.chunk().await.expect("end").is_none());
+}
