@@ -32,6 +32,12 @@ const MAX_CLUSTERS: usize = 16 * 1024;
 /// Endpoint states kept before idle ones (nothing in flight, not ejected) are pruned.
 const MAX_ENDPOINTS: usize = 64 * 1024;
 
+/// Clusters up to this size are scanned by p2c; larger ones are sampled.
+const SCAN_LIMIT: usize = 16;
+
+/// Random draws p2c makes in a large cluster before it falls back to a scan.
+const SAMPLES: usize = 8;
+
 /// The `appProtocol` that asks for HTTP/2 cleartext (prior knowledge) upstream.
 pub const H2C: &str = "kubernetes.io/h2c";
 
@@ -106,6 +112,13 @@ struct EndpointState {
     ejected_until: AtomicU64,
 }
 
+impl EndpointState {
+    /// Not ejected at `now` (nanoseconds after the epoch).
+    fn admitted(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Acquire) <= now
+    }
+}
+
 /// Counts one request in flight on an endpoint until dropped. The response body
 /// carries it, so the count falls when the body finishes or is dropped.
 #[derive(Debug)]
@@ -158,53 +171,14 @@ impl Balancer {
     pub fn pick(&self, cluster: &Cluster, exclude: &[SocketAddr]) -> Option<Picked> {
         match &cluster.upstream {
             Upstream::Endpoints { active, .. } => {
-                let candidates: Vec<SocketAddr> = active
-                    .iter()
-                    .copied()
-                    .filter(|a| !exclude.contains(a))
-                    .collect();
-                if candidates.is_empty() {
-                    return None;
-                }
-                let now = self.now();
-                let states: Vec<(SocketAddr, Arc<EndpointState>)> =
-                    candidates.iter().map(|a| (*a, self.state(*a))).collect();
-                let healthy: Vec<&(SocketAddr, Arc<EndpointState>)> = states
-                    .iter()
-                    .filter(|(_, s)| s.ejected_until.load(Ordering::Acquire) <= now)
-                    .collect();
-                // Panic mode: every candidate is ejected, so ejection is ignored.
-                let pool: Vec<&(SocketAddr, Arc<EndpointState>)> = if healthy.is_empty() {
-                    states.iter().collect()
-                } else {
-                    healthy
+                let (addr, state) = match self.policy {
+                    LoadBalance::RoundRobin => self.pick_round_robin(cluster, active, exclude)?,
+                    LoadBalance::P2c => self.pick_p2c(active, exclude)?,
                 };
-                let chosen = match (pool.len(), self.policy) {
-                    (0, _) => return None,
-                    (1, _) => pool[0],
-                    (n, LoadBalance::RoundRobin) => pool[self.next(cluster) % n],
-                    (n, LoadBalance::P2c) => {
-                        let i = fastrand::usize(..n);
-                        let mut j = fastrand::usize(..n - 1);
-                        if j >= i {
-                            j += 1;
-                        }
-                        let (a, b) = (pool[i], pool[j]);
-                        if b.1.in_flight.load(Ordering::Acquire)
-                            < a.1.in_flight.load(Ordering::Acquire)
-                        {
-                            b
-                        } else {
-                            a
-                        }
-                    }
-                };
-                chosen.1.in_flight.fetch_add(1, Ordering::AcqRel);
+                state.in_flight.fetch_add(1, Ordering::AcqRel);
                 Some(Picked {
-                    target: Target::Addr(chosen.0),
-                    guard: Some(InFlight {
-                        state: chosen.1.clone(),
-                    }),
+                    target: Target::Addr(addr),
+                    guard: Some(InFlight { state }),
                 })
             }
             Upstream::ExternalName { host, port } => {
@@ -222,6 +196,84 @@ impl Balancer {
             }
             Upstream::Unresolved { .. } => None,
         }
+    }
+
+    /// Round robin: the first usable endpoint from the cluster's next position on,
+    /// skipping ejected ones unless all are (panic mode).
+    fn pick_round_robin(
+        &self,
+        cluster: &Cluster,
+        active: &[SocketAddr],
+        exclude: &[SocketAddr],
+    ) -> Option<(SocketAddr, Arc<EndpointState>)> {
+        let n = active.len();
+        if n == 0 {
+            return None;
+        }
+        let now = self.now();
+        let start = self.next(cluster);
+        let mut panic_choice = None;
+        for k in 0..n {
+            let addr = active[start.wrapping_add(k) % n];
+            if exclude.contains(&addr) {
+                continue;
+            }
+            let state = self.state(addr);
+            if state.admitted(now) {
+                return Some((addr, state));
+            }
+            panic_choice.get_or_insert((addr, state));
+        }
+        panic_choice
+    }
+
+    /// Power of two choices: two distinct usable endpoints at random, the one with
+    /// fewer requests in flight. Large clusters are sampled; small ones (and large
+    /// ones where sampling finds nothing admitted) are scanned, which also finds
+    /// panic mode.
+    fn pick_p2c(
+        &self,
+        active: &[SocketAddr],
+        exclude: &[SocketAddr],
+    ) -> Option<(SocketAddr, Arc<EndpointState>)> {
+        let n = active.len();
+        let now = self.now();
+        if n > SCAN_LIMIT {
+            let mut found: Vec<(SocketAddr, Arc<EndpointState>)> = Vec::with_capacity(2);
+            for _ in 0..SAMPLES {
+                let addr = active[fastrand::usize(..n)];
+                if exclude.contains(&addr) || found.iter().any(|(a, _)| *a == addr) {
+                    continue;
+                }
+                let state = self.state(addr);
+                if state.admitted(now) {
+                    found.push((addr, state));
+                    if found.len() == 2 {
+                        break;
+                    }
+                }
+            }
+            if !found.is_empty() {
+                return least_loaded_of_two(found);
+            }
+        }
+        let usable: Vec<(SocketAddr, Arc<EndpointState>)> = active
+            .iter()
+            .filter(|a| !exclude.contains(a))
+            .map(|a| (*a, self.state(*a)))
+            .collect();
+        let admitted: Vec<(SocketAddr, Arc<EndpointState>)> = usable
+            .iter()
+            .filter(|(_, s)| s.admitted(now))
+            .cloned()
+            .collect();
+        // Panic mode: every usable endpoint is ejected, so ejection is ignored.
+        let pool = if admitted.is_empty() {
+            usable
+        } else {
+            admitted
+        };
+        least_loaded_of_two(pool)
     }
 
     /// Records that `addr` refused or reset a connection: it is ejected for the next
@@ -274,8 +326,7 @@ impl Balancer {
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
         let now = self.now();
         let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
-        read.get(&addr)
-            .is_some_and(|s| s.ejected_until.load(Ordering::Acquire) > now)
+        read.get(&addr).is_some_and(|s| !s.admitted(now))
     }
 
     fn now(&self) -> u64 {
@@ -317,6 +368,25 @@ impl Balancer {
             .or_insert_with(|| Arc::new(AtomicUsize::new(fastrand::usize(..))))
             .fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Two distinct entries of `pool` at random (or its only one); the one with fewer
+/// requests in flight.
+fn least_loaded_of_two(
+    mut pool: Vec<(SocketAddr, Arc<EndpointState>)>,
+) -> Option<(SocketAddr, Arc<EndpointState>)> {
+    let n = pool.len();
+    if n <= 1 {
+        return pool.pop();
+    }
+    let i = fastrand::usize(..n);
+    let mut j = fastrand::usize(..n - 1);
+    if j >= i {
+        j += 1;
+    }
+    let load = |k: usize| pool[k].1.in_flight.load(Ordering::Acquire);
+    let winner = if load(j) < load(i) { j } else { i };
+    Some(pool.swap_remove(winner))
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -445,6 +515,35 @@ mod tests {
                 .get(),
             2
         );
+    }
+
+    #[test]
+    fn large_clusters_are_sampled_and_still_find_the_last_admitted_endpoint() {
+        let metrics = Metrics::new();
+        let b = Balancer::new(
+            LoadBalance::P2c,
+            Ejection {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(60),
+            },
+        );
+        let addrs: Vec<String> = (1..=100).map(|i| format!("10.0.1.{i}:80")).collect();
+        let c = cluster(&addrs.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut spread: Vec<_> = (0..200)
+            .filter_map(|_| b.pick(&c, &[]).and_then(|p| p.target.addr()))
+            .collect();
+        spread.sort();
+        spread.dedup();
+        assert!(spread.len() > 50, "p2c spreads: {}", spread.len());
+        for a in &addrs[1..] {
+            b.report_failure(addr(a), &c.service, &metrics);
+        }
+        for _ in 0..20 {
+            let p = b.pick(&c, &[]).expect("an endpoint");
+            assert_eq!(p.target.addr(), Some(addr(&addrs[0])));
+        }
+        // Excluding the last admitted one leaves only ejected ones: panic mode.
+        assert!(b.pick(&c, &[addr(&addrs[0])]).is_some());
     }
 
     #[test]
