@@ -392,9 +392,11 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         println!("\nThe demo's manifests: `portcullis demo --print-manifests`. Ctrl-C stops.");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        // Nothing balances traffic onto the demo, so Ctrl-C need not wait for anyone.
+        // Nothing balances traffic onto the demo, so Ctrl-C need not wait for anyone;
+        // round robin makes "web-1 and web-2 in turn" hold line by line.
         let config = ProxyConfig {
             shutdown_delay: Duration::ZERO,
+            load_balance: crate::proxy::LoadBalance::RoundRobin,
             ..ProxyConfig::default()
         };
         serve(listeners, publisher, metrics, config, rx).await;
