@@ -3,6 +3,13 @@
 //!
 //! [`handle`] is the outer handler: it always produces a response. The inner
 //! [`proxy`] uses `?` with [`ProxyError`], which knows its status and body.
+//!
+//! One request is sent at most twice: after a failed connect, to another endpoint;
+//! after a pooled connection turned out closed before any response byte, on a fresh
+//! connection — both only while the request body can still be sent in full (and, for
+//! the second, when the method is idempotent or none of the body was read). Refused
+//! connects and resets are reported to passive health. A `101 Switching Protocols`
+//! answer to an upgrade request hands both sockets to a tunnel.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
