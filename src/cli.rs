@@ -282,6 +282,36 @@ mod tests {
     }
 
     #[test]
+    fn data_path_flags_reach_the_proxy_config() {
+        let cli = Cli::try_parse_from([
+            "portcullis",
+            "run",
+            "--load-balance",
+            "round-robin",
+            "--shutdown-delay",
+            "250ms",
+            "--shutdown-grace",
+            "2m",
+        ])
+        .expect("valid flags");
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("run subcommand");
+        };
+        let cfg = args.proxy_config();
+        assert_eq!(cfg.load_balance, LoadBalance::RoundRobin);
+        assert_eq!(cfg.shutdown_delay, Duration::from_millis(250));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(120));
+        let defaults = Cli::try_parse_from(["portcullis", "run"]).expect("no flags");
+        let Some(Command::Run(args)) = defaults.command else {
+            panic!("run subcommand");
+        };
+        let cfg = args.proxy_config();
+        assert_eq!(cfg.load_balance, LoadBalance::P2c);
+        assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
