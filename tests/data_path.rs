@@ -445,3 +445,71 @@ async fn server_sent_events_arrive_one_by_one() {
     drop(tx);
     assert!(resp.chunk().await.expect("end").is_none());
 }
+
+/// An upstream that resets every connection (RST, not FIN) once a request head has
+/// arrived.
+async fn start_resetter() -> (std::net::SocketAddr, Stopper) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, mut rx) = Stopper::new();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = tokio::select! {
+                _ = rx.wait_for(|v| *v) => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn a_reset_on_a_fresh_connection_ejects_but_is_not_retried() {
+    let (resetter, _r) = start_resetter().await;
+    let good = start_echo("good").await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[resetter, good.addr]);
+    let cfg = ProxyConfig {
+        load_balance: LoadBalance::RoundRobin,
+        ejection: long_ejection(),
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, _, body) = get(&proxy, "a.example", "/").await;
+        if status == 502 {
+            assert_eq!(body, "upstream error: connection reset");
+        }
+        statuses.push(status);
+    }
+    // The request the resetter got may have been acted on: answered 502, not retried.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(ejections(&proxy, "svc"), 1);
+    assert!(proxy.proxy.is_ejected(resetter));
+    assert_eq!(retries(&proxy, "svc", "connect"), 0);
+    assert_eq!(retries(&proxy, "svc", "stale_connection"), 0);
+}
