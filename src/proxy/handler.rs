@@ -378,7 +378,8 @@ async fn proxy(
             return Err(failure.error);
         }
         let reason = match failure.kind {
-            FailureKind::Connect if body.untouched() => {
+            // An ExternalName has no other endpoint to try.
+            FailureKind::Connect if body.untouched() && addr.is_some() => {
                 tried.extend(addr);
                 match inner.balancer.pick(&cluster, &tried) {
                     Some(next) => {
