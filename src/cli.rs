@@ -232,6 +232,65 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub status: StatusArgs,
+}
+
+/// Ingress status and leader election (Kubernetes mode only).
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Copy the load balancer addresses of this Service (NAMESPACE/NAME, usually the
+    /// LoadBalancer Service in front of Portcullis) into the status of our Ingresses.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        env = "PORTCULLIS_PUBLISH_SERVICE",
+        value_parser = crate::k8s::status::parse_service_ref,
+        conflicts_with = "publish_status_address"
+    )]
+    pub publish_service: Option<crate::model::ObjectRef>,
+    /// Write these addresses (IPs or DNS names; repeatable) into the status of our
+    /// Ingresses.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "PORTCULLIS_PUBLISH_STATUS_ADDRESS",
+        value_delimiter = ','
+    )]
+    pub publish_status_address: Vec<crate::k8s::status::StatusAddress>,
+    /// Name of the Lease that elects the one replica writing Ingress status, in the
+    /// pod's namespace (`POD_NAMESPACE`, else `default`).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "PORTCULLIS_ELECTION_ID",
+        default_value = crate::k8s::leader::DEFAULT_LEASE_NAME
+    )]
+    pub election_id: String,
+    /// Lease duration of the leader election; renewals every third of it (for tests).
+    #[arg(
+        long,
+        env = "PORTCULLIS_ELECTION_LEASE_DURATION",
+        default_value = "15s",
+        value_parser = parse_duration,
+        hide = true
+    )]
+    pub election_lease_duration: Duration,
+}
+
+impl StatusArgs {
+    /// Where Ingress status addresses come from; `None` when status is not written.
+    pub fn source(&self) -> Option<crate::k8s::status::StatusSource> {
+        use crate::k8s::status::StatusSource;
+        match (
+            &self.publish_service,
+            self.publish_status_address.is_empty(),
+        ) {
+            (Some(svc), _) => Some(StatusSource::Service(svc.clone())),
+            (None, false) => Some(StatusSource::Addresses(self.publish_status_address.clone())),
+            (None, true) => None,
+        }
+    }
 }
 
 /// Parses a duration written with a unit: `500ms`, `10s`, `2m`.

@@ -76,6 +76,9 @@ pub struct Metrics {
     /// second time; reason `connect` (another endpoint after a failed connect) or
     /// `stale_connection` (a fresh connection after a pooled one turned out closed).
     pub upstream_retries_total: IntCounterVec,
+    /// `portcullis_leader`: 1 while this replica holds the leader Lease and so writes
+    /// Ingress status, else 0.
+    pub leader: IntGauge,
 }
 
 impl Metrics {
@@ -178,6 +181,11 @@ impl Metrics {
             &["kind"],
         )
         .expect("static metric definition is valid");
+        let leader = IntGauge::new(
+            "portcullis_leader",
+            "1 while this replica holds the leader Lease (and writes Ingress status), else 0.",
+        )
+        .expect("static metric definition is valid");
 
         let endpoint_ejections_total = IntCounterVec::new(
             Opts::new(
@@ -211,6 +219,7 @@ impl Metrics {
             Box::new(kube_watch_errors_total.clone()),
             Box::new(endpoint_ejections_total.clone()),
             Box::new(upstream_retries_total.clone()),
+            Box::new(leader.clone()),
         ];
         for c in collectors {
             registry
@@ -233,6 +242,7 @@ impl Metrics {
             kube_watch_errors_total,
             endpoint_ejections_total,
             upstream_retries_total,
+            leader,
         })
     }
 

@@ -221,6 +221,8 @@ pub fn main(args: RunArgs) -> ExitCode {
         let metrics = Metrics::new();
         let (tx, rx) = watch::channel(None);
         let own = own_addresses(&args.listen);
+        // Kubernetes mode: the client and the source's objects, for Ingress status.
+        let mut kube = None;
         let options = if args.source.manifests.is_empty() {
             let settings = KubeSettings {
                 kubeconfig: args.kubeconfig.clone(),
@@ -236,6 +238,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             };
             let m = metrics.clone();
             let on_error: ErrorHook = Arc::new(move |kind| m.kube_watch_error(kind));
+            kube = Some((client.clone(), tx.subscribe()));
             tokio::spawn(crate::k8s::watch::run(client, settings, tx, on_error));
             args.source.kube_options(own)
         } else {
@@ -257,7 +260,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             Ok(l) => l,
             Err(code) => return code,
         };
-        let publisher = new_publisher(options, &metrics);
+        let mut publisher = new_publisher(options, &metrics);
+        let elector = kube.and_then(|(client, sources)| {
+            crate::k8s::status::start(client, &args.status, &metrics, &mut publisher, sources)
+        });
         let bound = listeners.addrs();
         info!(
             http = %bound.http_addr,
@@ -267,6 +273,9 @@ pub fn main(args: RunArgs) -> ExitCode {
             "portcullis listening"
         );
         serve(listeners, publisher, metrics, args.proxy_config(), rx).await;
+        if let Some(elector) = elector {
+            elector.stop().await;
+        }
         ExitCode::SUCCESS
     })
 }

@@ -193,6 +193,10 @@ pub struct Snapshot {
     pub default_backend_source: Option<ObjectRef>,
     pub tls: TlsTable,
     pub ignored: Vec<IgnoredIngress>,
+    /// Every Ingress classified as ours (by IngressClass, the legacy annotation or the
+    /// default class), sorted, whether or not any of its rules could be routed. These
+    /// are the Ingresses whose status Portcullis writes.
+    pub served_ingresses: Vec<ObjectRef>,
     pub diagnostics: Vec<Diagnostic>,
 }
 

@@ -229,6 +229,9 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         }
     }
     ours.sort_by_cached_key(|i| age_key(i));
+    let mut served_ingresses: Vec<ObjectRef> =
+        ours.iter().map(|i| object_ref(&i.metadata)).collect();
+    served_ingresses.sort();
     ignored.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut resolver = Resolver::new(inputs, options);
@@ -566,6 +569,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
             certs,
         },
         ignored,
+        served_ingresses,
         diagnostics,
     }
 }
