@@ -311,9 +311,13 @@ const RETRY: Duration = Duration::from_secs(5);
 
 /// Writes Ingress status while we lead, until the inputs' senders close.
 pub async fn run(client: Client, source: StatusSource, mut inputs: StatusInputs) {
-    let mut addresses = match &source {
-        StatusSource::Addresses(a) => watch::channel(Some(entries_of(a))).1,
-        StatusSource::Service(svc) => watch_service(client.clone(), svc.clone()),
+    // Fixed addresses: a channel whose sender lives as long as this loop.
+    let (_fixed, mut addresses) = match &source {
+        StatusSource::Addresses(a) => {
+            let (tx, rx) = watch::channel(Some(entries_of(a)));
+            (Some(tx), rx)
+        }
+        StatusSource::Service(svc) => (None, watch_service(client.clone(), svc.clone())),
     };
     info!(source = ?source, "ingress status writer started");
     let mut tracker = Tracker::default();

@@ -29,7 +29,8 @@
 //! assert!(server.requests().iter().all(|r| r.verb != "create"));
 //! ```
 //!
-//! Not modelled: authentication and authorization, admission, protobuf, JSON
+//! Not modelled: authentication (a bearer token is recorded as [`ApiRequest::user`],
+//! never checked) and authorization, admission, protobuf, JSON
 //! patch (`application/json-patch+json` gets 415), strategic merge (treated as JSON
 //! merge patch), field managers (apply is a JSON merge patch that creates what is
 //! missing), delete preconditions and finalizers, create-on-update (a PUT of a missing
@@ -189,6 +190,10 @@ pub struct ApiRequest {
     /// HTTP status sent. A watch that was answered with an in-stream `410 Expired`
     /// error event is logged as 410 although the HTTP status line said 200.
     pub status: u16,
+    /// The bearer token the client sent, if any: who asked. Tokens are not checked;
+    /// [`ApiServer::kubeconfig_as`] gives each client its own, so that tests can tell
+    /// several clients (such as replicas) apart.
+    pub user: Option<String>,
 }
 
 /// Knobs for a server; `Default` suits most tests.
@@ -362,6 +367,20 @@ impl ApiServer {
 
     /// Kubeconfig YAML for this server: one cluster, one context, no credentials.
     pub fn kubeconfig_yaml(&self) -> String {
+        self.kubeconfig_yaml_with_user("{}")
+    }
+
+    /// Like [`Self::kubeconfig`], with bearer token `user`: requests made with it are
+    /// logged with [`ApiRequest::user`] set to `user`.
+    pub fn kubeconfig_as(&self, user: &str) -> Kubeconfig {
+        let dir = tempfile::tempdir().expect("temporary directory for a kubeconfig");
+        let path = dir.path().join("kubeconfig");
+        let yaml = self.kubeconfig_yaml_with_user(&format!("{{token: {user}}}"));
+        std::fs::write(&path, yaml).expect("write kubeconfig");
+        Kubeconfig { _dir: dir, path }
+    }
+
+    fn kubeconfig_yaml_with_user(&self, user: &str) -> String {
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
@@ -371,7 +390,7 @@ impl ApiServer {
              \x20   server: {url}\n\
              users:\n\
              - name: fake\n\
-             \x20 user: {{}}\n\
+             \x20 user: {user}\n\
              contexts:\n\
              - name: fake\n\
              \x20 context:\n\
@@ -379,7 +398,7 @@ impl ApiServer {
              \x20   user: fake\n\
              \x20   namespace: default\n\
              current-context: fake\n",
-            url = self.url()
+            url = self.url(),
         )
     }
 
@@ -718,6 +737,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let raw_query = req.uri().query().unwrap_or("").to_string();
     let query = parse_query(&raw_query);
     let method = req.method().clone();
+    let user = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -733,9 +758,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Route::Resource(t) => t,
         Route::Discovery(value) => {
             let code = if method == Method::GET { 200 } else { 405 };
-            shared
-                .lock()
-                .log(ApiRequest::non_resource(&method, &path, &raw_query, code));
+            shared.lock().log(ApiRequest {
+                user: user.clone(),
+                ..ApiRequest::non_resource(&method, &path, &raw_query, code)
+            });
             return if code == 200 {
                 json_response(200, &value)
             } else {
@@ -746,9 +772,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             };
         }
         Route::NotFound => {
-            shared
-                .lock()
-                .log(ApiRequest::non_resource(&method, &path, &raw_query, 404));
+            shared.lock().log(ApiRequest {
+                user,
+                ..ApiRequest::non_resource(&method, &path, &raw_query, 404)
+            });
             return json_response(
                 404,
                 &status_json(
@@ -784,6 +811,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         path,
         query: raw_query,
         status: 200,
+        user,
     };
 
     if verb == "watch" {
@@ -819,6 +847,7 @@ impl ApiRequest {
             path: path.to_string(),
             query: query.to_string(),
             status,
+            user: None,
         }
     }
 }
