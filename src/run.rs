@@ -248,6 +248,9 @@ pub fn main(args: RunArgs) -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
+            if args.status.source().is_some() {
+                tracing::warn!("--publish-service and --publish-status-address apply in Kubernetes mode only; ignored with --manifests");
+            }
             let paths = args.source.manifests.clone();
             tokio::spawn(async move {
                 if let Err(e) = crate::files::watch(paths, tx).await {
