@@ -309,6 +309,32 @@ async fn only_the_leader_writes_status_and_a_clean_shutdown_hands_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_started_together_elect_one_writer() {
+    let server = ApiServer::start().await;
+    seed_classes(&server);
+    server.apply(ingress("apps", "web", "portcullis"));
+    server.apply(ingress("apps", "shop", "portcullis"));
+    let addr = ["--publish-status-address", "203.0.113.40"];
+    let want = json!([{"ip": "203.0.113.40"}]);
+    let a = Replica::start(&server, "replica-a", "2s", &addr);
+    let b = Replica::start(&server, "replica-b", "2s", &addr);
+    wait_status(&server, "apps", "web", &want).await;
+    wait_status(&server, "apps", "shop", &want).await;
+    let holder = lease_holder(&server).expect("a leader");
+    assert_eq!(writers(&server), BTreeSet::from([holder.clone()]));
+    let (leader, standby) = if holder == a.name { (&a, &b) } else { (&b, &a) };
+    wait_leader_metric(leader, 1).await;
+    assert_eq!(standby.leader_metric().await, Some(0));
+    // Both tried to create the Lease or read it; exactly one create succeeded.
+    let creates = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "leases" && r.verb == "create" && r.status == 201)
+        .count();
+    assert_eq!(creates, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leaders_lease_expires_and_the_standby_takes_over() {
     let server = ApiServer::start().await;
     seed_classes(&server);

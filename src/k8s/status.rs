@@ -535,6 +535,34 @@ mod tests {
     }
 
     #[test]
+    fn every_ingress_classified_as_ours_is_served_even_without_routes() {
+        use crate::k8s::{Inputs, Options, build};
+        let parse = |y: &str| Arc::new(serde_json::from_str::<Ingress>(y).expect("ingress"));
+        let class: k8s_openapi::api::networking::v1::IngressClass = serde_json::from_str(
+            r#"{"metadata":{"name":"portcullis"},"spec":{"controller":"portcullis.io/ingress-controller"}}"#,
+        )
+        .expect("class");
+        let inputs = Inputs {
+            ingresses: vec![
+                parse(
+                    r#"{"metadata":{"namespace":"ns","name":"empty"},"spec":{"ingressClassName":"portcullis"}}"#,
+                ),
+                parse(
+                    r#"{"metadata":{"namespace":"ns","name":"legacy","annotations":{"kubernetes.io/ingress.class":"portcullis"}},"spec":{}}"#,
+                ),
+                parse(
+                    r#"{"metadata":{"namespace":"ns","name":"theirs"},"spec":{"ingressClassName":"nginx"}}"#,
+                ),
+                parse(r#"{"metadata":{"namespace":"ns","name":"classless"},"spec":{}}"#),
+            ],
+            ingress_classes: vec![Arc::new(class)],
+            ..Default::default()
+        };
+        let snap = build(&inputs, &Options::default());
+        assert_eq!(snap.served_ingresses, vec![r("empty"), r("legacy")]);
+    }
+
+    #[test]
     fn service_entries_keep_ip_and_hostname_only() {
         use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
         let svc = Service {
