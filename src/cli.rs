@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::k8s::Options;
 use crate::k8s::translate::ServiceRef;
+use crate::model::ObjectRef;
 use crate::proxy::LoadBalance;
 
 #[derive(Debug, Parser)]
@@ -45,6 +46,20 @@ pub enum Command {
     Echo(EchoArgs),
     /// A built-in example: echo upstreams and embedded manifests, no cluster needed.
     Demo(DemoArgs),
+    /// Local development certificates: a CA (created once, then reused) and a leaf
+    /// certificate for the given hosts.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Host names the certificate covers (comma-separated; `*.` wildcards allowed). Files
+    /// are named after the first.
+    #[arg(long, value_name = "H1,H2", value_delimiter = ',', required = true)]
+    pub hosts: Vec<String>,
+    /// Folder for ca.pem, ca-key.pem, HOST.pem, HOST-key.pem and HOST-secret.yaml.
+    #[arg(long, value_name = "DIR", default_value = "certs")]
+    pub out: PathBuf,
 }
 
 /// Where objects come from and how they are translated (shared by run, check, explain).
@@ -80,6 +95,16 @@ pub struct SourceArgs {
         env = "PORTCULLIS_DEFAULT_BACKEND_SERVICE"
     )]
     pub default_backend_service: Option<ServiceRef>,
+    /// Certificate for names no TLS host covers: a kubernetes.io/tls Secret NAMESPACE/NAME.
+    /// Default (or when the Secret is missing or invalid): a self-signed certificate
+    /// generated at startup.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        env = "PORTCULLIS_DEFAULT_SSL_CERTIFICATE",
+        value_parser = parse_object_ref
+    )]
+    pub default_ssl_certificate: Option<ObjectRef>,
 }
 
 impl SourceArgs {
@@ -94,6 +119,7 @@ impl SourceArgs {
             assume_class: true,
             allow_local_endpoints: true,
             own_addresses,
+            default_ssl_certificate: self.default_ssl_certificate.clone(),
         }
     }
 
@@ -163,6 +189,9 @@ pub struct ListenArgs {
     /// Plain HTTP listener (HTTP/1.1 and HTTP/2 prior knowledge).
     #[arg(long, env = "PORTCULLIS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// TLS listener (TLS 1.2 and 1.3; HTTP/2 or HTTP/1.1 by ALPN).
+    #[arg(long, env = "PORTCULLIS_HTTPS_ADDR", default_value = "127.0.0.1:8443")]
+    pub https_addr: SocketAddr,
     /// Admin listener: /healthz, /readyz, /metrics.
     #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:10254")]
     pub admin_addr: SocketAddr,
@@ -229,6 +258,21 @@ pub struct RunArgs {
     /// Then: how long in-flight requests and open upgrades (WebSocket) get to finish.
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Limit for a downstream TLS handshake; also closes a TLS connection that sends nothing.
+    #[arg(long, env = "PORTCULLIS_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Redirect (308) plain HTTP requests for hosts with a `tls` entry to HTTPS. An Ingress
+    /// opts out with the annotation portcullis.io/ssl-redirect: "false" (and, without this
+    /// flag, in with "true").
+    #[arg(long, env = "PORTCULLIS_SSL_REDIRECT")]
+    pub ssl_redirect: bool,
+    /// Port put in redirect URLs (omitted when 443). Default: the HTTPS listener's port.
+    #[arg(long, value_name = "PORT", env = "PORTCULLIS_HTTPS_REDIRECT_PORT")]
+    pub https_redirect_port: Option<u16>,
+    /// Strict-Transport-Security value on TLS responses, such as `max-age=31536000`; off
+    /// by default. An Ingress sets its own with the annotation portcullis.io/hsts.
+    #[arg(long, value_name = "VALUE", env = "PORTCULLIS_HSTS", value_parser = parse_header_value)]
+    pub hsts: Option<http::HeaderValue>,
     /// Log format.
     #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -291,6 +335,25 @@ impl StatusArgs {
             (None, true) => None,
         }
     }
+}
+
+/// Parses `namespace/name`.
+pub fn parse_object_ref(s: &str) -> Result<ObjectRef, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ObjectRef::new(ns, name))
+        }
+        _ => Err(format!("`{s}` is not NAMESPACE/NAME")),
+    }
+}
+
+/// Parses a header value: visible ASCII and spaces.
+pub fn parse_header_value(s: &str) -> Result<http::HeaderValue, String> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!("`{s}` is not a usable header value"));
+    }
+    http::HeaderValue::from_str(s).map_err(|e| format!("`{s}`: {e}"))
 }
 
 /// Parses a duration written with a unit: `500ms`, `10s`, `2m`.

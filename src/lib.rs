@@ -17,9 +17,12 @@
 //! - [`admin`]: health, readiness, metrics and the debug dashboard.
 //! - [`metrics`]: the explicit prometheus registry and metric handles.
 //! - [`echo`]: a test upstream that answers with JSON about each request.
+//! - [`certs`]: the generated default certificate and `portcullis certs` (development CA).
+//! - [`tls`]: the process' rustls crypto provider.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod echo;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         None => portcullis::run::main(*cli.run),
         Some(Command::Echo(args)) => portcullis::run::echo(args),
         Some(Command::Demo(args)) => portcullis::run::demo(args),
+        Some(Command::Certs(args)) => portcullis::certs::main(&args.hosts, &args.out),
     }
 }
 

@@ -79,6 +79,16 @@ pub struct Metrics {
     /// `portcullis_leader`: 1 while this replica holds the leader Lease and so writes
     /// Ingress status, else 0.
     pub leader: IntGauge,
+    /// `portcullis_tls_handshakes_total{version}`: completed downstream TLS handshakes,
+    /// version `1.2` or `1.3`.
+    pub tls_handshakes_total: IntCounterVec,
+    /// `portcullis_tls_handshake_errors_total{reason}`: failed downstream handshakes;
+    /// reason is one of `timeout`, `eof`, `not_tls`, `protocol_version`, `incompatible`,
+    /// `bad_message`, `client_alert`, `other`.
+    pub tls_handshake_errors_total: IntCounterVec,
+    /// `portcullis_certificate_expiry_timestamp_seconds{namespace,secret}`: notAfter of
+    /// each usable certificate in the snapshot in force (Unix seconds).
+    pub certificate_expiry_timestamp_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -203,6 +213,30 @@ impl Metrics {
             &["namespace", "service", "reason"],
         )
         .expect("static metric definition is valid");
+        let tls_handshakes_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_tls_handshakes_total",
+                "Completed downstream TLS handshakes, by protocol version.",
+            ),
+            &["version"],
+        )
+        .expect("static metric definition is valid");
+        let tls_handshake_errors_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_tls_handshake_errors_total",
+                "Failed downstream TLS handshakes, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let certificate_expiry_timestamp_seconds = IntGaugeVec::new(
+            Opts::new(
+                "portcullis_certificate_expiry_timestamp_seconds",
+                "When each certificate in the snapshot in force expires (Unix seconds).",
+            ),
+            &["namespace", "secret"],
+        )
+        .expect("static metric definition is valid");
 
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(requests_total.clone()),
@@ -220,6 +254,9 @@ impl Metrics {
             Box::new(endpoint_ejections_total.clone()),
             Box::new(upstream_retries_total.clone()),
             Box::new(leader.clone()),
+            Box::new(tls_handshakes_total.clone()),
+            Box::new(tls_handshake_errors_total.clone()),
+            Box::new(certificate_expiry_timestamp_seconds.clone()),
         ];
         for c in collectors {
             registry
@@ -243,6 +280,9 @@ impl Metrics {
             endpoint_ejections_total,
             upstream_retries_total,
             leader,
+            tls_handshakes_total,
+            tls_handshake_errors_total,
+            certificate_expiry_timestamp_seconds,
         })
     }
 
@@ -283,8 +323,9 @@ impl Metrics {
     }
 
     /// Sets the snapshot gauges from the snapshot just published: generation, publish
-    /// time (now) and duration, diagnostic counts and endpoints per Service. Gauges of
-    /// kinds and Services no longer present are removed.
+    /// time (now) and duration, diagnostic counts, endpoints per Service and certificate
+    /// expiry per Secret. Gauges of kinds, Services and Secrets no longer present are
+    /// removed.
     pub fn observe_snapshot(&self, snap: &Snapshot, publish_seconds: f64) {
         self.snapshot_generation
             .set(i64::try_from(snap.generation).unwrap_or(i64::MAX));
@@ -307,6 +348,14 @@ impl Metrics {
             self.diagnostics
                 .with_label_values(&[kind, severity.as_str()])
                 .set(n);
+        }
+
+        // Reset first, so that deleted Secrets disappear.
+        self.certificate_expiry_timestamp_seconds.reset();
+        for cert in snap.tls.certs.values() {
+            self.certificate_expiry_timestamp_seconds
+                .with_label_values(&[cert.secret.namespace.as_str(), cert.secret.name.as_str()])
+                .set(cert.not_after);
         }
 
         // Per Service, each endpoint IP once, in its best state across the Service's ports.

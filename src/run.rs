@@ -15,7 +15,8 @@ use crate::admin::{AdminState, serve_admin, serve_dashboard};
 use crate::cli::{DemoArgs, EchoArgs, ListenArgs, LogFormat, RunArgs};
 use crate::k8s::watch::{ErrorHook, KubeSettings};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::tls::FallbackLog;
+use crate::proxy::{Proxy, ProxyConfig, TlsSettings};
 use crate::publish::{Publisher, SourceUpdate};
 
 /// Starts logging to stderr: `RUST_LOG` filters (default `info`).
@@ -67,11 +68,38 @@ impl RunArgs {
             ..ProxyConfig::default()
         }
     }
+
+    /// The TLS settings these flags ask for, around the certificate generated at startup.
+    pub fn tls_settings(&self, generated_default: Arc<crate::model::CertEntry>) -> TlsSettings {
+        TlsSettings {
+            default_secret: self.source.default_ssl_certificate.clone(),
+            handshake_timeout: self.tls_handshake_timeout,
+            ssl_redirect: self.ssl_redirect,
+            hsts: self.hsts.clone(),
+            redirect_port: self.https_redirect_port,
+            ..TlsSettings::new(generated_default)
+        }
+    }
+}
+
+/// Generates the self-signed default certificate and logs its fingerprint.
+fn generated_default() -> Result<Arc<crate::model::CertEntry>, ExitCode> {
+    match crate::certs::generate_default() {
+        Ok(c) => {
+            crate::proxy::tls::log_generated_default(&c);
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("error: cannot generate the default certificate: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 /// The listeners of a running Portcullis, bound.
 pub struct Listeners {
     pub http: TcpListener,
+    pub https: TcpListener,
     pub admin: TcpListener,
     pub dashboard: TcpListener,
 }
@@ -80,6 +108,7 @@ impl Listeners {
     pub async fn bind(addrs: &ListenArgs) -> Result<Listeners, ExitCode> {
         Ok(Listeners {
             http: bind("http", addrs.http_addr).await?,
+            https: bind("https", addrs.https_addr).await?,
             admin: bind("admin", addrs.admin_addr).await?,
             dashboard: bind("dashboard", addrs.dashboard_addr).await?,
         })
@@ -93,6 +122,7 @@ impl Listeners {
         };
         ListenArgs {
             http_addr: addr(&self.http),
+            https_addr: addr(&self.https),
             admin_addr: addr(&self.admin),
             dashboard_addr: addr(&self.dashboard),
         }
@@ -111,6 +141,7 @@ pub async fn serve(
     publisher: Publisher,
     metrics: Arc<Metrics>,
     proxy_config: ProxyConfig,
+    tls: TlsSettings,
     updates: watch::Receiver<Option<Arc<SourceUpdate>>>,
 ) {
     let publisher = Arc::new(publisher);
@@ -122,11 +153,19 @@ pub async fn serve(
     let delay = proxy_config.shutdown_delay;
     let grace = proxy_config.shutdown_grace;
     let proxy = Proxy::new(proxy_config, snapshots.clone(), metrics.clone());
+    if let Err(e) = proxy.enable_tls(tls) {
+        error!(error = %e, "cannot set up TLS");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     {
         let proxy = proxy.clone();
         let stop = stop_rx.clone();
         tasks.spawn(async move { proxy.serve_http(listeners.http, stop).await });
+    }
+    {
+        let proxy = proxy.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move { proxy.serve_https(listeners.https, stop).await });
     }
     tasks.spawn(serve_admin(
         listeners.admin,
@@ -197,13 +236,20 @@ fn new_publisher(options: crate::k8s::Options, metrics: &Arc<Metrics>) -> Publis
     publisher.on_publish(Box::new(move |snap, took| {
         m.observe_snapshot(snap, took.as_secs_f64())
     }));
+    let fallbacks = FallbackLog::default();
+    publisher.on_publish(Box::new(move |snap, _| fallbacks.observe(snap)));
     publisher
 }
 
 /// Addresses that are Portcullis itself: the listeners, and each listener's port on the
 /// pod's own address (`POD_IP`, set from the downward API in the cluster manifests).
 fn own_addresses(listen: &ListenArgs) -> Vec<SocketAddr> {
-    let mut own = vec![listen.http_addr, listen.admin_addr, listen.dashboard_addr];
+    let mut own = vec![
+        listen.http_addr,
+        listen.https_addr,
+        listen.admin_addr,
+        listen.dashboard_addr,
+    ];
     if let Some(ip) = std::env::var("POD_IP").ok().and_then(|s| s.parse().ok()) {
         own.extend(own.clone().iter().map(|a| SocketAddr::new(ip, a.port())));
     }
@@ -263,6 +309,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             Ok(l) => l,
             Err(code) => return code,
         };
+        let tls = match generated_default() {
+            Ok(c) => args.tls_settings(c),
+            Err(code) => return code,
+        };
         let mut publisher = new_publisher(options, &metrics);
         let elector = kube.and_then(|(client, sources)| {
             crate::k8s::status::start(client, &args.status, &metrics, &mut publisher, sources)
@@ -270,12 +320,13 @@ pub fn main(args: RunArgs) -> ExitCode {
         let bound = listeners.addrs();
         info!(
             http = %bound.http_addr,
+            https = %bound.https_addr,
             admin = %bound.admin_addr,
             dashboard = %bound.dashboard_addr,
             source = if args.source.manifests.is_empty() { "kubernetes" } else { "files" },
             "portcullis listening"
         );
-        serve(listeners, publisher, metrics, args.proxy_config(), rx).await;
+        serve(listeners, publisher, metrics, args.proxy_config(), tls, rx).await;
         if let Some(elector) = elector {
             elector.stop().await;
         }
@@ -329,6 +380,46 @@ pub async fn start_demo_upstreams(
     Ok((manifests, upstreams))
 }
 
+/// The demo's TLS material: a CA written to a temporary folder (for `curl --cacert`) and
+/// the `demo/demo-tls` Secret its Ingress names, for demo.localhost and api.localhost. The
+/// folder is removed on drop.
+struct DemoTls {
+    dir: std::path::PathBuf,
+    ca_path: std::path::PathBuf,
+    secret: k8s_openapi::api::core::v1::Secret,
+}
+
+impl DemoTls {
+    fn create() -> Result<DemoTls, String> {
+        let ca = crate::certs::DevCa::generate("Portcullis demo CA").map_err(|e| e.to_string())?;
+        let pair = ca
+            .issue(&["demo.localhost".into(), "api.localhost".into()], 30)
+            .map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, &ca.cert_pem)
+            .map_err(|e| format!("{}: {e}", ca_path.display()))?;
+        let secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"namespace": "demo", "name": "demo-tls"},
+            "stringData": {"tls.crt": pair.cert_pem, "tls.key": pair.key_pem},
+        }))
+        .map_err(|e| e.to_string())?;
+        Ok(DemoTls {
+            dir,
+            ca_path,
+            secret,
+        })
+    }
+}
+
+impl Drop for DemoTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `portcullis demo`.
 pub fn demo(args: DemoArgs) -> ExitCode {
     if args.print_manifests {
@@ -353,12 +444,24 @@ pub fn demo(args: DemoArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let loaded = match crate::files::load_str("demo/manifests.yaml", &manifests) {
+        let mut loaded = match crate::files::load_str("demo/manifests.yaml", &manifests) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: the embedded demo manifests do not load: {e}");
                 return ExitCode::from(2);
             }
+        };
+        let demo_tls = match DemoTls::create() {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot make the demo's certificates: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        loaded.inputs.secrets.push(Arc::new(demo_tls.secret.clone()));
+        let tls = match generated_default() {
+            Ok(c) => TlsSettings::new(c),
+            Err(code) => return code,
         };
         let metrics = Metrics::new();
         let options = crate::k8s::Options {
@@ -379,8 +482,19 @@ pub fn demo(args: DemoArgs) -> ExitCode {
             ip => ip.to_string(),
         };
         let base = format!("http://{host}:{}", http.port());
+        let https = bound.https_addr;
+        let https_ip = match https.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let ca = demo_tls.ca_path.display();
+        let tls_base = format!(
+            "--cacert {ca} --resolve demo.localhost:{port}:{https_ip} https://demo.localhost:{port}",
+            port = https.port()
+        );
         println!(
-            "Portcullis demo: proxy on http://{http}, admin on http://{}, dashboard on http://{}",
+            "Portcullis demo: proxy on http://{http} and https://{https}, admin on http://{}, dashboard on http://{}",
             bound.admin_addr, bound.dashboard_addr
         );
         for (name, addr) in &upstreams {
@@ -393,6 +507,10 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         println!("  curl -s {base}/api/users -H 'Host: demo.localhost'   # path split: api-1");
         println!("  curl -s {base}/ -H 'Host: api.localhost'             # second host: api-1");
         println!("  curl -s {base}/ -H 'Host: unknown.example'           # default backend: web");
+        println!("  curl -s {tls_base}/     # HTTPS, certificate from the demo CA");
+        println!(
+            "  curl -s --http2 -o /dev/null -w '%{{http_version}}\\n' {tls_base}/     # HTTP/2 via ALPN"
+        );
         println!(
             "  curl -s http://{}/debug/snapshot            # what is served",
             bound.dashboard_addr
@@ -411,7 +529,8 @@ pub fn demo(args: DemoArgs) -> ExitCode {
             load_balance: crate::proxy::LoadBalance::RoundRobin,
             ..ProxyConfig::default()
         };
-        serve(listeners, publisher, metrics, config, rx).await;
+        serve(listeners, publisher, metrics, config, tls, rx).await;
+        drop(demo_tls);
         ExitCode::SUCCESS
     })
 }

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiserver::{ApiRequest, ApiServer, Kubeconfig, eventually};
@@ -32,19 +32,6 @@ struct Replica {
     _kubeconfig: Kubeconfig,
 }
 
-/// Whether this build has `--https-addr` (the TLS listener lands separately); if so it
-/// must be moved off its fixed default port too.
-fn has_https_flag() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "--help"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--https-addr"))
-            .unwrap_or(false)
-    })
-}
-
 impl Replica {
     /// Starts `portcullis run` as pod `name` in namespace `portcullis`, with the given
     /// lease duration and extra flags.
@@ -56,6 +43,8 @@ impl Replica {
             &kubeconfig.path.display().to_string(),
             "--http-addr",
             "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
             "--dashboard-addr",
@@ -66,9 +55,6 @@ impl Replica {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if has_https_flag() {
-            args.extend(["--https-addr".into(), "127.0.0.1:0".into()]);
-        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(&args)

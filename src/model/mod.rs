@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use matching::{HostMatch, HostPattern, PathRule, PathType, Precedence, request_host};
 pub use router::{Route, RouteMatch, RouteTable, VirtualHost, reference_lookup};
-pub use tls::{CertEntry, TlsTable};
+pub use tls::{CertEntry, IngressTls, TlsTable};
 
 /// `namespace/name` of a Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -46,6 +46,16 @@ pub struct TlsHost {
     pub ingress: ObjectRef,
 }
 
+/// TLS settings an Ingress asks for with annotations (`portcullis.io/ssl-redirect`,
+/// `portcullis.io/hsts`); `None` leaves the global flag in charge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IngressTls {
+    /// Redirect plain HTTP requests for this Ingress' TLS hosts to HTTPS.
+    pub ssl_redirect: Option<bool>,
+    /// `Strict-Transport-Security` value for its responses over TLS.
+    pub hsts: Option<String>,
+}
+
 /// TLS hosts and their certificates.
 #[derive(Debug, Default)]
 pub struct TlsTable {
@@ -54,6 +64,8 @@ pub struct TlsTable {
     /// Usable certificates by Secret. A host whose Secret is absent here is served with
     /// the default certificate.
     pub certs: HashMap<ObjectRef, Arc<CertEntry>>,
+    /// Annotation settings by Ingress; only Ingresses that set one are present.
+    pub policies: BTreeMap<ObjectRef, IngressTls>,
 }
 
 impl TlsTable {

@@ -8,7 +8,7 @@
 use std::error::Error as StdError;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 
 use super::body::{ProxyBody, full};
@@ -44,6 +44,13 @@ pub enum ProxyError {
     /// The route's cluster has no endpoint to send to.
     #[error("no endpoints for {0}")]
     NoEndpoints(ObjectRef),
+    /// The request's host is a TLS virtual host whose certificate (by Secret) is not the
+    /// one this TLS connection chose at handshake.
+    #[error("misdirected request")]
+    Misdirected,
+    /// The opt-in plain-HTTP → HTTPS redirect: 308 to this `Location`.
+    #[error("redirect to https")]
+    HttpsRedirect(HeaderValue),
     /// The request body is larger than `max_body_size`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -72,6 +79,8 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::HttpsRedirect(_) => StatusCode::PERMANENT_REDIRECT,
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -85,8 +94,11 @@ impl ProxyError {
             ProxyError::Host(_)
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge
+            | ProxyError::Misdirected
             | ProxyError::DownstreamBody(_) => Origin::Downstream,
-            ProxyError::NoRoute { .. } | ProxyError::NoEndpoints(_) => Origin::Internal,
+            ProxyError::NoRoute { .. }
+            | ProxyError::NoEndpoints(_)
+            | ProxyError::HttpsRedirect(_) => Origin::Internal,
             ProxyError::UpstreamTimeout | ProxyError::Upstream { .. } => Origin::Upstream,
         }
     }
@@ -106,6 +118,12 @@ impl ProxyError {
 
     /// The generated answer: the status and the error's message as text/plain.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        if let ProxyError::HttpsRedirect(location) = self {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = self.status();
+            resp.headers_mut().insert(LOCATION, location.clone());
+            return resp;
+        }
         let mut resp = Response::new(full(Bytes::from(self.to_string())));
         *resp.status_mut() = self.status();
         resp.headers_mut().insert(
@@ -156,6 +174,7 @@ mod tests {
                 "no endpoints for ns/svc",
             ),
             (ProxyError::BodyTooLarge, 413, "request body too large"),
+            (ProxyError::Misdirected, 421, "misdirected request"),
             (ProxyError::UpstreamTimeout, 504, "upstream timeout"),
             (
                 ProxyError::Upstream {

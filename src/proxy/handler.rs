@@ -17,7 +17,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderValue, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderValue, STRICT_TRANSPORT_SECURITY, UPGRADE,
+};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use prometheus::IntGauge;
@@ -41,6 +43,8 @@ pub struct ConnState {
     /// `http` or `https`.
     pub proto: &'static str,
     listener: &'static str,
+    /// What the TLS handshake settled; `None` on plain connections.
+    pub tls: Option<super::tls::TlsConnInfo>,
     first_request: AtomicBool,
     first_request_notify: tokio::sync::Notify,
     /// The `open_connections` series this connection is counted in.
@@ -66,11 +70,18 @@ impl ConnState {
             local_port,
             proto,
             listener,
+            tls: None,
             first_request: AtomicBool::new(false),
             first_request_notify: tokio::sync::Notify::new(),
             gauge: Mutex::new(Some(gauge)),
             metrics,
         }
+    }
+
+    /// The same connection state, for a connection that completed a TLS handshake.
+    pub fn with_tls(mut self, info: super::tls::TlsConnInfo) -> ConnState {
+        self.tls = Some(info);
+        self
     }
 
     /// Whether a complete request head has arrived on this connection.
@@ -130,7 +141,8 @@ pub async fn handle(
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();
     let mut labels = RouteLabels::default();
-    let mut resp = match proxy(inner, conn, req, &request_id, &mut labels).await {
+    let mut hsts = None;
+    let mut resp = match proxy(inner, conn, req, &request_id, &mut labels, &mut hsts).await {
         Ok(resp) => resp,
         Err(err) => {
             debug!(
@@ -156,6 +168,9 @@ pub async fn handle(
         "answered"
     );
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    if let Some(v) = hsts {
+        resp.headers_mut().insert(STRICT_TRANSPORT_SECURITY, v);
+    }
     // Draining: HTTP/1 clients are told to reconnect (elsewhere) after this response.
     if *inner.draining.borrow()
         && version < Version::HTTP_2
@@ -179,15 +194,26 @@ struct Routed {
 }
 
 /// Routes with the snapshot in force: one `load()`, and nothing borrowed from it
-/// survives this function.
+/// survives this function. The TLS rules (421, redirect, HSTS) use the same snapshot.
 fn route(
     inner: &Inner,
+    conn: &ConnState,
     host: Option<&str>,
-    path: &str,
+    uri: &Uri,
     labels: &mut RouteLabels,
+    hsts: &mut Option<HeaderValue>,
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
-    let id = match snapshot.decide(host, path) {
+    let path = uri.path();
+    let decision = snapshot.decide(host, path);
+    if let Some(tls) = inner.tls.get() {
+        let ingress = match &decision {
+            Decision::Route(m, _) => Some(&m.route.ingress),
+            _ => None,
+        };
+        *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
+    }
+    let id = match decision {
         Decision::Route(m, cluster) => {
             labels.namespace.clone_from(&m.route.ingress.namespace);
             labels.ingress.clone_from(&m.route.ingress.name);
@@ -238,6 +264,7 @@ async fn proxy(
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     labels: &mut RouteLabels,
+    hsts: &mut Option<HeaderValue>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upgrade_protocol = upgrade::requested(&req);
     let downstream_upgrade = upgrade_protocol
@@ -259,7 +286,7 @@ async fn proxy(
     let host = request_host(authority, host_header).map_err(ProxyError::Host)?;
     let path = parts.uri.path();
 
-    let routed = route(inner, host.as_deref(), path, labels)?;
+    let routed = route(inner, conn, host.as_deref(), &parts.uri, labels, hsts)?;
     let cluster = routed.cluster.clone();
     let mut picked = inner
         .balancer

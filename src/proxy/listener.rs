@@ -9,6 +9,11 @@
 //! connections down gracefully while accepting goes on; shutdown stops accepting and
 //! waits for connections to finish. Upgrades (WebSocket) are served: hyper hands the
 //! socket to the tunnel in [`super::upgrade`].
+//!
+//! An HTTPS listener runs the TLS handshake (see [`super::tls`]) inside the
+//! connection's task, bounded by `tls_handshake_timeout` and abandoned when the
+//! listener closes, then serves the TLS stream with the same per-connection loop:
+//! HTTP/2 when ALPN chose `h2`, else HTTP/1.1 (upgrades included).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,12 +23,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use super::Inner;
 use super::handler::{ConnState, handle};
+use super::tls::TlsState;
 
 /// hyper's smallest allowed HTTP/1 read buffer.
 const MIN_H1_BUF: usize = 8 * 1024;
@@ -85,17 +92,31 @@ async fn should_shut(
     }
 }
 
+/// Connection builders: auto-detecting for plain HTTP, and one per ALPN result for TLS.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
 /// Serves `listener` until shutdown, then waits for open connections to finish.
 /// While the proxy drains, connections are shut down gracefully (HTTP/1 keep-alive
 /// ends after the response in progress, HTTP/2 gets GOAWAY) but accepting goes on.
+/// With `tls`, each connection first completes a TLS handshake and is served as
+/// HTTP/2 or HTTP/1.1 as ALPN chose.
 pub(crate) async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
     name: &'static str,
+    tls: Option<Arc<TlsState>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let builder = builder(&inner);
+    let builders = Arc::new(Builders {
+        auto: builder(&inner),
+        http1: builder(&inner).http1_only(),
+        http2: builder(&inner).http2_only(),
+    });
     let open = watch::Sender::new(0usize);
     let (closing_tx, closing_rx) = watch::channel(false);
     let limit = inner
@@ -130,56 +151,43 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "setting TCP_NODELAY failed");
         }
-        let state = Arc::new(ConnState::new(
-            peer,
-            local_port,
-            name,
-            "http",
-            inner.metrics.clone(),
-        ));
-        let svc = {
-            let inner = inner.clone();
-            let state = state.clone();
-            service_fn(move |req| {
-                let inner = inner.clone();
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&inner, &state, req).await) }
-            })
-        };
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let first_head_limit = inner.cfg.header_read_timeout;
         let open_guard = OpenGuard::new(&open);
-        let mut draining = inner.draining.subscribe();
+        let draining = inner.draining.subscribe();
         let mut closing = closing_rx.clone();
+        let inner = inner.clone();
+        let builders = builders.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open_guard;
-            let silent = async {
-                tokio::time::sleep(first_head_limit).await;
-                if state.seen_request() {
-                    std::future::pending::<()>().await;
+            let metrics = inner.metrics.clone();
+            match tls {
+                None => {
+                    let state = ConnState::new(peer, local_port, name, "http", metrics);
+                    serve_one(inner, &builders.auto, stream, state, draining, closing).await;
                 }
-            };
-            tokio::pin!(conn);
-            tokio::pin!(silent);
-            let mut shut = false;
-            loop {
-                tokio::select! {
-                    res = conn.as_mut() => {
-                        if let Err(e) = res {
-                            debug!(%peer, error = %e, "connection ended with an error");
+                Some(tls) => {
+                    // The handshake is abandoned when the listener closes: a client that
+                    // never finishes one must not hold up shutdown.
+                    let accepted = tokio::select! {
+                        res = tls.accept(stream) => res,
+                        _ = shutdown_requested(&mut closing) => {
+                            debug!(%peer, "listener closed during the TLS handshake; closing");
+                            return;
                         }
-                        break;
-                    }
-                    _ = &mut silent => {
-                        debug!(%peer, "no request head within header_read_timeout; closing");
-                        break;
-                    }
-                    _ = should_shut(&state, &mut draining, &mut closing), if !shut => {
-                        conn.as_mut().graceful_shutdown();
-                        shut = true;
+                    };
+                    match accepted {
+                        Ok((stream, info)) => {
+                            let builder = if info.h2 {
+                                &builders.http2
+                            } else {
+                                &builders.http1
+                            };
+                            let state = ConnState::new(peer, local_port, name, "https", metrics)
+                                .with_tls(info);
+                            serve_one(inner, builder, stream, state, draining, closing).await;
+                        }
+                        Err(failure) => super::tls::log_handshake_failure(peer, &failure),
                     }
                 }
             }
@@ -195,6 +203,60 @@ pub(crate) async fn serve(
     );
     let mut open = open.subscribe();
     let _ = open.wait_for(|n| *n == 0).await;
+}
+
+/// Serves one downstream connection until it ends: closes it when no request head
+/// arrives within `header_read_timeout`, and shuts it down gracefully when
+/// [`should_shut`] says so.
+async fn serve_one<I>(
+    inner: Arc<Inner>,
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    state: ConnState,
+    mut draining: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = state.peer;
+    let state = Arc::new(state);
+    let first_head_limit = inner.cfg.header_read_timeout;
+    let svc = {
+        let state = state.clone();
+        service_fn(move |req| {
+            let inner = inner.clone();
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&inner, &state, req).await) }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let silent = async {
+        tokio::time::sleep(first_head_limit).await;
+        if state.seen_request() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(conn);
+    tokio::pin!(silent);
+    let mut shut = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = &mut silent => {
+                debug!(%peer, "no request head within header_read_timeout; closing");
+                break;
+            }
+            _ = should_shut(&state, &mut draining, &mut closing), if !shut => {
+                conn.as_mut().graceful_shutdown();
+                shut = true;
+            }
+        }
+    }
 }
 
 /// Serves a small local HTTP service (admin, dashboard, echo) on `listener` until

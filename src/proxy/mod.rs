@@ -25,6 +25,7 @@ mod forward;
 mod handler;
 pub mod headers;
 pub(crate) mod listener;
+pub mod tls;
 mod upgrade;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::model::Snapshot;
 
 pub use balance::{Ejection, LoadBalance};
 pub use errors::{Origin, ProxyError};
+pub use tls::TlsSettings;
 
 /// Limits and timeouts of the data path. `Default` gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,8 @@ pub(crate) struct Inner {
     pub(crate) draining: watch::Sender<bool>,
     /// Open upgrade tunnels.
     pub(crate) tunnels: upgrade::Tunnels,
+    /// Set once by [`Proxy::enable_tls`]: certificates, redirect and HSTS settings.
+    pub(crate) tls: std::sync::OnceLock<Arc<tls::TlsState>>,
 }
 
 impl Proxy {
@@ -127,6 +131,7 @@ impl Proxy {
                 upstream,
                 draining: watch::Sender::new(false),
                 tunnels: upgrade::Tunnels::default(),
+                tls: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -142,7 +147,51 @@ impl Proxy {
     /// keep-alive connections are closed at once). Callers that need a bound on the
     /// drain wrap this in a timeout.
     pub async fn serve_http(&self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-        listener::serve(self.inner.clone(), listener, "http", shutdown).await;
+        listener::serve(self.inner.clone(), listener, "http", None, shutdown).await;
+    }
+
+    /// Turns on TLS with `settings`: certificates for [`Proxy::serve_https`], and the
+    /// redirect and HSTS rules on every listener. Only the first call has an effect; call
+    /// it before serving.
+    pub fn enable_tls(&self, settings: TlsSettings) -> Result<(), rustls::Error> {
+        let state = tls::TlsState::new(
+            settings,
+            self.inner.snapshots.clone(),
+            self.inner.metrics.clone(),
+        )?;
+        let _ = self.inner.tls.set(Arc::new(state));
+        Ok(())
+    }
+
+    /// Serves HTTPS on `listener` until `shutdown`, like [`Proxy::serve_http`]: TLS 1.2
+    /// and 1.3, a certificate per handshake from the snapshot in force, ALPN `h2` or
+    /// `http/1.1`. Without [`Proxy::enable_tls`], a generated default certificate and
+    /// default settings are used.
+    pub async fn serve_https(&self, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        let state = match self.inner.tls.get() {
+            Some(s) => s.clone(),
+            None => {
+                let made = crate::certs::generate_default()
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        crate::proxy::tls::log_generated_default(&c);
+                        self.enable_tls(TlsSettings::new(c))
+                            .map_err(|e| e.to_string())
+                    });
+                match (made, self.inner.tls.get()) {
+                    (Ok(()), Some(s)) => s.clone(),
+                    (Err(e), _) => {
+                        tracing::error!(error = %e, "cannot set up TLS; the HTTPS listener is not served");
+                        return;
+                    }
+                    (Ok(()), None) => return,
+                }
+            }
+        };
+        if let Ok(addr) = listener.local_addr() {
+            state.set_https_port(addr.port());
+        }
+        listener::serve(self.inner.clone(), listener, "https", Some(state), shutdown).await;
     }
 
     /// Starts draining: listeners keep accepting, but every HTTP/1 response from now on

@@ -229,6 +229,8 @@ impl Binary {
             .args([
                 "--http-addr",
                 "127.0.0.1:0",
+                "--https-addr",
+                "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
                 "--dashboard-addr",

@@ -18,7 +18,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::tls::TlsHost;
+use crate::model::tls::{IngressTls, TlsHost};
 use crate::model::{
     CertEntry, Cluster, ClusterId, Diagnostic, Endpoint, HostPattern, IgnoredIngress, ObjectRef,
     PathRule, PathType, PortRef, Route, RouteTable, Severity, Snapshot, TlsTable, Upstream,
@@ -30,6 +30,12 @@ pub use tls::{SecretError, parse_tls_secret};
 pub const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 /// The annotation that marks an IngressClass as the cluster default.
 pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
+/// Per-Ingress opt-in (`"true"`) or opt-out (`"false"`) of the plain-HTTP → HTTPS redirect
+/// for its TLS hosts; without it `--ssl-redirect` decides.
+pub const SSL_REDIRECT_ANNOTATION: &str = "portcullis.io/ssl-redirect";
+/// Per-Ingress `Strict-Transport-Security` value for responses over TLS; without it
+/// `--hsts` decides.
+pub const HSTS_ANNOTATION: &str = "portcullis.io/hsts";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -94,6 +100,9 @@ pub struct Options {
     pub allow_local_endpoints: bool,
     /// Our own listener addresses; endpoints pointing at them are refused.
     pub own_addresses: Vec<SocketAddr>,
+    /// `--default-ssl-certificate`: a Secret parsed like TLS hosts' Secrets (last good
+    /// kept), served for names no TLS host covers.
+    pub default_ssl_certificate: Option<ObjectRef>,
 }
 
 impl Default for Options {
@@ -106,6 +115,7 @@ impl Default for Options {
             assume_class: false,
             allow_local_endpoints: false,
             own_addresses: Vec::new(),
+            default_ssl_certificate: None,
         }
     }
 }
@@ -254,9 +264,13 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
     let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
     let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
+    let mut tls_policies: BTreeMap<ObjectRef, IngressTls> = BTreeMap::new();
     for (ii, ing) in ours.iter().enumerate() {
         let id = object_ref(&ing.metadata);
         let namespace = ns_name(&ing.metadata).0;
+        if let Some(policy) = ingress_tls(ing, &id, &mut diags) {
+            tls_policies.insert(id.clone(), policy);
+        }
         let Some(spec) = ing.spec.as_ref() else {
             diags.push(Severity::Warning, "Ingress", &id, "spec", "has no spec");
             continue;
@@ -507,8 +521,20 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         .map(|s| (object_ref(&s.metadata), s.as_ref()))
         .collect();
     let mut certs = HashMap::new();
+    let flag_only = options
+        .default_ssl_certificate
+        .as_ref()
+        .filter(|d| !tls_secrets.contains(*d));
+    if let Some(d) = flag_only {
+        tls_secrets.insert(d.clone());
+    }
     for secret_id in &tls_secrets {
         let parsed = match secrets.get(secret_id) {
+            None if Some(secret_id) == flag_only => Err(SecretError {
+                field: "--default-ssl-certificate",
+                reason: "Secret not found: the generated self-signed certificate is the default"
+                    .into(),
+            }),
             None => Err(SecretError {
                 field: "",
                 reason: "Secret not found: its hosts get the default certificate".into(),
@@ -526,6 +552,12 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                     .flatten();
                 let reason = match keep {
                     Some(_) => format!("{}; the last good certificate stays in use", e.reason),
+                    None if secrets.contains_key(secret_id) && Some(secret_id) == flag_only => {
+                        format!(
+                            "{}; the generated self-signed certificate is the default",
+                            e.reason
+                        )
+                    }
                     None if secrets.contains_key(secret_id) => {
                         format!("{}; its hosts get the default certificate", e.reason)
                     }
@@ -567,11 +599,47 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         tls: TlsTable {
             hosts: tls_hosts,
             certs,
+            policies: tls_policies,
         },
         ignored,
         served_ingresses,
         diagnostics,
     }
+}
+
+/// The TLS annotations of an Ingress, if it sets any; malformed values are ignored with
+/// a warning.
+fn ingress_tls(ing: &Ingress, id: &ObjectRef, diags: &mut Diags) -> Option<IngressTls> {
+    let annotations = ing.metadata.annotations.as_ref()?;
+    let mut policy = IngressTls::default();
+    if let Some(v) = annotations.get(SSL_REDIRECT_ANNOTATION) {
+        match v.trim() {
+            "true" => policy.ssl_redirect = Some(true),
+            "false" => policy.ssl_redirect = Some(false),
+            other => diags.push(
+                Severity::Warning,
+                "Ingress",
+                id,
+                format!("metadata.annotations[{SSL_REDIRECT_ANNOTATION}]"),
+                format!("`{other}` is neither \"true\" nor \"false\"; ignored"),
+            ),
+        }
+    }
+    if let Some(v) = annotations.get(HSTS_ANNOTATION) {
+        let v = v.trim();
+        if !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            policy.hsts = Some(v.to_string());
+        } else {
+            diags.push(
+                Severity::Warning,
+                "Ingress",
+                id,
+                format!("metadata.annotations[{HSTS_ANNOTATION}]"),
+                "not a usable header value (visible ASCII, such as max-age=31536000); ignored",
+            );
+        }
+    }
+    (policy != IngressTls::default()).then_some(policy)
 }
 
 /// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
