@@ -20,6 +20,8 @@ fn printed_curl_lines_work_as_printed() {
             "demo",
             "--http-addr",
             "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
             "--dashboard-addr",
@@ -41,7 +43,7 @@ fn printed_curl_lines_work_as_printed() {
             break;
         }
     }
-    assert_eq!(curls.len(), 6, "{curls:?}");
+    assert_eq!(curls.len(), 8, "{curls:?}");
 
     let run = |cmd: &str| {
         let out = Command::new("sh")
@@ -72,7 +74,15 @@ fn printed_curl_lines_work_as_printed() {
         v["name"].as_str().unwrap_or_default().starts_with("web-"),
         "default backend: {v}"
     );
-    let snap: serde_json::Value = serde_json::from_str(&run(&curls[4])).expect("snapshot JSON");
+    // HTTPS with the demo CA, verified by curl, then HTTP/2 through ALPN.
+    let v: serde_json::Value = serde_json::from_str(&run(&curls[4])).expect("echo JSON");
+    assert!(
+        v["name"].as_str().unwrap_or_default().starts_with("web-"),
+        "https: {v}"
+    );
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{v}");
+    assert_eq!(run(&curls[5]).trim(), "2", "{}", curls[5]);
+    let snap: serde_json::Value = serde_json::from_str(&run(&curls[6])).expect("snapshot JSON");
     assert_eq!(snap["generation"], 1);
-    assert!(run(&curls[5]).contains("portcullis_requests_total"));
+    assert!(run(&curls[7]).contains("portcullis_requests_total"));
 }

@@ -267,13 +267,19 @@ impl TlsState {
         &self,
         stream: TcpStream,
     ) -> Result<(TlsStream<TcpStream>, TlsConnInfo), HandshakeFailure> {
-        let mut first = [0u8; 1];
-        match stream.peek(&mut first).await {
+        // The record header and the start of the ClientHello: content type 0x16, and the
+        // client's highest version at bytes 9-10 (0x0303 from TLS 1.2 and 1.3 clients).
+        let mut head = [0u8; 11];
+        let old_client = match stream.peek(&mut head).await {
             Ok(0) => return Err(failure("eof", "closed before sending anything")),
-            Ok(_) if first[0] != 0x16 => return Err(not_tls(stream, first[0]).await),
-            Ok(_) => {}
+            Ok(_) if head[0] != 0x16 => return Err(not_tls(stream, head[0]).await),
+            Ok(n) => {
+                n == head.len()
+                    && head[5] == 0x01
+                    && u16::from_be_bytes([head[9], head[10]]) < 0x0303
+            }
             Err(e) => return Err(failure("eof", e.to_string())),
-        }
+        };
         let conn = Arc::new(ConnResolver {
             shared: self.resolver.clone(),
             chosen: Mutex::new(None),
@@ -281,7 +287,15 @@ impl TlsState {
         let mut cfg = self.base.clone();
         cfg.cert_resolver = conn.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let stream = acceptor.accept(stream).await.map_err(classify)?;
+        let stream = acceptor.accept(stream).await.map_err(|e| {
+            let mut f = classify(e);
+            // rustls trips over what TLS 1.0/1.1 ClientHellos lack before it looks at the
+            // version; the version is the reason that matters.
+            if old_client && matches!(f.reason, "incompatible" | "bad_message" | "other") {
+                f.reason = "protocol_version";
+            }
+            f
+        })?;
         let session = stream.get_ref().1;
         let server_name = session.server_name().map(normalise);
         let chosen = conn.chosen.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use portcullis::k8s::{self, Inputs, Options};
@@ -38,6 +38,8 @@ pub struct IngressBuilder {
     rules: Vec<(Option<String>, Vec<Value>)>,
     default_backend: Option<Value>,
     created: Option<String>,
+    tls: Vec<Value>,
+    annotations: serde_json::Map<String, Value>,
 }
 
 pub fn ingress(namespace: &str, name: &str) -> IngressBuilder {
@@ -47,6 +49,8 @@ pub fn ingress(namespace: &str, name: &str) -> IngressBuilder {
         rules: Vec::new(),
         default_backend: None,
         created: None,
+        tls: Vec::new(),
+        annotations: serde_json::Map::new(),
     }
 }
 
@@ -86,6 +90,22 @@ impl IngressBuilder {
         self
     }
 
+    /// A `spec.tls` entry: `hosts` (none: the Ingress' own rule hosts) served with the
+    /// Secret `secret` of the Ingress' namespace.
+    pub fn tls(mut self, hosts: &[&str], secret: &str) -> Self {
+        let mut entry = json!({"secretName": secret});
+        if !hosts.is_empty() {
+            entry["hosts"] = json!(hosts);
+        }
+        self.tls.push(entry);
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.insert(key.into(), json!(value));
+        self
+    }
+
     /// `creationTimestamp`, RFC 3339.
     pub fn created(mut self, ts: &str) -> Self {
         self.created = Some(ts.into());
@@ -108,7 +128,13 @@ impl IngressBuilder {
         if let Some(b) = &self.default_backend {
             spec["defaultBackend"] = b.clone();
         }
+        if !self.tls.is_empty() {
+            spec["tls"] = json!(self.tls);
+        }
         let mut metadata = json!({"namespace": self.namespace, "name": self.name});
+        if !self.annotations.is_empty() {
+            metadata["annotations"] = Value::Object(self.annotations.clone());
+        }
         if let Some(ts) = &self.created {
             metadata["creationTimestamp"] = json!(ts);
         }
@@ -168,6 +194,15 @@ pub fn slice_with(
         .collect()
 }
 
+/// A `kubernetes.io/tls` Secret with the given PEM chain and key.
+pub fn tls_secret(namespace: &str, name: &str, cert_pem: &str, key_pem: &str) -> Secret {
+    from_json(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"namespace": namespace, "name": name},
+        "stringData": {"tls.crt": cert_pem, "tls.key": key_pem}
+    }))
+}
+
 fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("fixture is a valid Kubernetes object")
 }
@@ -178,6 +213,7 @@ pub struct World {
     pub ingresses: Vec<Ingress>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub secrets: Vec<Secret>,
 }
 
 impl World {
@@ -195,6 +231,11 @@ impl World {
         self
     }
 
+    pub fn secret(mut self, s: Secret) -> Self {
+        self.secrets.push(s);
+        self
+    }
+
     pub fn slices(mut self, s: Vec<EndpointSlice>) -> Self {
         self.slices.extend(s);
         self
@@ -209,15 +250,20 @@ impl World {
     /// The snapshot the real translation builds, in file mode (class assumed, loopback
     /// endpoints allowed). Generation 0.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(Options {
+            assume_class: true,
+            allow_local_endpoints: true,
+            ..Default::default()
+        })
+    }
+
+    /// The snapshot the real translation builds with `options`. Generation 0.
+    pub fn snapshot_with(&self, options: Options) -> Snapshot {
         let inputs = Inputs {
             ingresses: self.ingresses.iter().cloned().map(Arc::new).collect(),
             services: self.services.iter().cloned().map(Arc::new).collect(),
             endpoint_slices: self.slices.iter().cloned().map(Arc::new).collect(),
-            ..Default::default()
-        };
-        let options = Options {
-            assume_class: true,
-            allow_local_endpoints: true,
+            secrets: self.secrets.iter().cloned().map(Arc::new).collect(),
             ..Default::default()
         };
         k8s::build(&inputs, &options)
