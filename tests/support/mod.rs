@@ -329,6 +329,8 @@ pub async fn start_proxy(snapshot: Snapshot) -> TestProxy {
 }
 
 pub async fn start_proxy_with(mut snapshot: Snapshot, cfg: ProxyConfig) -> TestProxy {
+    // Test clients (reqwest included) build rustls configurations from the process default.
+    portcullis::tls::install_default_provider();
     snapshot.generation = 1;
     let snapshots = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Metrics::new();
@@ -374,6 +376,7 @@ impl TestProxy {
 
 /// An HTTP/1.1 client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
+    portcullis::tls::install_default_provider();
     reqwest::Client::builder()
         .no_proxy()
         .build()
