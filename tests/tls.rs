@@ -692,6 +692,29 @@ async fn misdirected_requests_get_421() {
     assert_eq!(send(&mut s, "b.example", "/").await.0, 200);
     assert_eq!(send(&mut s, "a.example", "/").await.0, 421);
     assert_eq!(send(&mut s, "b.example:443", "/").await.0, 200);
+
+    // HTTP/2 connection reuse: :authority decides, as browsers coalesce connections.
+    let stream = connect(p.https, Some("x.w.example"), capturing_client(&[b"h2"])).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    for (authority, want) in [
+        ("y.w.example", 200),
+        ("a.example", 421),
+        ("plain.example", 200),
+    ] {
+        let req = http::Request::get(format!("https://{authority}/"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = h2.send_request(req).await.expect("h2 response");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status().as_u16(), want, ":authority {authority}");
+    }
 }
 
 #[tokio::test]
