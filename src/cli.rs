@@ -434,6 +434,26 @@ mod tests {
     }
 
     #[test]
+    fn object_refs_and_header_values_parse() {
+        assert_eq!(
+            parse_object_ref("kube-system/default-cert"),
+            Ok(ObjectRef::new("kube-system", "default-cert"))
+        );
+        for bad in ["nameonly", "/x", "x/", "a/b/c"] {
+            assert!(parse_object_ref(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_header_value(" max-age=31536000; includeSubDomains ")
+                .expect("valid")
+                .to_str()
+                .ok(),
+            Some("max-age=31536000; includeSubDomains")
+        );
+        assert!(parse_header_value("").is_err());
+        assert!(parse_header_value("a\u{7}b").is_err());
+    }
+
+    #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
