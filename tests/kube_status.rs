@@ -287,6 +287,8 @@ async fn only_the_leader_writes_status_and_a_clean_shutdown_hands_over() {
     let before = status_writes(&server).len();
     server.apply(ingress("apps", "shop", "portcullis"));
     wait_status(&server, "apps", "shop", &want).await;
+    // The fake API server applies a patch before it logs the request: wait for the log.
+    eventually(SLACK, || status_writes(&server).len() > before).await;
     let new: Vec<_> = status_writes(&server).into_iter().skip(before).collect();
     assert!(
         !new.is_empty() && new.iter().all(|r| r.user.as_deref() == Some("replica-b")),
@@ -346,6 +348,8 @@ async fn a_crashed_leaders_lease_expires_and_the_standby_takes_over() {
     let before = status_writes(&server).len();
     server.apply(ingress("apps", "shop", "portcullis"));
     wait_status(&server, "apps", "shop", &want).await;
+    // The fake API server applies a patch before it logs the request: wait for the log.
+    eventually(SLACK, || status_writes(&server).len() > before).await;
     let new: Vec<_> = status_writes(&server).into_iter().skip(before).collect();
     assert!(
         !new.is_empty() && new.iter().all(|r| r.user.as_deref() == Some("replica-b")),
