@@ -252,7 +252,8 @@ struct TlsProxy {
     snapshots: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
     generated_default: Vec<u8>,
-    _stop: Stopper,
+    proxy: Proxy,
+    stop: Stopper,
 }
 
 impl TlsProxy {
@@ -303,14 +304,18 @@ async fn start_tls_on(
         let rx = rx.clone();
         tokio::spawn(async move { proxy.serve_http(http, rx).await });
     }
-    tokio::spawn(async move { proxy.serve_https(https, rx).await });
+    {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve_https(https, rx).await });
+    }
     TlsProxy {
         http: http_addr,
         https: https_addr,
         snapshots,
         metrics,
         generated_default,
-        _stop: stop,
+        proxy,
+        stop,
     }
 }
 
@@ -1079,6 +1084,70 @@ async fn rotation_through_files_new_handshakes_see_it_open_connections_keep_work
 
     watcher.abort();
     publishing.abort();
+}
+
+// ---------------------------------------------------------------------------------
+// Draining and shutdown
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_connections_drain_and_a_stalled_handshake_does_not_hold_up_shutdown() {
+    let f = fixture().await;
+    // A handshake timeout far beyond the test: only shutdown can end the stalled one.
+    let p = start_tls(f.world.snapshot(), |s| TlsSettings {
+        handshake_timeout: Duration::from_secs(600),
+        ..s
+    })
+    .await;
+
+    // Before draining: a keep-alive HTTP/1.1 connection and an HTTP/2 one over TLS, and
+    // a client that connects and never sends its ClientHello.
+    let mut h1 =
+        h1_on(connect(p.https, Some("a.example"), capturing_client(&[b"http/1.1"])).await).await;
+    let (status, headers, _) = send(&mut h1, "a.example", "/").await;
+    assert_eq!(status, 200);
+    assert!(!headers.contains_key("connection"), "{headers:?}");
+    let h2_tls = connect(p.https, Some("a.example"), capturing_client(&[b"h2"])).await;
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(h2_tls),
+    )
+    .await
+    .expect("h2 handshake");
+    let h2_conn = tokio::spawn(h2_conn);
+    let mut stalled = TcpStream::connect(p.https).await.expect("connect");
+
+    // Draining: the idle keep-alive connection that carried a request is closed; HTTPS
+    // keeps accepting, HTTP/1 answers say Connection: close, and an HTTP/2 connection
+    // gets GOAWAY once it has carried a request.
+    p.proxy.start_draining();
+    eventually("the idle HTTP/1.1 connection is closed", async || {
+        h1.is_closed()
+    })
+    .await;
+    let (status, headers, _) = tls_get(p.https, Some("a.example"), "a.example", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["connection"], "close");
+    let req = http::Request::get("https://a.example/")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("h2 body");
+    tokio::time::timeout(EVENTUALLY, h2_conn)
+        .await
+        .expect("GOAWAY closes the h2 connection")
+        .expect("join")
+        .expect("clean h2 shutdown");
+
+    // Shutdown: the handshake in progress is abandoned at once.
+    let stopped = tokio::time::Instant::now();
+    p.stop.stop();
+    read_until_closed(&mut stalled).await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        stopped.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------
