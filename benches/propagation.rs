@@ -6,6 +6,10 @@
 //! `cargo bench --bench propagation` (release build). `PROPAGATION_INGRESSES` and
 //! `PROPAGATION_CHANGES` override the sizes.
 
+/// The binary's allocator, so that figures match what `portcullis` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
 

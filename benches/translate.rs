@@ -3,6 +3,10 @@
 //!
 //! `cargo bench --bench translate -- --warm-up-time 1 --measurement-time 5`
 
+/// The binary's allocator, so that figures match what `portcullis` does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+/// mimalloc: a full snapshot rebuild allocates heavily; see Cargo.toml.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use portcullis::cli::{Cli, Command, OutputFormat};
 use portcullis::commands;
