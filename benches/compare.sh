@@ -1,0 +1,463 @@
+#!/usr/bin/env bash
+# Portcullis vs nginx, side by side, on loopback.
+#
+# Runs wrk against (1) the upstream directly, (2) nginx as a reverse proxy and
+# (3) Portcullis, in interleaved rounds whose order rotates, all in front of the same
+# upstream; prints median RPS, p50/p99 latency, Portcullis/nginx ratios taken within
+# each round, CPU time per request of each process under test (/proc/PID/stat) and the
+# peak RSS of each proxy. Not a test and not run in CI: the numbers
+# are only as quiet as the machine. See benches/README.md.
+#
+# Environment overrides (defaults in brackets):
+#   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  CONNECTIONS [64]  THREADS [2]
+#   SCENARIOS ["keepalive close"]  keepalive: HTTP/1.1 keep-alive; close: a new
+#             downstream connection per request (wrk -H 'Connection: close')
+#   UPSTREAM [nginx]  nginx: a separate one-worker nginx answering `return 200 "ok\n"`;
+#             echo: `portcullis echo` (JSON, heavier)
+#   PIN [1]   1: wrk and the upstream on WRK_CPUS, the proxy under test on PROXY_CPUS
+#             (taskset); 0: no pinning
+#   WRK_CPUS [0]  PROXY_CPUS [1..nproc-1]
+#   LOAD_BALANCE [p2c]  Portcullis --load-balance
+#   RESULTS_DIR [a new temp dir]  results, generated configs and logs are kept here
+#   NO_BUILD [0]  1: use the existing release binary (PORTCULLIS_BIN or target/release)
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-3s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+SCENARIOS=${SCENARIOS:-keepalive close}
+UPSTREAM=${UPSTREAM:-nginx}
+PIN=${PIN:-1}
+LOAD_BALANCE=${LOAD_BALANCE:-p2c}
+NO_BUILD=${NO_BUILD:-0}
+
+die() {
+    echo "compare.sh: error: $*" >&2
+    exit 1
+}
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d /tmp/portcullis-compare.XXXXXX)}
+mkdir -p "$RESULTS_DIR"
+# nginx workers run as nobody when started as root; let them traverse the prefix.
+chmod 755 "$RESULTS_DIR"
+
+# ---------------------------------------------------------------- processes, cleanup
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- tools
+need_apt=()
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v python3 >/dev/null || need_apt+=(python3)
+if ((${#need_apt[@]})); then
+    echo "Installing ${need_apt[*]} (apt-get)…" >&2
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+        "${need_apt[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+# The Debian package may have started a system nginx on port 80; it does not matter
+# here (this script only uses its own instances on free loopback ports).
+
+if [[ -n ${PORTCULLIS_BIN:-} ]]; then
+    PORTCULLIS=$PORTCULLIS_BIN
+else
+    target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
+    PORTCULLIS=$target_dir/release/portcullis
+    if [[ $NO_BUILD != 1 ]]; then
+        echo "Building Portcullis (cargo build --release)…" >&2
+        (cd "$repo_root" && env -u OUT_DIR cargo build --release --quiet)
+    fi
+fi
+[[ -x $PORTCULLIS ]] || die "no Portcullis binary at $PORTCULLIS"
+
+# ---------------------------------------------------------------- CPUs
+ncpu=$(nproc)
+if [[ $PIN == 1 && $ncpu -ge 2 ]]; then
+    WRK_CPUS=${WRK_CPUS:-0}
+    if ((ncpu == 2)); then
+        PROXY_CPUS=${PROXY_CPUS:-1}
+    else
+        PROXY_CPUS=${PROXY_CPUS:-1-$((ncpu - 1))}
+    fi
+    wrk_pin=(taskset -c "$WRK_CPUS")
+    proxy_pin=(taskset -c "$PROXY_CPUS")
+    # The upstream shares the load generator's CPUs, so the proxy under test has its
+    # own, and the direct run measures what wrk and the upstream manage together.
+    upstream_pin=(taskset -c "$WRK_CPUS")
+    # Worker count = CPUs the proxy may run on (what tokio would pick itself).
+    workers=$(taskset -c "$PROXY_CPUS" nproc)
+else
+    PIN=0
+    wrk_pin=()
+    proxy_pin=()
+    upstream_pin=()
+    workers=$ncpu
+fi
+
+# ---------------------------------------------------------------- ports
+# Bind port 0 for every listener at once (so they differ), print, release.
+read -r p_up p_nginx p_pc p_admin p_dash < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+')
+[[ -n ${p_dash:-} ]] || die "could not pick free ports (python3)"
+
+# ---------------------------------------------------------------- configs
+cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
+# The upstream: a static 200 from one nginx worker.
+daemon off;
+master_process on;
+worker_processes 1;
+pid $RESULTS_DIR/nginx-upstream.pid;
+error_log $RESULTS_DIR/nginx-upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $RESULTS_DIR/ut-body;
+    proxy_temp_path $RESULTS_DIR/ut-proxy;
+    fastcgi_temp_path $RESULTS_DIR/ut-fastcgi;
+    uwsgi_temp_path $RESULTS_DIR/ut-uwsgi;
+    scgi_temp_path $RESULTS_DIR/ut-scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    server {
+        listen 127.0.0.1:$p_up reuseport backlog=4096;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+}
+EOF
+
+cat >"$RESULTS_DIR/nginx-proxy.conf" <<EOF
+# nginx as the reverse proxy under test; as many workers as Portcullis has tokio
+# worker threads. The X-Forwarded-* and X-Request-ID headers are what ingress-nginx
+# sends, and Portcullis adds the same.
+daemon off;
+master_process on;
+worker_processes $workers;
+pid $RESULTS_DIR/nginx-proxy.pid;
+error_log $RESULTS_DIR/nginx-proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $RESULTS_DIR/np-body;
+    proxy_temp_path $RESULTS_DIR/np-proxy;
+    fastcgi_temp_path $RESULTS_DIR/np-fastcgi;
+    uwsgi_temp_path $RESULTS_DIR/np-uwsgi;
+    scgi_temp_path $RESULTS_DIR/np-scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    upstream bench_upstream {
+        server 127.0.0.1:$p_up;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$p_nginx backlog=4096;
+        server_name bench.local;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Request-ID \$request_id;
+            proxy_set_header X-Real-IP \$remote_addr;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Forwarded-Port \$server_port;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+EOF
+
+mkdir -p "$RESULTS_DIR/manifests"
+cat >"$RESULTS_DIR/manifests/bench.yaml" <<EOF
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: bench
+  namespace: default
+spec:
+  rules:
+    - host: bench.local
+      http:
+        paths:
+          - path: /
+            pathType: Prefix
+            backend:
+              service:
+                name: upstream
+                port:
+                  number: 80
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: upstream
+  namespace: default
+spec:
+  ports:
+    - port: 80
+      targetPort: $p_up
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: upstream-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: upstream
+addressType: IPv4
+ports:
+  - port: $p_up
+endpoints:
+  - addresses: ["127.0.0.1"]
+    conditions: {ready: true}
+EOF
+
+# ---------------------------------------------------------------- start
+# Waits until URL answers 200 (with Host: bench.local) while PID lives.
+wait_ready() {
+    local name=$1 pid=$2 url=$3 i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || die "$name exited during startup (logs in $RESULTS_DIR)"
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.local' "$url" || true) == 200 ]]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "$name did not answer 200 at $url within 10 s (logs in $RESULTS_DIR)"
+}
+
+# Starts a background process; its pid lands in $started.
+start() {
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    started=$!
+    pids+=("$started")
+}
+
+case $UPSTREAM in
+nginx)
+    start "$RESULTS_DIR/nginx-upstream.out" "${upstream_pin[@]}" "$NGINX" -p "$RESULTS_DIR" \
+        -e "$RESULTS_DIR/nginx-upstream-error.log" -c "$RESULTS_DIR/nginx-upstream.conf"
+    upstream_desc="nginx return 200 (1 worker)"
+    ;;
+echo)
+    start "$RESULTS_DIR/echo.out" "${upstream_pin[@]}" env TOKIO_WORKER_THREADS=1 \
+        "$PORTCULLIS" echo --listen "127.0.0.1:$p_up" --name bench
+    upstream_desc="portcullis echo (1 worker)"
+    ;;
+*) die "UPSTREAM must be nginx or echo, not $UPSTREAM" ;;
+esac
+upstream_pid=$started
+wait_ready upstream "$upstream_pid" "http://127.0.0.1:$p_up/"
+
+start "$RESULTS_DIR/nginx-proxy.out" "${proxy_pin[@]}" "$NGINX" -p "$RESULTS_DIR" \
+    -e "$RESULTS_DIR/nginx-proxy-error.log" -c "$RESULTS_DIR/nginx-proxy.conf"
+nginx_pid=$started
+wait_ready nginx "$nginx_pid" "http://127.0.0.1:$p_nginx/"
+
+start "$RESULTS_DIR/portcullis.log" "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WORKER_THREADS="$workers" \
+    "$PORTCULLIS" run --manifests "$RESULTS_DIR/manifests" \
+    --http-addr "127.0.0.1:$p_pc" --admin-addr "127.0.0.1:$p_admin" \
+    --dashboard-addr "127.0.0.1:$p_dash" --load-balance "$LOAD_BALANCE" \
+    --shutdown-delay 0s --shutdown-grace 2s
+pc_pid=$started
+wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
+
+declare -A url=(
+    [direct]="http://127.0.0.1:$p_up/"
+    [nginx]="http://127.0.0.1:$p_nginx/"
+    [portcullis]="http://127.0.0.1:$p_pc/"
+)
+
+# ---------------------------------------------------------------- runs
+# wrk's latency ("850.00us", "1.20ms", "2.00s") in milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n /= 1000
+        else if (v ~ /ms$/) n = n
+        else if (v ~ /m$/) n *= 60000
+        else if (v ~ /s$/) n *= 1000
+        printf "%.3f", n
+    }'
+}
+
+# CPU time (user + system, in clock ticks) used so far by PID and its child
+# processes (nginx workers); a process' threads are included in its own figure.
+clk_tck=$(getconf CLK_TCK)
+cpu_ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid)
+
+results=$RESULTS_DIR/results.tsv
+printf 'scenario\tround\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\tnon2xx\tsocket_errors\n' >"$results"
+failed=0
+
+# run SCENARIO ROUND TARGET DURATION -> appends a row (ROUND 0 = warm-up, not kept).
+run() {
+    local scenario=$1 round=$2 target=$3 duration=$4 out extra=()
+    [[ $scenario == close ]] && extra=(-H 'Connection: close')
+    out=$RESULTS_DIR/wrk-$scenario-$round-$target.txt
+    local cpu_before cpu_after
+    cpu_before=$(cpu_ticks "${proc_of[$target]}")
+    "${wrk_pin[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency \
+        -H 'Host: bench.local' "${extra[@]}" "${url[$target]}" >"$out" 2>&1 ||
+        die "wrk failed against $target (see $out)"
+    cpu_after=$(cpu_ticks "${proc_of[$target]}")
+    local rps p50 p99 non2xx sockerr
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+    p50=$(awk '$1 == "50%" {print $2}' "$out")
+    p99=$(awk '$1 == "99%" {print $2}' "$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+    sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {print $5 + $7 + $9 + $11}' "$out")
+    [[ -n $rps && -n $p50 && -n $p99 ]] || die "cannot parse wrk output in $out"
+    local requests cpu_us
+    requests=$(awk '/ requests in / {print $1}' "$out")
+    cpu_us=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$clk_tck" -v n="$requests" \
+        'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
+    if [[ -n $non2xx ]]; then
+        echo "compare.sh: $target ($scenario, round $round): $non2xx non-2xx responses (see $out)" >&2
+        failed=1
+    fi
+    if ((round > 0)); then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$target" "$rps" \
+            "$(to_ms "$p50")" "$(to_ms "$p99")" "$cpu_us" "${non2xx:-0}" "${sockerr:-0}" >>"$results"
+    fi
+    printf '  %-10s %-10s round %s  %12s req/s  p50 %9s  p99 %9s  %6s CPU us/req%s\n' "$scenario" \
+        "$target" "$round" "$rps" "$p50" "$p99" "$cpu_us" "${sockerr:+  socket errors $sockerr}" >&2
+}
+
+targets=(direct nginx portcullis)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+started_at=$(date +%s)
+echo "Upstream: $upstream_desc on :$p_up; nginx on :$p_nginx; Portcullis on :$p_pc" >&2
+echo "Load average before: $load_before" >&2
+for scenario in $SCENARIOS; do
+    case $scenario in keepalive | close) ;; *) die "unknown scenario $scenario" ;; esac
+    for t in "${targets[@]}"; do
+        run "$scenario" 0 "$t" "$WARMUP"
+    done
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for ((i = 0; i < ${#targets[@]}; i++)); do
+            run "$scenario" "$r" "${targets[(i + r - 1) % ${#targets[@]}]}" "$DURATION"
+        done
+    done
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+elapsed=$(($(date +%s) - started_at))
+
+# ---------------------------------------------------------------- peak RSS
+hwm_kib() {
+    awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+nginx_rss=$(hwm_kib "$nginx_pid")
+nginx_workers=0
+for child in $(pgrep -P "$nginx_pid" || true); do
+    nginx_rss=$((nginx_rss + $(hwm_kib "$child")))
+    nginx_workers=$((nginx_workers + 1))
+done
+pc_rss=$(hwm_kib "$pc_pid")
+
+# ---------------------------------------------------------------- report
+report=$RESULTS_DIR/report.txt
+{
+    echo "Portcullis vs nginx — $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -n), $ncpu CPUs"
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS interleaved rounds (order rotates), medians"
+    echo "upstream: $upstream_desc; proxies: $workers worker(s) each (nginx worker_processes, TOKIO_WORKER_THREADS)"
+    if [[ $PIN == 1 ]]; then
+        echo "pinning: wrk and upstream on CPU $WRK_CPUS, proxy under test on CPU $PROXY_CPUS (taskset)"
+    else
+        echo "pinning: none"
+    fi
+    echo "load average: before $load_before, after $load_after; runs took ${elapsed}s"
+    echo
+    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v nw="$nginx_workers" '
+        function median(list,    n, a, i, j, t) {
+            n = split(list, a, " ")
+            for (i = 1; i <= n; i++) a[i] += 0
+            for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            if (n == 0) return 0
+            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        NR == 1 { next }
+        {
+            s = $1; r = $2; t = $3
+            if (!(s in seen)) { seen[s] = 1; order[++ns] = s }
+            rps[s, t] = rps[s, t] " " $4; p50[s, t] = p50[s, t] " " $5; p99[s, t] = p99[s, t] " " $6
+            cpu[s, t] = cpu[s, t] " " $7
+            R[s, r, t] = $4; P[s, r, t] = $6; C[s, r, t] = $7; rounds[s, r] = 1
+        }
+        END {
+            printf "| scenario | target | RPS | p50 ms | p99 ms | CPU µs/req | RPS / nginx | p99 / nginx | CPU / nginx | peak RSS |\n"
+            printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            for (k = 1; k <= ns; k++) {
+                s = order[k]
+                rr = ""; pr = ""; cr = ""
+                for (key in rounds) {
+                    split(key, kk, SUBSEP)
+                    if (kk[1] != s) continue
+                    r = kk[2]
+                    if (R[s, r, "nginx"] > 0 && R[s, r, "portcullis"] != "") rr = rr " " R[s, r, "portcullis"] / R[s, r, "nginx"]
+                    if (P[s, r, "nginx"] > 0 && P[s, r, "portcullis"] != "") pr = pr " " P[s, r, "portcullis"] / P[s, r, "nginx"]
+                    if (C[s, r, "nginx"] > 0 && C[s, r, "portcullis"] != "") cr = cr " " C[s, r, "portcullis"] / C[s, r, "nginx"]
+                }
+                split("direct nginx portcullis", ts, " ")
+                for (i = 1; i <= 3; i++) {
+                    t = ts[i]
+                    if (rps[s, t] == "") continue
+                    ratio = "—"; pratio = "—"; cratio = "—"; mem = "—"
+                    if (t == "nginx") { ratio = "1.00"; pratio = "1.00"; cratio = "1.00"; mem = sprintf("%.1f MiB (%d workers + master)", nginx_rss / 1024, nw) }
+                    if (t == "portcullis") { ratio = sprintf("%.2f", median(rr)); pratio = sprintf("%.2f", median(pr)); cratio = sprintf("%.2f", median(cr)); mem = sprintf("%.1f MiB", pc_rss / 1024) }
+                    printf "| %s | %s | %.0f | %.2f | %.2f | %.1f | %s | %s | %s | %s |\n", s, t, median(rps[s, t]), median(p50[s, t]), median(p99[s, t]), median(cpu[s, t]), ratio, pratio, cratio, mem
+                }
+            }
+            print ""
+            print "Ratios are medians of the per-round ratios (Portcullis and nginx measured in the same round)."
+            print "CPU µs/req: user+system time of the process under test (direct: the upstream) per request,"
+            print "from /proc/PID/stat around each run; less sensitive than RPS to other load on the machine."
+            print "Peak RSS is VmHWM after all runs; for nginx the sum over master and workers."
+        }' "$results"
+} | tee "$report"
+
+{
+    echo
+    echo "----- generated nginx proxy config ($RESULTS_DIR/nginx-proxy.conf)"
+    cat "$RESULTS_DIR/nginx-proxy.conf"
+    echo "----- generated nginx upstream config ($RESULTS_DIR/nginx-upstream.conf)"
+    cat "$RESULTS_DIR/nginx-upstream.conf"
+    echo "----- generated Portcullis manifests ($RESULTS_DIR/manifests/bench.yaml)"
+    cat "$RESULTS_DIR/manifests/bench.yaml"
+    echo "-----"
+    echo "Results, wrk outputs and logs: $RESULTS_DIR"
+}
+
+if ((failed)); then
+    die "some runs had non-2xx responses"
+fi
