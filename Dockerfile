@@ -6,7 +6,10 @@
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# The commit for portcullis_build_info{git_sha}; .git is not in the build context.
+ARG PORTCULLIS_GIT_SHA=unknown
+ENV PORTCULLIS_GIT_SHA=${PORTCULLIS_GIT_SHA}
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 # Declared bench targets must exist for cargo to read the manifest.
 COPY benches ./benches

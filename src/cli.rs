@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::accesslog::AccessLogFormat;
 use crate::k8s::Options;
 use crate::k8s::translate::ServiceRef;
 use crate::model::ObjectRef;
@@ -273,6 +274,10 @@ pub struct RunArgs {
     /// by default. An Ingress sets its own with the annotation portcullis.io/hsts.
     #[arg(long, value_name = "VALUE", env = "PORTCULLIS_HSTS", value_parser = parse_header_value)]
     pub hsts: Option<http::HeaderValue>,
+    /// Access log on standard output, one line per request: `text` (logfmt key=value
+    /// pairs), `json` (one object per line) or `off`.
+    #[arg(long, value_enum, env = "PORTCULLIS_ACCESS_LOG", default_value_t = AccessLogFormat::Text)]
+    pub access_log: AccessLogFormat,
     /// Log format.
     #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -16,11 +16,13 @@
 //! - [`proxy`]: the data path: listeners, routing per request, forwarding.
 //! - [`admin`]: health, readiness, metrics and the debug dashboard.
 //! - [`metrics`]: the explicit prometheus registry and metric handles.
+//! - [`accesslog`]: one line per request, written off the request path.
 //! - [`echo`]: a test upstream that answers with JSON about each request.
 //! - [`certs`]: the generated default certificate and `portcullis certs` (development CA).
 //! - [`tls`]: the process' rustls crypto provider.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod admin;
 pub mod certs;
 pub mod cli;

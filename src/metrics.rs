@@ -13,11 +13,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::model::{Snapshot, Upstream};
+
+/// The git commit this binary was built from (short hash), or `unknown`: set by
+/// `build.rs`, or by `PORTCULLIS_GIT_SHA` at build time where there is no `.git`.
+pub const GIT_SHA: &str = match option_env!("PORTCULLIS_GIT_SHA") {
+    Some(sha) => sha,
+    None => "unknown",
+};
 
 /// Buckets of the request and upstream response histograms, in seconds (11 buckets).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -26,6 +33,21 @@ const REQUEST_BUCKETS: &[f64] = &[
 /// Buckets of the upstream connect histogram, in seconds (10 buckets).
 const CONNECT_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+/// Buckets of the request and response body size histograms, in bytes: powers of four
+/// from 64 B to 64 MiB (11 buckets).
+const SIZE_BUCKETS: &[f64] = &[
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
 ];
 /// Buckets of the snapshot publish histogram, in seconds (10 buckets).
 const PUBLISH_BUCKETS: &[f64] = &[
@@ -48,6 +70,12 @@ pub struct Metrics {
     /// `portcullis_request_duration_seconds{namespace,ingress,service,code}`: until the
     /// response headers are sent downstream.
     pub request_duration_seconds: HistogramVec,
+    /// `portcullis_request_size_bytes{namespace,ingress,service}`: request body bytes
+    /// read from downstream, observed when the exchange ends.
+    pub request_size_bytes: HistogramVec,
+    /// `portcullis_response_size_bytes{namespace,ingress,service}`: response body bytes
+    /// sent downstream, observed when the response body ends.
+    pub response_size_bytes: HistogramVec,
     /// `portcullis_upstream_connect_duration_seconds{service}`, service as `ns/name`.
     pub upstream_connect_duration_seconds: HistogramVec,
     /// `portcullis_upstream_response_duration_seconds{service}`, service as `ns/name`:
@@ -56,19 +84,29 @@ pub struct Metrics {
     /// `portcullis_open_connections{listener,protocol}`; protocol is `detecting` until
     /// the first request, then `http1` or `h2`.
     pub open_connections: IntGaugeVec,
+    /// `portcullis_connections_total{listener}`: downstream connections accepted.
+    pub connections_total: IntCounterVec,
     pub snapshot_generation: IntGauge,
     pub snapshot_publish_timestamp_seconds: Gauge,
     pub snapshot_publish_duration_seconds: Histogram,
     /// `portcullis_diagnostics{kind,severity}`: diagnostics of the snapshot in force.
     pub diagnostics: IntGaugeVec,
     /// `portcullis_endpoints{namespace,service,state}`: distinct endpoint IPs of each
-    /// Service in the snapshot in force, by state `ready`, `serving` (serving but not
-    /// ready, such as terminating pods) and `not_ready`.
+    /// Service routed to in the snapshot in force, by state `ready`,
+    /// `serving_terminating` (still serving but not ready: terminating pods) and
+    /// `not_ready`. A routed Service that does not resolve has all three at 0.
     pub endpoints: IntGaugeVec,
+    /// `portcullis_build_info{version,git_sha}`: always 1.
     pub build_info: IntGaugeVec,
     /// `portcullis_kube_watch_errors_total{kind}`: failed lists and watches of the
     /// Kubernetes API, by object kind.
     pub kube_watch_errors_total: IntCounterVec,
+    /// `portcullis_kube_watch_restarts_total{kind}`: relists of a kind after its first
+    /// list (a watch that lost its place and started over).
+    pub kube_watch_restarts_total: IntCounterVec,
+    /// `portcullis_access_log_dropped_total`: access log lines dropped because the
+    /// writer fell behind (the request is never held up for its log line).
+    pub access_log_dropped_total: IntCounter,
     /// `portcullis_endpoint_ejections_total{namespace,service}`: endpoints taken out of
     /// balancing for a backoff window after refusing or resetting a connection.
     pub endpoint_ejections_total: IntCounterVec,
@@ -92,7 +130,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the registry and registers every metric. `build_info{version}` is set to 1.
+    /// Creates the registry and registers every metric. `build_info{version,git_sha}` is
+    /// set to 1.
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let requests_total = IntCounterVec::new(
@@ -110,6 +149,24 @@ impl Metrics {
             )
             .buckets(REQUEST_BUCKETS.to_vec()),
             &["namespace", "ingress", "service", "code"],
+        )
+        .expect("static metric definition is valid");
+        let request_size_bytes = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_request_size_bytes",
+                "Request body bytes read from downstream, per request.",
+            )
+            .buckets(SIZE_BUCKETS.to_vec()),
+            &["namespace", "ingress", "service"],
+        )
+        .expect("static metric definition is valid");
+        let response_size_bytes = HistogramVec::new(
+            HistogramOpts::new(
+                "portcullis_response_size_bytes",
+                "Response body bytes sent downstream, per request.",
+            )
+            .buckets(SIZE_BUCKETS.to_vec()),
+            &["namespace", "ingress", "service"],
         )
         .expect("static metric definition is valid");
         let upstream_connect_duration_seconds = HistogramVec::new(
@@ -136,6 +193,14 @@ impl Metrics {
                 "Open downstream connections.",
             ),
             &["listener", "protocol"],
+        )
+        .expect("static metric definition is valid");
+        let connections_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_connections_total",
+                "Downstream connections accepted.",
+            ),
+            &["listener"],
         )
         .expect("static metric definition is valid");
         let snapshot_generation = IntGauge::new(
@@ -175,13 +240,13 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "portcullis_build_info",
-                "Always 1; labelled with the version.",
+                "Always 1; labelled with the version and the git commit it was built from.",
             ),
-            &["version"],
+            &["version", "git_sha"],
         )
         .expect("static metric definition is valid");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), GIT_SHA])
             .set(1);
         let kube_watch_errors_total = IntCounterVec::new(
             Opts::new(
@@ -189,6 +254,19 @@ impl Metrics {
                 "Failed lists and watches of the Kubernetes API, by object kind; each is retried with backoff.",
             ),
             &["kind"],
+        )
+        .expect("static metric definition is valid");
+        let kube_watch_restarts_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_kube_watch_restarts_total",
+                "Relists of the Kubernetes API after the first list, by object kind.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        let access_log_dropped_total = IntCounter::new(
+            "portcullis_access_log_dropped_total",
+            "Access log lines dropped because the log writer fell behind.",
         )
         .expect("static metric definition is valid");
         let leader = IntGauge::new(
@@ -241,6 +319,11 @@ impl Metrics {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(requests_total.clone()),
             Box::new(request_duration_seconds.clone()),
+            Box::new(request_size_bytes.clone()),
+            Box::new(response_size_bytes.clone()),
+            Box::new(connections_total.clone()),
+            Box::new(kube_watch_restarts_total.clone()),
+            Box::new(access_log_dropped_total.clone()),
             Box::new(upstream_connect_duration_seconds.clone()),
             Box::new(upstream_response_duration_seconds.clone()),
             Box::new(open_connections.clone()),
@@ -267,6 +350,11 @@ impl Metrics {
             registry,
             requests_total,
             request_duration_seconds,
+            request_size_bytes,
+            response_size_bytes,
+            connections_total,
+            kube_watch_restarts_total,
+            access_log_dropped_total,
             upstream_connect_duration_seconds,
             upstream_response_duration_seconds,
             open_connections,
@@ -291,6 +379,28 @@ impl Metrics {
         self.kube_watch_errors_total
             .with_label_values(&[kind])
             .inc();
+    }
+
+    /// Counts one relist of `kind` after its first list.
+    pub fn kube_watch_restart(&self, kind: &str) {
+        self.kube_watch_restarts_total
+            .with_label_values(&[kind])
+            .inc();
+    }
+
+    /// Records the body sizes of one finished exchange.
+    pub fn observe_sizes(&self, route: &RouteLabels, request_bytes: u64, response_bytes: u64) {
+        let labels = [
+            route.namespace.as_str(),
+            route.ingress.as_str(),
+            route.service.as_str(),
+        ];
+        self.request_size_bytes
+            .with_label_values(&labels)
+            .observe(request_bytes as f64);
+        self.response_size_bytes
+            .with_label_values(&labels)
+            .observe(response_bytes as f64);
     }
 
     /// Records one answered request: the counter (with method) and the duration
@@ -362,13 +472,17 @@ impl Metrics {
         let mut services: HashMap<(&str, &str), HashMap<IpAddr, u8>> = HashMap::new();
         let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
         for cluster in &snap.clusters {
-            let Upstream::Endpoints { all, .. } = &cluster.upstream else {
-                continue;
-            };
             let key = (
                 cluster.service.namespace.as_str(),
                 cluster.service.name.as_str(),
             );
+            // A routed Service that does not resolve shows as having no endpoints, so
+            // that "no ready endpoints" alerts see it; ExternalNames have none to count.
+            let all = match &cluster.upstream {
+                Upstream::Endpoints { all, .. } => all.as_slice(),
+                Upstream::Unresolved { .. } => &[],
+                Upstream::ExternalName { .. } => continue,
+            };
             seen.insert(key);
             let ips = services.entry(key).or_default();
             for e in all {
@@ -391,7 +505,10 @@ impl Metrics {
                     counts[usize::from(*state)] += 1;
                 }
             }
-            for (state, n) in ["not_ready", "serving", "ready"].iter().zip(counts) {
+            for (state, n) in ["not_ready", "serving_terminating", "ready"]
+                .iter()
+                .zip(counts)
+            {
                 self.endpoints
                     .with_label_values(&[key.0, key.1, state])
                     .set(n);

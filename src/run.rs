@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{AdminState, serve_admin, serve_dashboard};
 use crate::cli::{DemoArgs, EchoArgs, ListenArgs, LogFormat, RunArgs};
-use crate::k8s::watch::{ErrorHook, KubeSettings};
+use crate::k8s::watch::{ErrorHook, KubeSettings, RestartHook};
 use crate::metrics::Metrics;
 use crate::proxy::tls::FallbackLog;
 use crate::proxy::{Proxy, ProxyConfig, TlsSettings};
@@ -65,6 +65,7 @@ impl RunArgs {
             load_balance: self.load_balance,
             shutdown_delay: self.shutdown_delay,
             shutdown_grace: self.shutdown_grace,
+            access_log: self.access_log,
             ..ProxyConfig::default()
         }
     }
@@ -284,8 +285,12 @@ pub fn main(args: RunArgs) -> ExitCode {
             };
             let m = metrics.clone();
             let on_error: ErrorHook = Arc::new(move |kind| m.kube_watch_error(kind));
+            let m = metrics.clone();
+            let on_restart: RestartHook = Arc::new(move |kind| m.kube_watch_restart(kind));
             kube = Some((client.clone(), tx.subscribe()));
-            tokio::spawn(crate::k8s::watch::run(client, settings, tx, on_error));
+            tokio::spawn(crate::k8s::watch::run_observed(
+                client, settings, tx, on_error, on_restart,
+            ));
             args.source.kube_options(own)
         } else {
             // Files that cannot be read at all are a usage error; files that do not

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use apiserver::{ApiServer, eventually};
 use portcullis::k8s::Options;
-use portcullis::k8s::watch::{ErrorHook, KubeSettings};
+use portcullis::k8s::watch::{ErrorHook, KubeSettings, RestartHook};
 use portcullis::metrics::Metrics;
 use portcullis::model::Snapshot;
 use portcullis::proxy::{Proxy, ProxyConfig};
@@ -54,7 +54,11 @@ impl Instance {
         let (tx, rx) = watch::channel(None);
         let m = metrics.clone();
         let on_error: ErrorHook = Arc::new(move |kind| m.kube_watch_error(kind));
-        let tx_task = tokio::spawn(portcullis::k8s::watch::run(client, settings, tx, on_error));
+        let m = metrics.clone();
+        let on_restart: RestartHook = Arc::new(move |kind| m.kube_watch_restart(kind));
+        let tx_task = tokio::spawn(portcullis::k8s::watch::run_observed(
+            client, settings, tx, on_error, on_restart,
+        ));
         tokio::spawn(publisher.clone().run(rx));
         let proxy = Proxy::new(
             ProxyConfig::default(),
@@ -356,6 +360,23 @@ async fn relist_after_410_repairs_a_missed_delete() {
         server.expired_watches() > 0,
         "the watch was answered 410 and the reflector relisted"
     );
+    let restarts: u64 = [
+        "Ingress",
+        "IngressClass",
+        "Service",
+        "EndpointSlice",
+        "Secret",
+    ]
+    .iter()
+    .map(|k| {
+        portcullis
+            .metrics
+            .kube_watch_restarts_total
+            .with_label_values(&[k])
+            .get()
+    })
+    .sum();
+    assert!(restarts >= 1, "the relist is counted as a watch restart");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use portcullis::accesslog::{AccessLog, AccessLogFormat};
 use portcullis::certs::{DevCa, PemPair};
 use portcullis::k8s::Options;
 use portcullis::metrics::Metrics;
@@ -277,8 +278,18 @@ async fn start_tls(snapshot: Snapshot, tune: impl FnOnce(TlsSettings) -> TlsSett
 
 async fn start_tls_on(
     snapshots: Arc<ArcSwap<Snapshot>>,
+    snapshot: Snapshot,
+    tune: impl FnOnce(TlsSettings) -> TlsSettings,
+) -> TlsProxy {
+    start_tls_logging(snapshots, snapshot, tune, AccessLog::off()).await
+}
+
+/// Like [`start_tls_on`], logging requests to `access_log`.
+async fn start_tls_logging(
+    snapshots: Arc<ArcSwap<Snapshot>>,
     mut snapshot: Snapshot,
     tune: impl FnOnce(TlsSettings) -> TlsSettings,
+    access_log: AccessLog,
 ) -> TlsProxy {
     portcullis::tls::install_default_provider();
     if snapshot.generation == 0 && snapshots.load().generation == 0 {
@@ -286,7 +297,12 @@ async fn start_tls_on(
         snapshots.store(Arc::new(snapshot));
     }
     let metrics = Metrics::new();
-    let proxy = Proxy::new(ProxyConfig::default(), snapshots.clone(), metrics.clone());
+    let proxy = Proxy::with_access_log(
+        ProxyConfig::default(),
+        snapshots.clone(),
+        metrics.clone(),
+        access_log,
+    );
     let generated = portcullis::certs::generate_default().expect("default certificate");
     let generated_default = generated.certified.cert[0].to_vec();
     proxy
@@ -583,6 +599,83 @@ async fn tls12_client_is_served() {
             .with_label_values(&["1.2"])
             .get(),
         1
+    );
+}
+
+/// A writer whose bytes the test can read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn json_lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().expect("capture lock").clone();
+        String::from_utf8(bytes)
+            .expect("access log is UTF-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn access_log_names_the_negotiated_tls_version() {
+    let f = fixture().await;
+    let metrics = Metrics::new();
+    let captured = Captured::default();
+    let log = AccessLog::start(
+        AccessLogFormat::Json,
+        captured.clone(),
+        metrics.access_log_dropped_total.clone(),
+        64,
+    );
+    let snapshots = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let p = start_tls_logging(snapshots, f.world.snapshot(), |s| s, log).await;
+
+    // TLS 1.3 (the client's default), then TLS 1.2, then plain HTTP.
+    assert_eq!(
+        tls_get(p.https, Some("a.example"), "a.example", "/v13")
+            .await
+            .0,
+        200
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(f.pki.ca_der()).expect("add CA");
+    let tls12 = ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("TLS 1.2")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut s = h1_on(connect(p.https, Some("b.example"), tls12).await).await;
+    assert_eq!(send(&mut s, "b.example", "/v12").await.0, 200);
+    assert_eq!(plain_get(p.http, "plain.example", "/plain").await.0, 200);
+
+    eventually("three access log lines", async || {
+        captured.json_lines().len() >= 3
+    })
+    .await;
+    let lines = captured.json_lines();
+    let version_of = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no access log line for {path}: {lines:?}"))["tls_version"]
+            .clone()
+    };
+    assert_eq!(version_of("/v13"), "TLSv1.3");
+    assert_eq!(version_of("/v12"), "TLSv1.2");
+    assert!(
+        version_of("/plain").is_null(),
+        "plain HTTP has no TLS version"
     );
 }
 

@@ -129,6 +129,17 @@ pub async fn client(settings: &KubeSettings) -> Result<Client, ClientError> {
 /// Called with the kind's name on every watch error (for metrics).
 pub type ErrorHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
+/// Called with the kind's name each time its reflector starts a full list again after
+/// the first one: the watch lost its place (410 Expired, a desync) and relisted.
+pub type RestartHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// What the reflectors report besides objects.
+#[derive(Clone)]
+struct Hooks {
+    on_error: ErrorHook,
+    on_restart: RestartHook,
+}
+
 /// The stores of one kind, one per watched namespace (or one for all).
 struct Stores<K: Resource + Clone + 'static>
 where
@@ -162,7 +173,7 @@ fn start<K>(
     namespaced: bool,
     fields: Option<&str>,
     changed: &Arc<Notify>,
-    on_error: &ErrorHook,
+    hooks: &Hooks,
 ) -> Stores<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -185,7 +196,7 @@ where
     Stores {
         stores: apis
             .into_iter()
-            .map(|api| spawn_reflector(api, kind, fields, changed, on_error))
+            .map(|api| spawn_reflector(api, kind, fields, changed, hooks))
             .collect(),
     }
 }
@@ -195,7 +206,7 @@ fn spawn_reflector<K>(
     kind: &'static str,
     fields: Option<&str>,
     changed: &Arc<Notify>,
-    on_error: &ErrorHook,
+    hooks: &Hooks,
 ) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -211,16 +222,24 @@ where
         .modify(|obj: &mut K| obj.managed_fields_mut().clear())
         .reflect(writer);
     let changed = changed.clone();
-    let on_error = on_error.clone();
+    let hooks = hooks.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        let mut lists = 0u64;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::InitApply(_) | watcher::Event::Init) => {}
+                Ok(watcher::Event::Init) => {
+                    lists += 1;
+                    if lists > 1 {
+                        info!(kind, "watch restarted with a full list");
+                        (hooks.on_restart)(kind);
+                    }
+                }
+                Ok(watcher::Event::InitApply(_)) => {}
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
                     warn!(kind, error = %e, "watch failed; retrying with backoff, the last snapshot keeps serving");
-                    on_error(kind);
+                    (hooks.on_error)(kind);
                 }
             }
         }
@@ -237,19 +256,27 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<SourceUpdate>>>,
     on_error: ErrorHook,
 ) {
+    run_observed(client, settings, tx, on_error, Arc::new(|_| {})).await;
+}
+
+/// [`run`], also calling `on_restart` whenever a kind relists after its first list.
+pub async fn run_observed(
+    client: Client,
+    settings: KubeSettings,
+    tx: watch::Sender<Option<Arc<SourceUpdate>>>,
+    on_error: ErrorHook,
+    on_restart: RestartHook,
+) {
+    let hooks = Hooks {
+        on_error,
+        on_restart,
+    };
     let changed = Arc::new(Notify::new());
     let ns = &settings.namespaces;
-    let ingresses: Stores<Ingress> = start(&client, "Ingress", ns, true, None, &changed, &on_error);
-    let services: Stores<Service> = start(&client, "Service", ns, true, None, &changed, &on_error);
-    let slices: Stores<EndpointSlice> = start(
-        &client,
-        "EndpointSlice",
-        ns,
-        true,
-        None,
-        &changed,
-        &on_error,
-    );
+    let ingresses: Stores<Ingress> = start(&client, "Ingress", ns, true, None, &changed, &hooks);
+    let services: Stores<Service> = start(&client, "Service", ns, true, None, &changed, &hooks);
+    let slices: Stores<EndpointSlice> =
+        start(&client, "EndpointSlice", ns, true, None, &changed, &hooks);
     let secrets: Stores<Secret> = start(
         &client,
         "Secret",
@@ -257,7 +284,7 @@ pub async fn run(
         true,
         Some("type=kubernetes.io/tls"),
         &changed,
-        &on_error,
+        &hooks,
     );
     let classes = Stores::<IngressClass> {
         stores: vec![spawn_reflector(
@@ -265,7 +292,7 @@ pub async fn run(
             "IngressClass",
             None,
             &changed,
-            &on_error,
+            &hooks,
         )],
     };
 

@@ -5,7 +5,7 @@
 //! body.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -84,6 +84,8 @@ struct BodySource {
     /// The body was empty from the start: any attempt can send it again.
     empty: bool,
     exceeded: Arc<AtomicBool>,
+    /// Body bytes read from downstream, across attempts (for metrics and the access log).
+    received: Arc<AtomicU64>,
 }
 
 /// The downstream request body on its way upstream: streamed, counted, and cut off with
@@ -105,6 +107,7 @@ impl RequestBody {
                 slot: Mutex::new(Some(inner)),
                 empty,
                 exceeded: Arc::new(AtomicBool::new(false)),
+                received: Arc::new(AtomicU64::new(0)),
             }),
             inner: None,
             taken: false,
@@ -116,6 +119,11 @@ impl RequestBody {
     /// A flag that becomes true when the body passes the limit.
     pub fn exceeded_flag(&self) -> Arc<AtomicBool> {
         self.source.exceeded.clone()
+    }
+
+    /// The count of body bytes read from downstream so far, shared with every attempt.
+    pub fn received_counter(&self) -> Arc<AtomicU64> {
+        self.source.received.clone()
     }
 
     /// Whether the request has no body at all.
@@ -172,6 +180,9 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
+                    this.source
+                        .received
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if this.limit.is_some_and(|limit| this.seen > limit) {
                         this.source.exceeded.store(true, Ordering::Release);
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge)));

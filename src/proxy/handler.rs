@@ -31,6 +31,7 @@ use super::body::{ProxyBody, RequestBody, full, streamed};
 use super::errors::ProxyError;
 use super::forward::{FailureKind, Via};
 use super::headers::{self, ForwardedFor, X_REQUEST_ID};
+use super::observe::{Exchange, Observer, RequestHead, finish_with};
 use super::upgrade;
 use crate::metrics::RouteLabels;
 use crate::model::{Cluster, Decision, request_host};
@@ -65,6 +66,10 @@ impl ConnState {
             .open_connections
             .with_label_values(&[listener, "detecting"]);
         gauge.inc();
+        metrics
+            .connections_total
+            .with_label_values(&[listener])
+            .inc();
         ConnState {
             peer,
             local_port,
@@ -140,9 +145,21 @@ pub async fn handle(
     conn.request_arrived(version);
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();
-    let mut labels = RouteLabels::default();
+    let logging = inner.access_log.enabled();
+    let head = logging.then(|| RequestHead::of(&req));
+    let mut exchange = Exchange::default();
     let mut hsts = None;
-    let mut resp = match proxy(inner, conn, req, &request_id, &mut labels, &mut hsts).await {
+    let mut resp = match proxy(
+        inner,
+        conn,
+        req,
+        &request_id,
+        &mut exchange,
+        &mut hsts,
+        logging,
+    )
+    .await
+    {
         Ok(resp) => resp,
         Err(err) => {
             debug!(
@@ -157,6 +174,7 @@ pub async fn handle(
         }
     };
     let elapsed = start.elapsed().as_secs_f64();
+    let labels = &exchange.labels;
     debug!(
         request_id = ?request_id,
         %method,
@@ -167,7 +185,8 @@ pub async fn handle(
         seconds = elapsed,
         "answered"
     );
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     if let Some(v) = hsts {
         resp.headers_mut().insert(STRICT_TRANSPORT_SECURITY, v);
     }
@@ -181,8 +200,20 @@ pub async fn handle(
     }
     inner
         .metrics
-        .observe_request(&labels, &method, resp.status(), elapsed);
-    resp
+        .observe_request(labels, &method, resp.status(), elapsed);
+    finish_with(
+        resp,
+        exchange,
+        Observer {
+            metrics: inner.metrics.clone(),
+            log: inner.access_log.clone(),
+            start,
+            head,
+            client: conn.peer,
+            request_id,
+            tls_version: conn.tls.as_ref().map(|t| t.version),
+        },
+    )
 }
 
 /// Where a request goes, decided under one snapshot guard.
@@ -263,8 +294,9 @@ async fn proxy(
     conn: &ConnState,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
-    labels: &mut RouteLabels,
+    obs: &mut Exchange,
     hsts: &mut Option<HeaderValue>,
+    logging: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upgrade_protocol = upgrade::requested(&req);
     let downstream_upgrade = upgrade_protocol
@@ -286,7 +318,14 @@ async fn proxy(
     let host = request_host(authority, host_header).map_err(ProxyError::Host)?;
     let path = parts.uri.path();
 
-    let routed = route(inner, conn, host.as_deref(), &parts.uri, labels, hsts)?;
+    let routed = route(
+        inner,
+        conn,
+        host.as_deref(),
+        &parts.uri,
+        &mut obs.labels,
+        hsts,
+    )?;
     let cluster = routed.cluster.clone();
     let mut picked = inner
         .balancer
@@ -358,6 +397,8 @@ async fn proxy(
 
     let body = RequestBody::new(body, inner.cfg.max_body_size);
     let exceeded = body.exceeded_flag();
+    obs.request_bytes = Some(body.received_counter());
+    let upstream_start = Instant::now();
     let deadline = tokio::time::Instant::now() + inner.upstream.response_timeout();
     let mut via = Via { h2c, fresh: false };
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -385,6 +426,7 @@ async fn proxy(
             Version::HTTP_11
         };
         *upstream_req.headers_mut() = parts.headers.clone();
+        obs.attempt(&picked.target, logging);
         let failure = match inner
             .upstream
             .send(upstream_req, via, &routed.service, &exceeded, deadline)
@@ -443,6 +485,7 @@ async fn proxy(
             .inc();
         retried = true;
     };
+    obs.upstream_duration = Some(upstream_start.elapsed());
     if let Some(addr) = picked.target.addr() {
         inner.balancer.report_success(addr);
     }

@@ -25,6 +25,7 @@ mod forward;
 mod handler;
 pub mod headers;
 pub(crate) mod listener;
+mod observe;
 pub mod tls;
 mod upgrade;
 
@@ -35,6 +36,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::accesslog::{AccessLog, AccessLogFormat};
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
 
@@ -73,6 +75,9 @@ pub struct ProxyConfig {
     pub shutdown_delay: Duration,
     /// Then: how long in-flight requests and open upgrades get to finish.
     pub shutdown_grace: Duration,
+    /// The access log on standard output that [`Proxy::new`] starts; `Off` by default
+    /// here (the `run` command's flag defaults to `text`).
+    pub access_log: AccessLogFormat,
 }
 
 impl Default for ProxyConfig {
@@ -89,6 +94,7 @@ impl Default for ProxyConfig {
             ejection: Ejection::default(),
             shutdown_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            access_log: AccessLogFormat::Off,
         }
     }
 }
@@ -112,14 +118,29 @@ pub(crate) struct Inner {
     pub(crate) tunnels: upgrade::Tunnels,
     /// Set once by [`Proxy::enable_tls`]: certificates, redirect and HSTS settings.
     pub(crate) tls: std::sync::OnceLock<Arc<tls::TlsState>>,
+    /// Where finished requests are logged.
+    pub(crate) access_log: AccessLog,
 }
 
 impl Proxy {
-    /// A proxy that routes with whatever snapshot `snapshots` holds at each request.
+    /// A proxy that routes with whatever snapshot `snapshots` holds at each request,
+    /// logging requests to standard output in `cfg.access_log`'s format.
     pub fn new(
         cfg: ProxyConfig,
         snapshots: Arc<ArcSwap<Snapshot>>,
         metrics: Arc<Metrics>,
+    ) -> Proxy {
+        let log = AccessLog::stdout(cfg.access_log, metrics.access_log_dropped_total.clone());
+        Proxy::with_access_log(cfg, snapshots, metrics, log)
+    }
+
+    /// Like [`Proxy::new`], logging requests to `access_log` (whatever
+    /// `cfg.access_log` says).
+    pub fn with_access_log(
+        cfg: ProxyConfig,
+        snapshots: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
     ) -> Proxy {
         let upstream = forward::UpstreamClient::new(&cfg, metrics.clone());
         Proxy {
@@ -132,6 +153,7 @@ impl Proxy {
                 draining: watch::Sender::new(false),
                 tunnels: upgrade::Tunnels::default(),
                 tls: std::sync::OnceLock::new(),
+                access_log,
             }),
         }
     }

@@ -181,6 +181,9 @@ pub struct TlsConnInfo {
     pub cert: CertId,
     /// ALPN chose `h2`.
     pub h2: bool,
+    /// The negotiated protocol version `TLSv1.3` or `TLSv1.2` (the
+    /// access log's `tls_version`); `other` for anything else.
+    pub version: &'static str,
 }
 
 /// A failed handshake: the metric reason and the cause for the debug log.
@@ -243,10 +246,10 @@ impl TlsState {
                 })
             });
         match &result {
-            Ok((stream, _)) => {
-                let version = match stream.get_ref().1.protocol_version() {
-                    Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
-                    Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+            Ok((_, info)) => {
+                let version = match info.version {
+                    "TLSv1.3" => "1.3",
+                    "TLSv1.2" => "1.2",
                     _ => "other",
                 };
                 self.metrics
@@ -303,12 +306,18 @@ impl TlsState {
         // session it resumes, which was chosen for the same SNI.
         let cert = chosen.unwrap_or_else(|| self.resolver.choose(server_name.as_deref()).id);
         let h2 = session.alpn_protocol() == Some(b"h2");
+        let version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "other",
+        };
         Ok((
             stream,
             TlsConnInfo {
                 server_name,
                 cert,
                 h2,
+                version,
             },
         ))
     }

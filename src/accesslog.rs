@@ -1,0 +1,467 @@
+//! Access log: one line per request, written off the request's path.
+//!
+//! The data path hands a finished request's [`Entry`] to [`AccessLog::log`], which
+//! never blocks: entries go into a bounded channel, and when it is full the entry is
+//! dropped and counted in `portcullis_access_log_dropped_total`. A dedicated thread
+//! formats entries (`text` or `json`, see [`AccessLogFormat`]) into a buffered writer
+//! (stdout in production) and flushes whenever the channel runs empty, so bursts are
+//! written in batches. Formatting happens on that thread: the request only moves
+//! values it already holds (cheap clones of its URI and headers) into the entry.
+//!
+//! The path is logged without its query string; no header other than `Host` and
+//! `User-Agent` is logged.
+
+use std::fmt;
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::HeaderValue;
+use http::{Method, Uri};
+use prometheus::IntCounter;
+use serde::Serialize;
+use serde::ser::SerializeMap;
+
+use crate::metrics::RouteLabels;
+
+/// Entries that may wait for the writer before new ones are dropped.
+pub const DEFAULT_CAPACITY: usize = 4096;
+
+/// `--access-log`: `off`, `json` (one JSON object per line) or `text` (logfmt:
+/// `key=value` pairs, values quoted when they contain spaces or quotes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    #[default]
+    Off,
+    Json,
+    Text,
+}
+
+/// Where a request was sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// A pod endpoint.
+    Addr(SocketAddr),
+    /// An ExternalName Service's DNS name and port.
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamAddr::Addr(a) => a.fmt(f),
+            UpstreamAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// One finished request, as the data path saw it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// When the request head arrived.
+    pub time: SystemTime,
+    /// The downstream peer.
+    pub client: SocketAddr,
+    pub method: Method,
+    /// `Host` as received, else the authority of the request target.
+    pub host: Option<HeaderValue>,
+    /// The request target; only its path is logged.
+    pub uri: Uri,
+    pub status: u16,
+    /// Request body bytes read from downstream.
+    pub bytes_in: u64,
+    /// Response body bytes sent downstream.
+    pub bytes_out: u64,
+    /// From the request head's arrival until the response body ended.
+    pub duration: Duration,
+    /// The last upstream the request was sent to; `None` when it was answered by the
+    /// proxy itself before any attempt.
+    pub upstream: Option<UpstreamAddr>,
+    /// From the first upstream attempt until the upstream's response headers.
+    pub upstream_duration: Option<Duration>,
+    /// The route taken; empty strings when none matched.
+    pub route: RouteLabels,
+    pub request_id: HeaderValue,
+    pub user_agent: Option<HeaderValue>,
+    /// The TLS protocol version of the downstream connection (`TLSv1.3`), `None` on
+    /// plain HTTP.
+    pub tls_version: Option<&'static str>,
+}
+
+/// The sending side of the access log. Cheap to clone; `off` does nothing at all.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: Option<SyncSender<Entry>>,
+    dropped: Option<IntCounter>,
+}
+
+impl fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("enabled", &self.enabled())
+            .finish()
+    }
+}
+
+impl AccessLog {
+    /// An access log that logs nothing.
+    pub fn off() -> AccessLog {
+        AccessLog {
+            tx: None,
+            dropped: None,
+        }
+    }
+
+    /// Logs in `format` to standard output; `off` starts nothing.
+    pub fn stdout(format: AccessLogFormat, dropped: IntCounter) -> AccessLog {
+        AccessLog::start(format, io::stdout(), dropped, DEFAULT_CAPACITY)
+    }
+
+    /// Logs in `format` to `writer` from a dedicated thread, with room for `capacity`
+    /// waiting entries; lines beyond that are dropped and counted in `dropped`. The
+    /// thread ends, after flushing, once every clone of the returned handle is gone.
+    pub fn start<W: Write + Send + 'static>(
+        format: AccessLogFormat,
+        writer: W,
+        dropped: IntCounter,
+        capacity: usize,
+    ) -> AccessLog {
+        if format == AccessLogFormat::Off {
+            return AccessLog::off();
+        }
+        let (tx, rx) = sync_channel(capacity.max(1));
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(format, &rx, writer));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access log writer; access logging is off");
+            return AccessLog::off();
+        }
+        AccessLog {
+            tx: Some(tx),
+            dropped: Some(dropped),
+        }
+    }
+
+    /// Whether entries are logged (so whether the data path should collect them).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Hands `entry` to the writer without waiting; drops and counts it when the
+    /// writer is behind.
+    pub fn log(&self, entry: Entry) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(entry) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if let Some(d) = &self.dropped {
+                    d.inc();
+                }
+            }
+            // The writer thread is gone (its output failed): nothing left to do.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// Entries written before a flush even while more keep arriving.
+const MAX_BATCH: usize = 1024;
+
+fn write_loop<W: Write>(format: AccessLogFormat, rx: &Receiver<Entry>, writer: W) {
+    let mut out = BufWriter::with_capacity(64 * 1024, writer);
+    while let Ok(first) = rx.recv() {
+        let mut result = write_entry(&mut out, format, &first);
+        let mut n = 1;
+        while result.is_ok() && n < MAX_BATCH {
+            let Ok(next) = rx.try_recv() else { break };
+            result = write_entry(&mut out, format, &next);
+            n += 1;
+        }
+        if let Err(e) = result.and_then(|()| out.flush()) {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                return;
+            }
+            tracing::warn!(error = %e, "writing the access log failed");
+        }
+    }
+    let _ = out.flush();
+}
+
+/// Writes one entry as one line.
+pub fn write_entry<W: Write>(w: &mut W, format: AccessLogFormat, e: &Entry) -> io::Result<()> {
+    match format {
+        AccessLogFormat::Off => Ok(()),
+        AccessLogFormat::Json => {
+            serde_json::to_writer(&mut *w, &JsonEntry(e)).map_err(io::Error::other)?;
+            w.write_all(b"\n")
+        }
+        AccessLogFormat::Text => write_text(w, e),
+    }
+}
+
+/// `host` as logged: `Host`, or `-`.
+fn header_str(v: Option<&HeaderValue>) -> Option<&[u8]> {
+    v.map(HeaderValue::as_bytes).filter(|b| !b.is_empty())
+}
+
+fn write_text<W: Write>(w: &mut W, e: &Entry) -> io::Result<()> {
+    write!(w, "time={} client={} method=", Rfc3339(e.time), e.client)?;
+    text_value(w, e.method.as_str().as_bytes())?;
+    w.write_all(b" host=")?;
+    text_opt(w, header_str(e.host.as_ref()))?;
+    w.write_all(b" path=")?;
+    text_value(w, e.uri.path().as_bytes())?;
+    write!(
+        w,
+        " status={} bytes_in={} bytes_out={} duration={:.6} upstream=",
+        e.status,
+        e.bytes_in,
+        e.bytes_out,
+        e.duration.as_secs_f64()
+    )?;
+    match &e.upstream {
+        Some(UpstreamAddr::Addr(a)) => write!(w, "{a}")?,
+        Some(UpstreamAddr::Name { host, port }) => {
+            text_value(w, host.as_bytes())?;
+            write!(w, ":{port}")?;
+        }
+        None => w.write_all(b"-")?,
+    }
+    match e.upstream_duration {
+        Some(d) => write!(w, " upstream_duration={:.6}", d.as_secs_f64())?,
+        None => w.write_all(b" upstream_duration=-")?,
+    }
+    for (key, v) in [
+        (" namespace=", &e.route.namespace),
+        (" ingress=", &e.route.ingress),
+        (" service=", &e.route.service),
+    ] {
+        w.write_all(key.as_bytes())?;
+        text_opt(w, Some(v.as_bytes()).filter(|b| !b.is_empty()))?;
+    }
+    w.write_all(b" request_id=")?;
+    text_opt(w, Some(e.request_id.as_bytes()).filter(|b| !b.is_empty()))?;
+    w.write_all(b" user_agent=")?;
+    text_opt(w, header_str(e.user_agent.as_ref()))?;
+    w.write_all(b" tls=")?;
+    text_opt(w, e.tls_version.map(str::as_bytes))?;
+    w.write_all(b"\n")
+}
+
+fn text_opt<W: Write>(w: &mut W, v: Option<&[u8]>) -> io::Result<()> {
+    match v {
+        Some(v) => text_value(w, v),
+        None => w.write_all(b"-"),
+    }
+}
+
+/// A logfmt value: bare when it is plain visible ASCII without `"`, `=` or `\`;
+/// otherwise quoted, with `"` and `\` escaped and other bytes outside visible ASCII
+/// as `\xNN`, so a line can never be split or forged by what a client sent.
+fn text_value<W: Write>(w: &mut W, v: &[u8]) -> io::Result<()> {
+    let plain = !v.is_empty()
+        && v.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
+    if plain {
+        return w.write_all(v);
+    }
+    w.write_all(b"\"")?;
+    for &b in v {
+        match b {
+            b'"' => w.write_all(b"\\\"")?,
+            b'\\' => w.write_all(b"\\\\")?,
+            b' ' => w.write_all(b" ")?,
+            b if b.is_ascii_graphic() => w.write_all(&[b])?,
+            b => write!(w, "\\x{b:02x}")?,
+        }
+    }
+    w.write_all(b"\"")
+}
+
+/// The JSON form of an entry: absent values are `null`; durations in seconds.
+struct JsonEntry<'a>(&'a Entry);
+
+/// A string field written from a `Display` value without building a `String`.
+struct Collect<T>(T);
+
+impl<T: fmt::Display> Serialize for Collect<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A header value as a JSON string: its text, with bytes that are not UTF-8 replaced.
+struct HeaderText<'a>(&'a HeaderValue);
+
+impl Serialize for HeaderText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.to_str() {
+            Ok(t) => s.serialize_str(t),
+            Err(_) => s.serialize_str(&String::from_utf8_lossy(self.0.as_bytes())),
+        }
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl Serialize for JsonEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut m = s.serialize_map(Some(17))?;
+        m.serialize_entry("time", &Collect(Rfc3339(e.time)))?;
+        m.serialize_entry("client", &Collect(e.client))?;
+        m.serialize_entry("method", e.method.as_str())?;
+        m.serialize_entry("host", &e.host.as_ref().map(HeaderText))?;
+        m.serialize_entry("path", e.uri.path())?;
+        m.serialize_entry("status", &e.status)?;
+        m.serialize_entry("bytes_in", &e.bytes_in)?;
+        m.serialize_entry("bytes_out", &e.bytes_out)?;
+        m.serialize_entry("duration_seconds", &e.duration.as_secs_f64())?;
+        m.serialize_entry("upstream", &e.upstream.as_ref().map(Collect))?;
+        m.serialize_entry(
+            "upstream_duration_seconds",
+            &e.upstream_duration.map(|d| d.as_secs_f64()),
+        )?;
+        m.serialize_entry("namespace", &non_empty(&e.route.namespace))?;
+        m.serialize_entry("ingress", &non_empty(&e.route.ingress))?;
+        m.serialize_entry("service", &non_empty(&e.route.service))?;
+        m.serialize_entry("request_id", &HeaderText(&e.request_id))?;
+        m.serialize_entry("user_agent", &e.user_agent.as_ref().map(HeaderText))?;
+        m.serialize_entry("tls_version", &e.tls_version)?;
+        m.end()
+    }
+}
+
+/// A time as RFC 3339 in UTC with milliseconds: `2025-01-31T12:34:56.789Z`.
+pub struct Rfc3339(pub SystemTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let days = i64::try_from(secs / 86_400).unwrap_or(0);
+        let rem = secs % 86_400;
+        let (y, m, d) = civil_from_days(days);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            (rem / 60) % 60,
+            rem % 60,
+            since.subsec_millis()
+        )
+    }
+}
+
+/// Year, month, day of a count of days since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            time: UNIX_EPOCH + Duration::from_millis(1_764_301_895_123),
+            client: "127.0.0.1:5000".parse().expect("addr"),
+            method: Method::GET,
+            host: Some(HeaderValue::from_static("a.example")),
+            uri: "/x/y?token=secret".parse().expect("uri"),
+            status: 200,
+            bytes_in: 3,
+            bytes_out: 12,
+            duration: Duration::from_micros(1500),
+            upstream: Some(UpstreamAddr::Addr("10.0.0.1:8080".parse().expect("addr"))),
+            upstream_duration: Some(Duration::from_micros(1000)),
+            route: RouteLabels {
+                namespace: "ns".into(),
+                ingress: "web".into(),
+                service: "svc".into(),
+            },
+            request_id: HeaderValue::from_static("req-1"),
+            user_agent: Some(HeaderValue::from_static("curl/8.5.0 (x)")),
+            tls_version: None,
+        }
+    }
+
+    fn line(format: AccessLogFormat, e: &Entry) -> String {
+        let mut out = Vec::new();
+        write_entry(&mut out, format, e).expect("write");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn dates_are_rfc3339_utc() {
+        assert_eq!(Rfc3339(UNIX_EPOCH).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            Rfc3339(UNIX_EPOCH + Duration::from_millis(1_764_301_895_123)).to_string(),
+            "2025-11-28T03:51:35.123Z"
+        );
+        // A leap day.
+        assert_eq!(
+            Rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)).to_string(),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn text_line_has_every_field_and_no_query() {
+        let l = line(AccessLogFormat::Text, &entry());
+        assert_eq!(
+            l,
+            "time=2025-11-28T03:51:35.123Z client=127.0.0.1:5000 method=GET host=a.example \
+             path=/x/y status=200 bytes_in=3 bytes_out=12 duration=0.001500 \
+             upstream=10.0.0.1:8080 upstream_duration=0.001000 namespace=ns ingress=web \
+             service=svc request_id=req-1 user_agent=\"curl/8.5.0 (x)\" tls=-\n"
+        );
+    }
+
+    #[test]
+    fn text_values_cannot_forge_fields_or_lines() {
+        let mut e = entry();
+        e.host = Some(HeaderValue::from_bytes(b"a\" b=c\xff").expect("header"));
+        e.route = RouteLabels::default();
+        e.upstream = None;
+        e.upstream_duration = None;
+        let l = line(AccessLogFormat::Text, &e);
+        assert!(l.contains(r#" host="a\" b=c\xff" "#), "{l}");
+        assert!(l.contains(" namespace=- ingress=- service=- "), "{l}");
+        assert!(l.contains(" upstream=- upstream_duration=- "), "{l}");
+        assert_eq!(l.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn json_line_parses_with_nulls_for_absent_values() {
+        let mut e = entry();
+        e.tls_version = Some("TLSv1.3");
+        let v: serde_json::Value =
+            serde_json::from_str(&line(AccessLogFormat::Json, &e)).expect("json");
+        assert_eq!(v["time"], "2025-11-28T03:51:35.123Z");
+        assert_eq!(v["path"], "/x/y");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["upstream"], "10.0.0.1:8080");
+        assert_eq!(v["tls_version"], "TLSv1.3");
+        assert_eq!(v["duration_seconds"], 0.0015);
+        e.route = RouteLabels::default();
+        e.user_agent = None;
+        let v: serde_json::Value =
+            serde_json::from_str(&line(AccessLogFormat::Json, &e)).expect("json");
+        assert!(v["namespace"].is_null());
+        assert!(v["user_agent"].is_null());
+    }
+}
