@@ -11,7 +11,18 @@
 # Environment overrides (defaults in brackets):
 #   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  CONNECTIONS [64]  THREADS [2]
 #   SCENARIOS ["keepalive close"]  keepalive: HTTP/1.1 keep-alive; close: a new
-#             downstream connection per request (wrk -H 'Connection: close')
+#             downstream connection per request (wrk -H 'Connection: close');
+#             tls-keepalive: HTTPS keep-alive (wrk, https://bench.local:PORT/);
+#             tls-handshake: HTTPS, a new connection per request (see TLS_RESUME);
+#             h2: HTTP/2 over TLS (h2load -c H2_CLIENTS -m H2_STREAMS);
+#             accesslog: Portcullis --access-log json vs off, plain keep-alive (only
+#             when `portcullis run --help` lists --access-log; skipped otherwise)
+#   TLS_RESUME [1]  tls-handshake: 1 lets nginx resume sessions like Portcullis (rustls'
+#             defaults) does and wrk asks it to; 0 turns resumption off in nginx only
+#   H2_CLIENTS [16]  H2_STREAMS [4]  h2load -c and -m (64 streams in flight)
+#   The TLS scenarios need bench.local to resolve to 127.0.0.1 (wrk sends the URL's
+#   host as SNI, never the Host header): the script adds an /etc/hosts line when the
+#   name does not resolve and removes that line on exit.
 #   UPSTREAM [nginx]  nginx: a separate one-worker nginx answering `return 200 "ok\n"`;
 #             echo: `portcullis echo` (JSON, heavier)
 #   PIN [1]   1: wrk and the upstream on WRK_CPUS, the proxy under test on PROXY_CPUS
@@ -28,6 +39,9 @@ WARMUP=${WARMUP:-3s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 SCENARIOS=${SCENARIOS:-keepalive close}
+TLS_RESUME=${TLS_RESUME:-1}
+H2_CLIENTS=${H2_CLIENTS:-16}
+H2_STREAMS=${H2_STREAMS:-4}
 UPSTREAM=${UPSTREAM:-nginx}
 PIN=${PIN:-1}
 LOAD_BALANCE=${LOAD_BALANCE:-p2c}
@@ -46,8 +60,15 @@ chmod 755 "$RESULTS_DIR"
 
 # ---------------------------------------------------------------- processes, cleanup
 pids=()
+hosts_tag="# portcullis-compare $$"
+hosts_added=0
 cleanup() {
     local pid
+    if ((hosts_added)); then
+        # Rewrite in place (no rename: /etc/hosts may be a bind mount).
+        grep -vF "$hosts_tag" /etc/hosts >"$RESULTS_DIR/hosts.new" || true
+        cat "$RESULTS_DIR/hosts.new" >/etc/hosts || echo "compare.sh: remove '$hosts_tag' from /etc/hosts" >&2
+    fi
     for pid in "${pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -64,6 +85,17 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
+want_tls=0 want_h2=0 want_accesslog=0
+for scenario in $SCENARIOS; do
+    case $scenario in
+    keepalive | close) ;;
+    tls-keepalive | tls-handshake) want_tls=1 ;;
+    h2) want_tls=1 want_h2=1 ;;
+    accesslog) want_accesslog=1 ;;
+    *) die "unknown scenario $scenario" ;;
+    esac
+done
+((want_h2)) && ! command -v h2load >/dev/null && need_apt+=(nghttp2-client)
 if ((${#need_apt[@]})); then
     echo "Installing ${need_apt[*]} (apt-get)…" >&2
     apt-get -o DPkg::Lock::Timeout=300 update -qq
@@ -85,6 +117,16 @@ else
     fi
 fi
 [[ -x $PORTCULLIS ]] || die "no Portcullis binary at $PORTCULLIS"
+run_help=$("$PORTCULLIS" run --help)
+has_https=0 has_access_log=0
+[[ $run_help == *--https-addr* ]] && has_https=1
+[[ $run_help == *--access-log* ]] && has_access_log=1
+((want_tls && !has_https)) && die "this build has no --https-addr: the TLS scenarios need it"
+if ((want_accesslog && !has_access_log)); then
+    echo "accesslog: skipped: this build has no --access-log" >&2
+    want_accesslog=0
+    SCENARIOS=$(tr ' ' '\n' <<<"$SCENARIOS" | grep -vx accesslog | tr '\n' ' ' || true)
+fi
 
 # ---------------------------------------------------------------- CPUs
 ncpu=$(nproc)
@@ -112,14 +154,71 @@ fi
 
 # ---------------------------------------------------------------- ports
 # Bind port 0 for every listener at once (so they differ), print, release.
-read -r p_up p_nginx p_pc p_admin p_dash < <(python3 -c '
+read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(11)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 ')
-[[ -n ${p_dash:-} ]] || die "could not pick free ports (python3)"
+[[ -n ${p_pcj_tls:-} ]] || die "could not pick free ports (python3)"
+
+# ---------------------------------------------------------------- TLS
+# One certificate for both proxies: a leaf for bench.local from `portcullis certs`
+# (ECDSA P-256, chained to a development CA), served by nginx from the PEM files and by
+# Portcullis from the generated kubernetes.io/tls Secret (default/bench-local-tls).
+nginx_tls_server=""
+ingress_tls=""
+mkdir -p "$RESULTS_DIR/manifests"
+if ((want_tls)); then
+    "$PORTCULLIS" certs --hosts bench.local --out "$RESULTS_DIR/certs" >"$RESULTS_DIR/certs.out" 2>&1 ||
+        die "portcullis certs failed (see $RESULTS_DIR/certs.out)"
+    cp "$RESULTS_DIR/certs/bench.local-secret.yaml" "$RESULTS_DIR/manifests/"
+    chmod 644 "$RESULTS_DIR/certs/bench.local-key.pem" # nginx reads it as root anyway
+    ingress_tls="  tls:
+    - hosts: [bench.local]
+      secretName: bench-local-tls"
+    if [[ $TLS_RESUME == 1 ]]; then
+        # nginx's defaults are tickets on, no server-side cache; a shared cache as well
+        # makes it resume TLS 1.2 session ids too, as rustls' server does by default.
+        tls_resume_conf="ssl_session_cache shared:bench:10m; ssl_session_tickets on;"
+    else
+        tls_resume_conf="ssl_session_cache off; ssl_session_tickets off;"
+    fi
+    # Same location as the plain server; on its own port, HTTP/1.1 and h2 by ALPN.
+    nginx_tls_server="
+    server {
+        listen 127.0.0.1:$p_nginx_tls ssl http2 backlog=4096;
+        server_name bench.local;
+        ssl_certificate $RESULTS_DIR/certs/bench.local.pem;
+        ssl_certificate_key $RESULTS_DIR/certs/bench.local-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        $tls_resume_conf
+        http2_max_concurrent_streams 128;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Request-ID \$request_id;
+            proxy_set_header X-Real-IP \$remote_addr;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Forwarded-Port \$server_port;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }"
+    # wrk sends the URL's host as SNI (checked: with https://127.0.0.1:PORT/ and
+    # -H 'Host: bench.local' nginx sees SNI 127.0.0.1, and Portcullis would answer 421),
+    # so bench.local must resolve. h2load gets --connect-to instead.
+    if ! getent hosts bench.local >/dev/null; then
+        echo "Adding '127.0.0.1 bench.local' to /etc/hosts (removed on exit)" >&2
+        hosts_added=1
+        echo "127.0.0.1 bench.local $hosts_tag" >>/etc/hosts || die "cannot write /etc/hosts"
+    fi
+    [[ $(getent hosts bench.local | awk '{print $1; exit}') == 127.0.0.1 ]] ||
+        die "bench.local resolves to $(getent hosts bench.local), not 127.0.0.1"
+fi
 
 # ---------------------------------------------------------------- configs
 cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
@@ -184,11 +283,10 @@ http {
             proxy_set_header X-Forwarded-Port \$server_port;
             proxy_set_header X-Forwarded-Proto \$scheme;
         }
-    }
+    }$nginx_tls_server
 }
 EOF
 
-mkdir -p "$RESULTS_DIR/manifests"
 cat >"$RESULTS_DIR/manifests/bench.yaml" <<EOF
 apiVersion: networking.k8s.io/v1
 kind: Ingress
@@ -196,6 +294,7 @@ metadata:
   name: bench
   namespace: default
 spec:
+$ingress_tls
   rules:
     - host: bench.local
       http:
@@ -277,19 +376,52 @@ start "$RESULTS_DIR/nginx-proxy.out" "${proxy_pin[@]}" "$NGINX" -p "$RESULTS_DIR
 nginx_pid=$started
 wait_ready nginx "$nginx_pid" "http://127.0.0.1:$p_nginx/"
 
+# Every listener on a port of its own (the default HTTPS port may be taken).
+pc_https=() pcj_https=() pc_alog=()
+if ((has_https)); then
+    pc_https=(--https-addr "127.0.0.1:$p_pc_tls")
+    pcj_https=(--https-addr "127.0.0.1:$p_pcj_tls")
+fi
+((has_access_log)) && pc_alog=(--access-log off)
 start "$RESULTS_DIR/portcullis.log" "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WORKER_THREADS="$workers" \
     "$PORTCULLIS" run --manifests "$RESULTS_DIR/manifests" \
     --http-addr "127.0.0.1:$p_pc" --admin-addr "127.0.0.1:$p_admin" \
     --dashboard-addr "127.0.0.1:$p_dash" --load-balance "$LOAD_BALANCE" \
-    --shutdown-delay 0s --shutdown-grace 2s
+    --shutdown-delay 0s --shutdown-grace 2s "${pc_https[@]}" "${pc_alog[@]}"
 pc_pid=$started
 wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
+
+declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid)
+if ((want_accesslog)); then
+    # The same proxy with JSON access logs on stdout, which goes to /dev/null: the cost
+    # measured is formatting and writing the line, not a disk or a terminal.
+    "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WORKER_THREADS="$workers" \
+        "$PORTCULLIS" run --manifests "$RESULTS_DIR/manifests" \
+        --http-addr "127.0.0.1:$p_pcj" --admin-addr "127.0.0.1:$p_pcj_admin" \
+        --dashboard-addr "127.0.0.1:$p_pcj_dash" --load-balance "$LOAD_BALANCE" \
+        --shutdown-delay 0s --shutdown-grace 2s "${pcj_https[@]}" --access-log json \
+        >/dev/null 2>"$RESULTS_DIR/portcullis-json.log" &
+    pids+=("$!")
+    proc_of[portcullis-json]=$!
+    wait_ready portcullis-json "$!" "http://127.0.0.1:$p_pcj/"
+fi
+if ((want_tls)); then
+    for t in nginx portcullis; do
+        port=$p_nginx_tls
+        [[ $t == portcullis ]] && port=$p_pc_tls
+        code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$RESULTS_DIR/certs/ca.pem" \
+            "https://bench.local:$port/" || true)
+        [[ $code == 200 ]] || die "$t over TLS: https://bench.local:$port/ answered '$code' (logs in $RESULTS_DIR)"
+    done
+fi
 
 declare -A url=(
     [direct]="http://127.0.0.1:$p_up/"
     [nginx]="http://127.0.0.1:$p_nginx/"
     [portcullis]="http://127.0.0.1:$p_pc/"
+    [portcullis-json]="http://127.0.0.1:$p_pcj/"
 )
+declare -A tls_port=([nginx]=$p_nginx_tls [portcullis]=$p_pc_tls)
 
 # ---------------------------------------------------------------- runs
 # wrk's latency ("850.00us", "1.20ms", "2.00s") in milliseconds.
@@ -304,6 +436,18 @@ to_ms() {
     }'
 }
 
+# "5s", "1m", "500ms" -> whole seconds (at least 1), for h2load -D.
+to_seconds() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /ms$/) n /= 1000
+        else if (v ~ /m$/) n *= 60
+        else if (v ~ /h$/) n *= 3600
+        n = int(n + 0.5); if (n < 1) n = 1
+        print n
+    }'
+}
+
 # CPU time (user + system, in clock ticks) used so far by PID and its child
 # processes (nginx workers); a process' threads are included in its own figure.
 clk_tck=$(getconf CLK_TCK)
@@ -314,7 +458,6 @@ cpu_ticks() {
     done
     echo "$total"
 }
-declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid)
 
 results=$RESULTS_DIR/results.tsv
 printf 'scenario\tround\ttarget\trps\tp50_ms\tp99_ms\tcpu_us_per_req\tnon2xx\tsocket_errors\n' >"$results"
@@ -322,24 +465,47 @@ failed=0
 
 # run SCENARIO ROUND TARGET DURATION -> appends a row (ROUND 0 = warm-up, not kept).
 run() {
-    local scenario=$1 round=$2 target=$3 duration=$4 out extra=()
-    [[ $scenario == close ]] && extra=(-H 'Connection: close')
-    out=$RESULTS_DIR/wrk-$scenario-$round-$target.txt
+    local scenario=$1 round=$2 target=$3 duration=$4 out extra=() target_url p99_ms=-
+    target_url=${url[$target]}
+    [[ $scenario == close || $scenario == tls-handshake ]] && extra=(-H 'Connection: close')
+    [[ $scenario == tls-* ]] && target_url="https://bench.local:${tls_port[$target]}/"
+    local tool=wrk
+    [[ $scenario == h2 ]] && tool=h2load
+    out=$RESULTS_DIR/$tool-$scenario-$round-$target.txt
     local cpu_before cpu_after
     cpu_before=$(cpu_ticks "${proc_of[$target]}")
-    "${wrk_pin[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency \
-        -H 'Host: bench.local' "${extra[@]}" "${url[$target]}" >"$out" 2>&1 ||
-        die "wrk failed against $target (see $out)"
+    if [[ $tool == wrk ]]; then
+        "${wrk_pin[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency \
+            -H 'Host: bench.local' "${extra[@]}" "$target_url" >"$out" 2>&1 ||
+            die "wrk failed against $target (see $out)"
+    else
+        # h2load connects where --connect-to says and sends the URL's host as SNI and
+        # :authority; -D takes seconds.
+        "${wrk_pin[@]}" h2load -t"$THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" \
+            -D"$(to_seconds "$duration")" --connect-to="127.0.0.1:${tls_port[$target]}" \
+            "https://bench.local:${tls_port[$target]}/" >"$out" 2>&1 ||
+            die "h2load failed against $target (see $out)"
+    fi
     cpu_after=$(cpu_ticks "${proc_of[$target]}")
-    local rps p50 p99 non2xx sockerr
-    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
-    p50=$(awk '$1 == "50%" {print $2}' "$out")
-    p99=$(awk '$1 == "99%" {print $2}' "$out")
-    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
-    sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {print $5 + $7 + $9 + $11}' "$out")
-    [[ -n $rps && -n $p50 && -n $p99 ]] || die "cannot parse wrk output in $out"
-    local requests cpu_us
-    requests=$(awk '/ requests in / {print $1}' "$out")
+    local rps p50 p99 non2xx sockerr requests
+    if [[ $tool == wrk ]]; then
+        rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+        p50=$(awk '$1 == "50%" {print $2}' "$out")
+        p99=$(awk '$1 == "99%" {print $2}' "$out")
+        non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+        sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {print $5 + $7 + $9 + $11}' "$out")
+        requests=$(awk '/ requests in / {print $1}' "$out")
+    else
+        # h2load prints no percentiles: p50 holds the mean request time, p99 "-".
+        rps=$(awk '/^finished in/ {print $4}' "$out")
+        p50=$(awk '/^time for request:/ {print $6}' "$out")
+        p99=-
+        non2xx=$(awk -F'[ ,]+' '/^status codes:/ {n = $5 + $7 + $9; if (n) print n}' "$out")
+        sockerr=$(awk -F'[ ,]+' '/^requests:/ {n = $10 + $12 + $14; if (n) print n}' "$out")
+        requests=$(awk -F'[ ,]+' '/^requests:/ {print $6}' "$out")
+    fi
+    [[ -n $rps && -n $p50 && -n $p99 ]] || die "cannot parse $tool output in $out"
+    local cpu_us
     cpu_us=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$clk_tck" -v n="$requests" \
         'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
     if [[ -n $non2xx ]]; then
@@ -347,20 +513,26 @@ run() {
         failed=1
     fi
     if ((round > 0)); then
+        [[ $p99 == - ]] || p99_ms=$(to_ms "$p99")
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$target" "$rps" \
-            "$(to_ms "$p50")" "$(to_ms "$p99")" "$cpu_us" "${non2xx:-0}" "${sockerr:-0}" >>"$results"
+            "$(to_ms "$p50")" "$p99_ms" "$cpu_us" "${non2xx:-0}" \
+            "${sockerr:-0}" >>"$results"
     fi
     printf '  %-10s %-10s round %s  %12s req/s  p50 %9s  p99 %9s  %6s CPU us/req%s\n' "$scenario" \
         "$target" "$round" "$rps" "$p50" "$p99" "$cpu_us" "${sockerr:+  socket errors $sockerr}" >&2
 }
 
-targets=(direct nginx portcullis)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started_at=$(date +%s)
 echo "Upstream: $upstream_desc on :$p_up; nginx on :$p_nginx; Portcullis on :$p_pc" >&2
 echo "Load average before: $load_before" >&2
 for scenario in $SCENARIOS; do
-    case $scenario in keepalive | close) ;; *) die "unknown scenario $scenario" ;; esac
+    case $scenario in
+    keepalive | close) targets=(direct nginx portcullis) ;;
+    # The upstream speaks plain HTTP only: no direct run over TLS.
+    tls-keepalive | tls-handshake | h2) targets=(nginx portcullis) ;;
+    accesslog) targets=(nginx portcullis portcullis-json) ;;
+    esac
     for t in "${targets[@]}"; do
         run "$scenario" 0 "$t" "$WARMUP"
     done
@@ -384,12 +556,17 @@ for child in $(pgrep -P "$nginx_pid" || true); do
     nginx_workers=$((nginx_workers + 1))
 done
 pc_rss=$(hwm_kib "$pc_pid")
+pcj_rss=0
+((want_accesslog)) && pcj_rss=$(hwm_kib "${proc_of[portcullis-json]}")
 
 # ---------------------------------------------------------------- report
 report=$RESULTS_DIR/report.txt
 {
     echo "Portcullis vs nginx — $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -n), $ncpu CPUs"
     echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS interleaved rounds (order rotates), medians"
+    [[ " $SCENARIOS " == *" h2 "* ]] &&
+        echo "h2: h2load -t$THREADS -c$H2_CLIENTS -m$H2_STREAMS -D$(to_seconds "$DURATION") (p50 column = mean request time, no p99)"
+    ((want_tls)) && echo "TLS: ECDSA P-256 leaf from portcullis certs; TLS_RESUME=$TLS_RESUME ($tls_resume_conf in nginx)"
     echo "upstream: $upstream_desc; proxies: $workers worker(s) each (nginx worker_processes, TOKIO_WORKER_THREADS)"
     if [[ $PIN == 1 ]]; then
         echo "pinning: wrk and upstream on CPU $WRK_CPUS, proxy under test on CPU $PROXY_CPUS (taskset)"
@@ -398,7 +575,7 @@ report=$RESULTS_DIR/report.txt
     fi
     echo "load average: before $load_before, after $load_after; runs took ${elapsed}s"
     echo
-    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v nw="$nginx_workers" '
+    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v pcj_rss="$pcj_rss" -v nw="$nginx_workers" '
         function median(list,    n, a, i, j, t) {
             n = split(list, a, " ")
             for (i = 1; i <= n; i++) a[i] += 0
@@ -412,37 +589,50 @@ report=$RESULTS_DIR/report.txt
             if (!(s in seen)) { seen[s] = 1; order[++ns] = s }
             rps[s, t] = rps[s, t] " " $4; p50[s, t] = p50[s, t] " " $5; p99[s, t] = p99[s, t] " " $6
             cpu[s, t] = cpu[s, t] " " $7
-            R[s, r, t] = $4; P[s, r, t] = $6; C[s, r, t] = $7; rounds[s, r] = 1
+            R[s, r, t] = $4; P[s, r, t] = $6 + 0; C[s, r, t] = $7; rounds[s, r] = 1
         }
         END {
             printf "| scenario | target | RPS | p50 ms | p99 ms | CPU µs/req | RPS / nginx | p99 / nginx | CPU / nginx | peak RSS |\n"
             printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
             for (k = 1; k <= ns; k++) {
                 s = order[k]
-                rr = ""; pr = ""; cr = ""
+                split("portcullis portcullis-json", pt, " ")
+                for (j = 1; j <= 2; j++) { q = pt[j]; rr[q] = ""; pr[q] = ""; cr[q] = "" }
+                jo = ""
                 for (key in rounds) {
                     split(key, kk, SUBSEP)
                     if (kk[1] != s) continue
                     r = kk[2]
-                    if (R[s, r, "nginx"] > 0 && R[s, r, "portcullis"] != "") rr = rr " " R[s, r, "portcullis"] / R[s, r, "nginx"]
-                    if (P[s, r, "nginx"] > 0 && P[s, r, "portcullis"] != "") pr = pr " " P[s, r, "portcullis"] / P[s, r, "nginx"]
-                    if (C[s, r, "nginx"] > 0 && C[s, r, "portcullis"] != "") cr = cr " " C[s, r, "portcullis"] / C[s, r, "nginx"]
+                    for (j = 1; j <= 2; j++) {
+                        q = pt[j]
+                        if (R[s, r, "nginx"] > 0 && R[s, r, q] != "") rr[q] = rr[q] " " R[s, r, q] / R[s, r, "nginx"]
+                        if (P[s, r, "nginx"] > 0 && R[s, r, q] != "") pr[q] = pr[q] " " P[s, r, q] / P[s, r, "nginx"]
+                        if (C[s, r, "nginx"] > 0 && R[s, r, q] != "") cr[q] = cr[q] " " C[s, r, q] / C[s, r, "nginx"]
+                    }
+                    if (R[s, r, "portcullis"] > 0 && R[s, r, "portcullis-json"] != "") jo = jo " " R[s, r, "portcullis-json"] / R[s, r, "portcullis"]
                 }
-                split("direct nginx portcullis", ts, " ")
-                for (i = 1; i <= 3; i++) {
+                split("direct nginx portcullis portcullis-json", ts, " ")
+                for (i = 1; i <= 4; i++) {
                     t = ts[i]
                     if (rps[s, t] == "") continue
                     ratio = "—"; pratio = "—"; cratio = "—"; mem = "—"
-                    if (t == "nginx") { ratio = "1.00"; pratio = "1.00"; cratio = "1.00"; mem = sprintf("%.1f MiB (%d workers + master)", nginx_rss / 1024, nw) }
-                    if (t == "portcullis") { ratio = sprintf("%.2f", median(rr)); pratio = sprintf("%.2f", median(pr)); cratio = sprintf("%.2f", median(cr)); mem = sprintf("%.1f MiB", pc_rss / 1024) }
-                    printf "| %s | %s | %.0f | %.2f | %.2f | %.1f | %s | %s | %s | %s |\n", s, t, median(rps[s, t]), median(p50[s, t]), median(p99[s, t]), median(cpu[s, t]), ratio, pratio, cratio, mem
+                    if (t == "nginx") { ratio = "1.00"; pratio = P[s, 1, t] > 0 ? "1.00" : "—"; cratio = "1.00"; mem = sprintf("%.1f MiB (%d workers + master)", nginx_rss / 1024, nw) }
+                    if (t ~ /^portcullis/) {
+                        ratio = sprintf("%.2f", median(rr[t])); cratio = sprintf("%.2f", median(cr[t]))
+                        pratio = P[s, 1, t] > 0 ? sprintf("%.2f", median(pr[t])) : "—"
+                        mem = sprintf("%.1f MiB", (t == "portcullis" ? pc_rss : pcj_rss) / 1024)
+                    }
+                    p99s = P[s, 1, t] > 0 ? sprintf("%.2f", median(p99[s, t])) : "—"
+                    printf "| %s | %s | %.0f | %.2f | %s | %.1f | %s | %s | %s | %s |\n", s, t, median(rps[s, t]), median(p50[s, t]), p99s, median(cpu[s, t]), ratio, pratio, cratio, mem
                 }
+                if (jo != "") jsonoff[s] = sprintf("%.3f (per round:%s)", median(jo), jo)
             }
             print ""
             print "Ratios are medians of the per-round ratios (Portcullis and nginx measured in the same round)."
             print "CPU µs/req: user+system time of the process under test (direct: the upstream) per request,"
             print "from /proc/PID/stat around each run; less sensitive than RPS to other load on the machine."
             print "Peak RSS is VmHWM after all runs; for nginx the sum over master and workers."
+            for (s in jsonoff) printf "%s: RPS --access-log json / off = %s (goal: >= 0.90)\n", s, jsonoff[s]
         }' "$results"
 } | tee "$report"
 
