@@ -35,3 +35,42 @@ fn mlflow_cluster_is_valid_and_only_lacks_endpoints_outside_a_cluster() {
     assert!(out.contains("0 error(s), 1 warning(s)"), "{out}");
     assert!(out.contains("has no ready or serving endpoints"), "{out}");
 }
+
+#[test]
+fn mlflow_local_tls_serves_its_host_with_a_certificate_from_portcullis_certs() {
+    // The example ships without key material: the user runs `portcullis certs` into the
+    // folder. Do the same in a temp dir with a copy of the manifests.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let certs = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "--hosts", "mlflow.localhost", "--out"])
+        .arg(tmp.path())
+        .output()
+        .expect("run portcullis certs");
+    assert!(
+        certs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&certs.stderr)
+    );
+    assert!(tmp.path().join("mlflow.localhost-secret.yaml").is_file());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mlflow/local-tls");
+    for entry in std::fs::read_dir(&example).expect("read examples/mlflow/local-tls") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) == Some("yaml")
+            && !path.to_string_lossy().ends_with("-secret.yaml")
+        {
+            std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).expect("copy");
+        }
+    }
+
+    let (code, out) = check(tmp.path().to_str().expect("utf-8 temp path"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(", 1 TLS host(s)."), "{out}");
+    let tls_line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("mlflow.localhost") && l.contains("Secret"))
+        .unwrap_or_else(|| panic!("no TLS host line: {out}"));
+    assert!(tls_line.contains("default/mlflow-localhost-tls"), "{out}");
+    assert!(tls_line.contains("  certificate ") && tls_line.contains("(expires "), "{out}");
+    assert!(!tls_line.contains("no usable certificate"), "{out}");
+    assert!(out.contains("No problems found."), "{out}");
+}
