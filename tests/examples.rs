@@ -70,7 +70,10 @@ fn mlflow_local_tls_serves_its_host_with_a_certificate_from_portcullis_certs() {
         .find(|l| l.trim_start().starts_with("mlflow.localhost") && l.contains("Secret"))
         .unwrap_or_else(|| panic!("no TLS host line: {out}"));
     assert!(tls_line.contains("default/mlflow-localhost-tls"), "{out}");
-    assert!(tls_line.contains("  certificate ") && tls_line.contains("(expires "), "{out}");
+    assert!(
+        tls_line.contains("  certificate ") && tls_line.contains("(expires "),
+        "{out}"
+    );
     assert!(!tls_line.contains("no usable certificate"), "{out}");
     assert!(out.contains("No problems found."), "{out}");
 }
