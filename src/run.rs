@@ -209,7 +209,8 @@ pub async fn serve(
     info!("stopped");
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT (Ctrl-C).
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -338,7 +338,7 @@ async fn run(
     };
     let mut last_renew: Option<Instant> = None;
     let mut reread = false;
-    let signal = shutdown_signal();
+    let signal = crate::run::shutdown_signal();
     tokio::pin!(signal);
     loop {
         let leading = *leader.borrow();
@@ -383,26 +383,4 @@ async fn run(
         election.release().await;
     }
     debug!(lease = %settings.name, "leader election stopped");
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
