@@ -449,7 +449,6 @@ async fn server_sent_events_arrive_one_by_one() {
 /// An upstream that resets every connection (RST, not FIN) once a request head has
 /// arrived.
 async fn start_resetter() -> (std::net::SocketAddr, Stopper) {
-    use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -461,14 +460,7 @@ async fn start_resetter() -> (std::net::SocketAddr, Stopper) {
                 _ = rx.wait_for(|v| *v) => return,
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
+            let _ = support::read_head(&mut s).await;
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
             drop(s);
         }

@@ -151,14 +151,9 @@ pub async fn start_headers_only() -> (SocketAddr, Stopper) {
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                let Some(mut buf) = super::read_head(&mut s).await else {
+                    return;
+                };
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\nx-name: slow\r\nContent-Length: 10\r\n\r\n")
                     .await;

@@ -470,6 +470,19 @@ pub fn raw_body(response: &str) -> &str {
         .unwrap_or("")
 }
 
+/// Reads a request head (up to the blank line); `None` if the peer closed or failed first.
+pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(buf)
+}
+
 /// An upstream that answers every connection with `response` (after reading the
 /// request head) and closes. For answers no well-behaved server gives.
 pub async fn start_canned(response: &'static [u8]) -> (SocketAddr, Stopper) {
@@ -483,13 +496,8 @@ pub async fn start_canned(response: &'static [u8]) -> (SocketAddr, Stopper) {
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s.write_all(response).await;
                 let _ = s.shutdown().await;
@@ -582,13 +590,8 @@ pub async fn start_gated() -> (
         let Ok((mut s, _)) = listener.accept().await else {
             return;
         };
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if read_head(&mut s).await.is_none() {
+            return;
         }
         let _ = arrived_tx.send(());
         let _ = release_rx.await;
