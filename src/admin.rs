@@ -1,10 +1,8 @@
-//! The admin and dashboard listeners: probes, metrics, and debug views of the snapshot
-//! in force.
+//! The admin listener: probes and metrics; and [`SnapshotView`], the `/debug/snapshot`
+//! document the dashboard listener ([`crate::dashboard`]) serves.
 //!
 //! `serve_admin` answers `/healthz` (always 200 while the process serves), `/readyz`
 //! (200 once `ready` is set, else 503) and `/metrics` (Prometheus text format).
-//! `serve_dashboard` answers `/debug/snapshot` with a JSON view of the snapshot; it
-//! belongs on loopback only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,42 +67,6 @@ fn admin(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found"),
-    }
-}
-
-/// Serves `/debug/snapshot` (JSON, see [`SnapshotView`]) until `shutdown` becomes true.
-/// Other paths answer 404.
-pub async fn serve_dashboard(
-    listener: TcpListener,
-    snapshots: Arc<ArcSwap<Snapshot>>,
-    shutdown: watch::Receiver<bool>,
-) {
-    serve_simple(listener, "dashboard", shutdown, move |req| {
-        let snapshots = snapshots.clone();
-        async move { dashboard(&snapshots, &req) }
-    })
-    .await;
-}
-
-fn dashboard(snapshots: &ArcSwap<Snapshot>, req: &Request<Incoming>) -> Response<ProxyBody> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    }
-    match req.uri().path() {
-        "/debug/snapshot" => {
-            let snap = snapshots.load();
-            let view = SnapshotView::new(&snap);
-            match serde_json::to_vec_pretty(&view) {
-                Ok(json) => {
-                    let mut resp = Response::new(full(Bytes::from(json)));
-                    resp.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    resp
-                }
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed"),
-            }
         }
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }

@@ -196,7 +196,8 @@ pub struct ListenArgs {
     /// Admin listener: /healthz, /readyz, /metrics.
     #[arg(long, env = "PORTCULLIS_ADMIN_ADDR", default_value = "127.0.0.1:10254")]
     pub admin_addr: SocketAddr,
-    /// Dashboard listener: /debug/snapshot. Keep it on loopback.
+    /// Dashboard listener: the live dashboard at /, its JSON API at /api/v1/state, and
+    /// /debug/snapshot. Keep it on loopback (requests must name it by IP or localhost).
     #[arg(
         long,
         env = "PORTCULLIS_DASHBOARD_ADDR",

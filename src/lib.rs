@@ -14,7 +14,8 @@
 //! - [`publish`]: debounce, rebuild, swap.
 //! - [`commands`]: the `check` and `explain` commands.
 //! - [`proxy`]: the data path: listeners, routing per request, forwarding.
-//! - [`admin`]: health, readiness, metrics and the debug dashboard.
+//! - [`admin`]: health, readiness, metrics and the `/debug/snapshot` view.
+//! - [`dashboard`]: the live web dashboard, its JSON API and `/debug/snapshot`.
 //! - [`metrics`]: the explicit prometheus registry and metric handles.
 //! - [`accesslog`]: one line per request, written off the request path.
 //! - [`echo`]: a test upstream that answers with JSON about each request.
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod certs;
 pub mod cli;
 pub mod commands;
+pub mod dashboard;
 pub mod echo;
 pub mod files;
 pub mod k8s;

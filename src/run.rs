@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{AdminState, serve_admin, serve_dashboard};
+use crate::admin::{AdminState, serve_admin};
 use crate::cli::{DemoArgs, EchoArgs, ListenArgs, LogFormat, RunArgs};
+use crate::dashboard::{DashboardState, serve_dashboard};
 use crate::k8s::watch::{ErrorHook, KubeSettings, RestartHook};
 use crate::metrics::Metrics;
 use crate::proxy::tls::FallbackLog;
@@ -179,7 +180,11 @@ pub async fn serve(
     ));
     tasks.spawn(serve_dashboard(
         listeners.dashboard,
-        snapshots,
+        DashboardState {
+            snapshots,
+            metrics: metrics.clone(),
+            proxy: proxy.clone(),
+        },
         stop_rx.clone(),
     ));
 
@@ -525,7 +530,15 @@ pub fn demo(args: DemoArgs) -> ExitCode {
             "  curl -s http://{}/metrics                   # Prometheus metrics",
             bound.admin_addr
         );
-        println!("\nThe demo's manifests: `portcullis demo --print-manifests`. Ctrl-C stops.");
+        println!(
+            "  curl -s http://{}/api/v1/state              # the dashboard's live state",
+            bound.dashboard_addr
+        );
+        println!(
+            "\nThe live dashboard: open http://{}/ in a browser.",
+            bound.dashboard_addr
+        );
+        println!("The demo's manifests: `portcullis demo --print-manifests`. Ctrl-C stops.");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
         // Nothing balances traffic onto the demo, so Ctrl-C need not wait for anyone;

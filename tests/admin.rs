@@ -5,7 +5,8 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use portcullis::admin::{AdminState, serve_admin, serve_dashboard};
+use portcullis::admin::{AdminState, serve_admin};
+use portcullis::dashboard::{DashboardState, serve_dashboard};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -302,7 +303,15 @@ async fn dashboard_shows_the_snapshot() {
         .expect("bind dashboard");
     let addr = listener.local_addr().expect("dashboard address");
     let (_stop, rx) = Stopper::new();
-    tokio::spawn(serve_dashboard(listener, proxy.snapshots.clone(), rx));
+    tokio::spawn(serve_dashboard(
+        listener,
+        DashboardState {
+            snapshots: proxy.snapshots.clone(),
+            metrics: proxy.metrics.clone(),
+            proxy: proxy.proxy.clone(),
+        },
+        rx,
+    ));
 
     let (status, body) = fetch(&format!("http://{addr}/debug/snapshot")).await;
     assert_eq!(status, 200);

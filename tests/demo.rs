@@ -43,7 +43,7 @@ fn printed_curl_lines_work_as_printed() {
             break;
         }
     }
-    assert_eq!(curls.len(), 8, "{curls:?}");
+    assert_eq!(curls.len(), 9, "{curls:?}");
 
     let run = |cmd: &str| {
         let out = Command::new("sh")
@@ -84,5 +84,13 @@ fn printed_curl_lines_work_as_printed() {
     assert_eq!(run(&curls[5]).trim(), "2", "{}", curls[5]);
     let snap: serde_json::Value = serde_json::from_str(&run(&curls[6])).expect("snapshot JSON");
     assert_eq!(snap["generation"], 1);
+    let state: serde_json::Value = serde_json::from_str(&run(&curls[8])).expect("state JSON");
+    assert_eq!(state["generation"], 1);
+    assert!(
+        state["virtual_hosts"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|h| h["host"] == "demo.localhost")),
+        "{state}"
+    );
     assert!(run(&curls[7]).contains("portcullis_requests_total"));
 }
