@@ -85,6 +85,15 @@ fn the_deployment_runs_flags_that_exist_and_matches_them() {
         args.listen.dashboard_addr.ip().is_loopback(),
         "the dashboard stays on loopback"
     );
+    // Reached with `kubectl port-forward` only: no container port announces it.
+    assert!(
+        !c.ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|p| p.container_port == i32::from(args.listen.dashboard_addr.port())),
+        "the dashboard port is not a container port"
+    );
 
     // Probes on the admin port.
     let probe_path = |p: Option<&k8s_openapi::api::core::v1::Probe>| {
