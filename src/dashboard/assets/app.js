@@ -161,7 +161,11 @@ function renderTraffic(s) {
   }
   for (const [key, live] of byKey) {
     if (seen.has(key)) continue;
-    add(key, key === "/" ? "no route (404)" : key, live);
+    // Empty names: a request no route matched; an empty Ingress name alone: the
+    // default backend of --default-backend-service.
+    const label = key === "/" ? "no route (404)"
+      : key.endsWith("/") ? "default backend (" + live.namespace + ")" : key;
+    add(key, label, live);
   }
   rows.sort((a, b) => {
     const ra = a.live ? a.live.requests : -1;
@@ -177,7 +181,7 @@ function renderTraffic(s) {
     const err = l ? l.error_rate : null;
     const errCls = severity(err, 0.01, 0.05);
     body.push(el("tr", { "data-ingress": r.key },
-      el("td", { class: "first" }, r.key === "/" ? el("span", { class: "muted" }, r.label) : r.label),
+      el("td", { class: "first" }, r.label !== r.key ? el("span", { class: "muted" }, r.label) : r.label),
       td("Requests/s", fmtRate(l ? rps : 0), { class: "num", "data-field": "rps", "data-value": rps === null ? "" : rps }),
       td("Errors (5xx)", fmtPercent(err), { class: "num " + (errCls ? errCls + "-text" : ""), "data-field": "error_rate", "data-value": err === null ? "" : err }),
       td("p50", fmtSeconds(l ? l.p50_seconds : null), { class: "num", "data-field": "p50" }),
