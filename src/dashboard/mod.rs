@@ -70,7 +70,13 @@ pub async fn serve_dashboard(
     let shared = Arc::new((state, traffic));
     serve_simple(listener, "dashboard", shutdown, move |req| {
         let shared = shared.clone();
-        async move { handle(&shared.0, &shared.1, &req) }
+        // Off the async workers: with thousands of routes a state document takes
+        // milliseconds to build, and the proxy's connections share those workers.
+        async move {
+            tokio::task::spawn_blocking(move || handle(&shared.0, &shared.1, &req))
+                .await
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+        }
     })
     .await;
     sampler.abort();
@@ -102,11 +108,12 @@ fn handle(
         "/api/v1/state" => {
             let snap = state.snapshots.load();
             let view = StateView::new(&snap, state, traffic.view(), unix_now());
-            json(&view)
+            // Compact: the page polls it every 2 s, and it grows with the configuration.
+            json(serde_json::to_vec(&view))
         }
         "/debug/snapshot" => {
             let snap = state.snapshots.load();
-            json(&SnapshotView::new(&snap))
+            json(serde_json::to_vec_pretty(&SnapshotView::new(&snap)))
         }
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
@@ -141,8 +148,8 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<ProxyBody> 
     resp
 }
 
-fn json<T: Serialize>(value: &T) -> Response<ProxyBody> {
-    match serde_json::to_vec_pretty(value) {
+fn json(encoded: serde_json::Result<Vec<u8>>) -> Response<ProxyBody> {
+    match encoded {
         Ok(body) => {
             let mut resp = Response::new(full(Bytes::from(body)));
             let h = resp.headers_mut();
