@@ -316,10 +316,17 @@ impl Traffic {
             .push(now, counts);
     }
 
+    /// Reads the counters on a blocking thread: with thousands of Ingresses that takes
+    /// milliseconds, and the proxy's connections share the async workers.
+    async fn sample_off_workers(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.sample()).await;
+    }
+
     /// Samples every [`INTERVAL`] until `shutdown` becomes true: once at the start,
     /// then only while a read happened within the last [`IDLE`].
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        self.sample();
+        self.sample_off_workers().await;
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle_ticks = (IDLE.as_secs() / INTERVAL.as_secs().max(1)).max(1);
@@ -335,7 +342,7 @@ impl Traffic {
                 ticks_without_read = ticks_without_read.saturating_add(1);
             }
             if ticks_without_read < idle_ticks {
-                self.sample();
+                self.sample_off_workers().await;
             }
         }
     }
