@@ -238,7 +238,7 @@ async function main() {
 
   // Phone width: everything fits the screen's width, the figures are still there.
   await page.setViewportSize({ width: 390, height: 844 });
-  await page.waitForTimeout(300);
+  // Reading scrollWidth makes the browser lay the page out at the new width first.
   const widths = await page.evaluate(() => ({
     scroll: document.documentElement.scrollWidth,
     inner: window.innerWidth,
