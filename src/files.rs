@@ -411,6 +411,27 @@ fn dedup<T: HasMeta>(
     out
 }
 
+/// Whether a file event at `changed` can change what `load(paths)` reads. A file argument
+/// is watched through its parent folder, so other files there (editor swap files, a
+/// browser profile) must not cause reloads: only its own name counts. Below a folder
+/// argument, manifest files count, and so do names without an extension, which may be
+/// folders that were renamed or removed. Names starting with `..` always count: a
+/// Kubernetes ConfigMap volume swaps its `..data` link to update every file at once.
+fn touches_manifests(paths: &[PathBuf], changed: &Path) -> bool {
+    let name = changed.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.starts_with("..") {
+        return true;
+    }
+    paths.iter().any(|arg| {
+        if arg.is_dir() {
+            is_manifest(changed) || changed.extension().is_none()
+        } else {
+            arg.file_name()
+                .is_some_and(|n| n == changed.file_name().unwrap_or_default())
+        }
+    })
+}
+
 /// How long file events must be quiet before the manifests are re-read.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -424,9 +445,11 @@ pub async fn watch(
     use notify::{RecursiveMode, Watcher};
 
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
+    let watched = paths.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !matches!(ev.kind, notify::EventKind::Access(_))
+            && ev.paths.iter().any(|p| touches_manifests(&watched, p))
         {
             let _ = event_tx.send(());
         }

@@ -148,3 +148,58 @@ async fn watch_reloads_on_change_and_keeps_the_last_good_load() {
     drop(rx);
     task.abort();
 }
+
+#[tokio::test]
+async fn a_file_argument_ignores_other_files_in_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc.yaml");
+    std::fs::write(&file, SERVICE).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![file.clone()], tx));
+    next_update(&mut rx).await;
+
+    // Neighbours of the watched file, manifests or not, cause no reload.
+    std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+    std::fs::write(dir.path().join("other.yaml"), SERVICE).unwrap();
+    std::fs::create_dir(dir.path().join("profile")).unwrap();
+    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "a write next to the watched file must not reload it"
+    );
+
+    // The file itself still does.
+    std::fs::write(&file, format!("{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: two}}\nspec: {{ports: [{{port: 80}}]}}\n")).unwrap();
+    assert_eq!(next_update(&mut rx).await.inputs.services.len(), 2);
+
+    drop(rx);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_folder_argument_ignores_files_that_are_not_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![dir.path().to_path_buf()], tx));
+    next_update(&mut rx).await;
+
+    std::fs::write(dir.path().join(".svc.yaml.swp"), "x").unwrap();
+    std::fs::write(dir.path().join("README.md"), "x").unwrap();
+    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "non-manifest files must not reload"
+    );
+
+    // A new manifest in the folder does.
+    std::fs::write(
+        dir.path().join("two.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    assert_eq!(next_update(&mut rx).await.inputs.services.len(), 2);
+
+    drop(rx);
+    task.abort();
+}
