@@ -240,10 +240,12 @@ pub struct RunArgs {
     /// Limit for reading request headers; also closes a connection that sends nothing.
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
-    /// Largest request head: HTTP/1 headers and the HTTP/2 header list alike.
+    /// Largest request head: HTTP/1 headers and the HTTP/2 header list alike (431
+    /// beyond it). Sizes: bytes, or with a unit K, KB, Ki, KiB, M, Mi, G, Gi (any case).
     #[arg(long, env = "PORTCULLIS_MAX_HEADER_SIZE", default_value = "32KiB", value_parser = parse_size)]
     pub max_header_size: u64,
-    /// Largest request body (413 beyond it); unlimited when not set.
+    /// Largest request body (413 beyond it); unlimited when not set. An Ingress'
+    /// `portcullis.io/max-body-size` annotation replaces it for that Ingress' routes.
     #[arg(long, env = "PORTCULLIS_MAX_BODY_SIZE", value_parser = parse_size)]
     pub max_body_size: Option<u64>,
     /// Refuse downstream connections beyond this many; unlimited when not set.
@@ -368,31 +370,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}`: {e} (write it with a unit: 500ms, 10s, 2m)"))
 }
 
-/// Parses a size: a number of bytes, or with a unit `KiB`, `MiB`, `GiB` (powers of
-/// 1024) or `KB`, `MB`, `GB` (powers of 1000).
+/// Parses a size: see [`crate::model::size`] for the grammar (`1048576`, `512k`, `32KiB`,
+/// `10MiB`, case-insensitive).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 1048576, 32KiB, 10MiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "Ki" => 1 << 10,
-        "MiB" | "Mi" => 1 << 20,
-        "GiB" | "Gi" => 1 << 30,
-        "KB" | "kB" | "K" | "k" => 1_000,
-        "MB" | "M" => 1_000_000,
-        "GB" | "G" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB, GB)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    crate::model::size::parse_size(s)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod matching;
 pub mod router;
+pub mod size;
 pub mod tls;
 
 use std::fmt;
