@@ -30,6 +30,7 @@ fn table(hosts: usize) -> RouteTable {
             path_index: 0,
             order,
             cluster: order % 64,
+            max_body_size: None,
         });
     };
     let mut made = 0;

@@ -107,6 +107,7 @@ fn routes_of(rules: &[Rule]) -> Vec<Route> {
             path_index: 0,
             order: i as u32,
             cluster: i as u32,
+            max_body_size: None,
         })
         .collect()
 }

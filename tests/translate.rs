@@ -1776,3 +1776,75 @@ fn tls_secret_without_namespace_is_filed_under_default() {
     assert_eq!(cert.secret, ObjectRef::new("default", "t"));
     assert!(snap.tls.certs.contains_key(&cert.secret));
 }
+
+// ---------------------------------------------------------------------------------------
+// portcullis.io/max-body-size
+// ---------------------------------------------------------------------------------------
+
+/// The body limit carried by the route a request takes.
+fn route_body_limit(snap: &Snapshot, host: &str, path: &str) -> Option<u64> {
+    match snap.decide(Some(host), path) {
+        Decision::Route(m, _) => m.route.max_body_size,
+        _ => panic!("{host}{path} is not routed"),
+    }
+}
+
+#[test]
+fn max_body_size_annotation_is_carried_on_every_route_of_its_ingress() {
+    let world = World::new()
+        .backend("ns", "svc", "10.0.0.1")
+        .backend("ns", "fallback", "10.0.0.2")
+        .ing(
+            ingress("ns", "limited")
+                .annotation("portcullis.io/max-body-size", "10MiB")
+                .host("a.example")
+                .prefix("/", "svc", 80)
+                .prefix("/upload", "svc", 80)
+                .default_backend("fallback", 80),
+        )
+        .ing(
+            ingress("ns", "lower-case")
+                .annotation("portcullis.io/max-body-size", " 512k ")
+                .host("b.example")
+                .prefix("/", "svc", 80),
+        )
+        .ing(
+            ingress("ns", "plain")
+                .host("c.example")
+                .prefix("/", "svc", 80),
+        );
+    let snap = world.build();
+    no_diagnostics(&snap);
+    assert_eq!(route_body_limit(&snap, "a.example", "/"), Some(10 << 20));
+    assert_eq!(
+        route_body_limit(&snap, "a.example", "/upload/x"),
+        Some(10 << 20)
+    );
+    assert_eq!(route_body_limit(&snap, "b.example", "/"), Some(512_000));
+    assert_eq!(route_body_limit(&snap, "c.example", "/"), None);
+    // The default backend takes the limit of the Ingress it came from.
+    assert_eq!(snap.default_backend_max_body_size, Some(10 << 20));
+}
+
+#[test]
+fn an_invalid_max_body_size_is_an_error_and_the_ingress_keeps_the_global_limit() {
+    for value in ["ten megs", "1.5M", "-1", "10MiBs", ""] {
+        let world = World::new().backend("ns", "svc", "10.0.0.1").ing(
+            ingress("ns", "bad")
+                .annotation("portcullis.io/max-body-size", value)
+                .host("a.example")
+                .prefix("/", "svc", 80),
+        );
+        let snap = world.build();
+        let d = diag(
+            &snap,
+            "Ingress",
+            "ns/bad",
+            "metadata.annotations[portcullis.io/max-body-size]",
+        );
+        assert_eq!(d.severity, portcullis::model::Severity::Error, "{value:?}");
+        assert!(d.reason.contains("global --max-body-size"), "{}", d.reason);
+        // The route is still served, with no limit of its own.
+        assert_eq!(route_body_limit(&snap, "a.example", "/"), None, "{value:?}");
+    }
+}

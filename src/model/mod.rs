@@ -192,6 +192,9 @@ pub struct Snapshot {
     pub default_backend: Option<ClusterId>,
     /// Where the default backend came from: an Ingress, or `None` for the flag.
     pub default_backend_source: Option<ObjectRef>,
+    /// The request body limit of the Ingress the default backend came from; `None`
+    /// leaves the proxy's global limit in force.
+    pub default_backend_max_body_size: Option<u64>,
     pub tls: TlsTable,
     pub ignored: Vec<IgnoredIngress>,
     /// Every Ingress classified as ours (by IngressClass, the legacy annotation or the

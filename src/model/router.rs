@@ -42,6 +42,9 @@ pub struct Route {
     /// Position in age order (oldest Ingress first, then rule, then path): lower wins ties.
     pub order: u32,
     pub cluster: ClusterId,
+    /// The request body limit of this route's Ingress (`portcullis.io/max-body-size`);
+    /// `None` leaves the proxy's global limit in force.
+    pub max_body_size: Option<u64>,
 }
 
 impl Route {

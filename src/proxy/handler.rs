@@ -222,6 +222,8 @@ struct Routed {
     cluster: Arc<Cluster>,
     /// `ns/name` of the Service, for upstream metrics and logs.
     service: String,
+    /// The request body limit: the Ingress' annotation, else the global one.
+    max_body_size: Option<u64>,
 }
 
 /// Routes with the snapshot in force: one `load()`, and nothing borrowed from it
@@ -244,12 +246,12 @@ fn route(
         };
         *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
     }
-    let id = match decision {
+    let (id, max_body_size) = match decision {
         Decision::Route(m, cluster) => {
             labels.namespace.clone_from(&m.route.ingress.namespace);
             labels.ingress.clone_from(&m.route.ingress.name);
             labels.service.clone_from(&cluster.service.name);
-            m.route.cluster
+            (m.route.cluster, m.route.max_body_size)
         }
         Decision::DefaultBackend(cluster) => {
             labels.namespace.clone_from(&cluster.service.namespace);
@@ -257,7 +259,10 @@ fn route(
                 labels.ingress.clone_from(&src.name);
             }
             labels.service.clone_from(&cluster.service.name);
-            snapshot.default_backend.unwrap_or_default()
+            (
+                snapshot.default_backend.unwrap_or_default(),
+                snapshot.default_backend_max_body_size,
+            )
         }
         Decision::NotFound => {
             return Err(ProxyError::NoRoute {
@@ -277,6 +282,7 @@ fn route(
     Ok(Routed {
         service: cluster.service.to_string(),
         cluster,
+        max_body_size: max_body_size.or(inner.cfg.max_body_size),
     })
 }
 
@@ -332,7 +338,7 @@ async fn proxy(
         .pick(&cluster, &[])
         .ok_or_else(|| ProxyError::NoEndpoints(cluster.service.clone()))?;
 
-    if let Some(limit) = inner.cfg.max_body_size {
+    if let Some(limit) = routed.max_body_size {
         let declared = parts
             .headers
             .get(CONTENT_LENGTH)
@@ -395,7 +401,7 @@ async fn proxy(
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
 
-    let body = RequestBody::new(body, inner.cfg.max_body_size);
+    let body = RequestBody::new(body, routed.max_body_size);
     let exceeded = body.exceeded_flag();
     obs.request_bytes = Some(body.received_counter());
     let upstream_start = Instant::now();

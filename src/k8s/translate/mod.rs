@@ -36,6 +36,9 @@ pub const SSL_REDIRECT_ANNOTATION: &str = "portcullis.io/ssl-redirect";
 /// Per-Ingress `Strict-Transport-Security` value for responses over TLS; without it
 /// `--hsts` decides.
 pub const HSTS_ANNOTATION: &str = "portcullis.io/hsts";
+/// Per-Ingress request body limit (a size such as `10MiB`, see [`crate::model::size`]);
+/// replaces `--max-body-size` for the Ingress' routes and its `spec.defaultBackend`.
+pub const MAX_BODY_SIZE_ANNOTATION: &str = "portcullis.io/max-body-size";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -262,6 +265,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         FastMap::with_capacity_and_hasher(paths_hint, Default::default());
     // The default backend and the Ingress it came from (`None`: the flag).
     let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
+    let mut default_backend_max_body_size = None;
     let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
     let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut tls_policies: BTreeMap<ObjectRef, IngressTls> = BTreeMap::new();
@@ -271,6 +275,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         if let Some(policy) = ingress_tls(ing, &id, &mut diags) {
             tls_policies.insert(id.clone(), policy);
         }
+        let max_body_size = ingress_max_body_size(ing, &id, &mut diags);
         let Some(spec) = ing.spec.as_ref() else {
             diags.push(Severity::Warning, "Ingress", &id, "spec", "has no spec");
             continue;
@@ -290,7 +295,10 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                 resolver.backend(backend, namespace, &id, &"spec.defaultBackend", &mut diags)
         {
             match &default_backend {
-                None => default_backend = Some((cluster, Some(id.clone()))),
+                None => {
+                    default_backend = Some((cluster, Some(id.clone())));
+                    default_backend_max_body_size = max_body_size;
+                }
                 Some((_, winner)) => diags.push(
                     Severity::Warning,
                     "Ingress",
@@ -427,6 +435,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
                     path_index: pi,
                     order: routes.len() as u32,
                     cluster,
+                    max_body_size,
                 });
             }
         }
@@ -595,6 +604,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
         routes: table,
         clusters: resolver.clusters.into_iter().map(Arc::new).collect(),
         default_backend_source: default_backend.as_ref().and_then(|(_, src)| src.clone()),
+        default_backend_max_body_size,
         default_backend: default_backend.map(|(c, _)| c),
         tls: TlsTable {
             hosts: tls_hosts,
@@ -640,6 +650,29 @@ fn ingress_tls(ing: &Ingress, id: &ObjectRef, diags: &mut Diags) -> Option<Ingre
         }
     }
     (policy != IngressTls::default()).then_some(policy)
+}
+
+/// The Ingress' `portcullis.io/max-body-size`, if it sets a valid one. An invalid value
+/// is an error diagnostic, and the Ingress keeps the global limit.
+fn ingress_max_body_size(ing: &Ingress, id: &ObjectRef, diags: &mut Diags) -> Option<u64> {
+    let value = ing
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(MAX_BODY_SIZE_ANNOTATION)?;
+    match crate::model::size::parse_size(value) {
+        Ok(n) => Some(n),
+        Err(reason) => {
+            diags.push(
+                Severity::Error,
+                "Ingress",
+                id,
+                format!("metadata.annotations[{MAX_BODY_SIZE_ANNOTATION}]"),
+                format!("{reason}; the global --max-body-size applies to this Ingress"),
+            );
+            None
+        }
+    }
 }
 
 /// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
