@@ -38,6 +38,9 @@ pub enum ProxyError {
     /// The request cannot be forwarded as sent (such as a non-ASCII `Host`).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request target (path and query) is longer than the proxy accepts.
+    #[error("request target too long")]
+    UriTooLong,
     /// No route and no default backend.
     #[error("no route for {host} {path}")]
     NoRoute { host: String, path: String },
@@ -78,6 +81,7 @@ impl ProxyError {
             ProxyError::Host(_) | ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_) => {
                 StatusCode::BAD_REQUEST
             }
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::HttpsRedirect(_) => StatusCode::PERMANENT_REDIRECT,
@@ -93,6 +97,7 @@ impl ProxyError {
         match self {
             ProxyError::Host(_)
             | ProxyError::BadRequest(_)
+            | ProxyError::UriTooLong
             | ProxyError::BodyTooLarge
             | ProxyError::Misdirected
             | ProxyError::DownstreamBody(_) => Origin::Downstream,
@@ -174,6 +179,7 @@ mod tests {
                 "no endpoints for ns/svc",
             ),
             (ProxyError::BodyTooLarge, 413, "request body too large"),
+            (ProxyError::UriTooLong, 414, "request target too long"),
             (ProxyError::Misdirected, 421, "misdirected request"),
             (ProxyError::UpstreamTimeout, 504, "upstream timeout"),
             (

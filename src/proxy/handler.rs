@@ -36,6 +36,11 @@ use super::upgrade;
 use crate::metrics::RouteLabels;
 use crate::model::{Cluster, Decision, request_host};
 
+/// The longest path and query accepted (414 beyond), as nginx's default
+/// `large_client_header_buffers` allows. A request head longer than `max_header_size`
+/// is refused by hyper with 431 before it gets here.
+const MAX_REQUEST_TARGET: usize = 8 * 1024;
+
 /// Per-connection state shared by the connection task and its requests.
 pub struct ConnState {
     pub peer: SocketAddr,
@@ -313,6 +318,15 @@ async fn proxy(
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
     }
 
+    // RFC 9112 3.2: more than one Host is a 400; proxies disagreeing on which one
+    // counts is a known way to smuggle requests past host-based rules.
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
+        return Err(ProxyError::UriTooLong);
+    }
     let host_header = match parts.headers.get(HOST) {
         Some(v) => Some(
             v.to_str()
