@@ -25,7 +25,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Inner;
@@ -39,8 +39,35 @@ const MIN_H1_BUF: usize = 8 * 1024;
 /// loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Streams one downstream HTTP/2 connection may have open at once; more are refused
+/// with `REFUSED_STREAM`. nginx's default `http2_max_concurrent_streams`.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// Streams the client reset before they were accepted, pending at once, before the
+/// connection gets GOAWAY (`ENHANCE_YOUR_CALM`): the rapid-reset (CVE-2023-44487) guard.
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams this side reset because the client broke the protocol on them, before the
+/// connection gets GOAWAY: a client that keeps provoking errors is cut off.
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
+/// Response bytes buffered per HTTP/2 stream for a client that reads slowly; with the
+/// stream limit this bounds a connection's send buffers at 8 MiB (hyper's default is
+/// 400 KiB per stream, 50 MiB a connection).
+const H2_MAX_SEND_BUF_SIZE: usize = 64 * 1024;
+
+/// A PING goes to an HTTP/2 client this often, and the connection is closed when the
+/// answer takes longer than [`H2_KEEP_ALIVE_TIMEOUT`]: dead peers do not hold streams.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The connection builder for downstream connections, configured from the proxy's
-/// limits.
+/// limits. HTTP/1: the head must arrive within `header_read_timeout` and fit in
+/// `max_header_size` (431 beyond), at most 100 header lines (hyper's default).
+/// HTTP/2: the header list must fit in `max_header_size`, and the constants above
+/// bound streams, resets and buffers per connection. SETTINGS and PING floods are
+/// throttled by the h2 crate itself: it keeps one unsent acknowledgement of each and
+/// stops reading the connection until it is written.
 fn builder(inner: &Inner) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -50,7 +77,13 @@ fn builder(inner: &Inner) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(inner.cfg.max_header_size).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(inner.cfg.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     b
 }
 
@@ -119,10 +152,7 @@ pub(crate) async fn serve(
     });
     let open = watch::Sender::new(0usize);
     let (closing_tx, closing_rx) = watch::channel(false);
-    let limit = inner
-        .cfg
-        .max_connections
-        .map(|n| Arc::new(Semaphore::new(n)));
+    let limit = inner.connection_limit.clone();
     info!(listener = name, port = local_port, "listening");
 
     loop {

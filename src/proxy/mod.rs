@@ -63,8 +63,8 @@ pub struct ProxyConfig {
     pub max_header_size: usize,
     /// Limit on a request body; `None` is unlimited. Exceeding it answers 413.
     pub max_body_size: Option<u64>,
-    /// Downstream connections beyond this many are closed right after accept; `None`
-    /// is unlimited.
+    /// Downstream connections beyond this many, counted across the HTTP and HTTPS
+    /// listeners, are closed right after accept; `None` is unlimited.
     pub max_connections: Option<usize>,
     /// How a cluster's endpoints share its requests.
     pub load_balance: LoadBalance,
@@ -120,6 +120,8 @@ pub(crate) struct Inner {
     pub(crate) tls: std::sync::OnceLock<Arc<tls::TlsState>>,
     /// Where finished requests are logged.
     pub(crate) access_log: AccessLog,
+    /// Permits for `max_connections`, shared by all listeners of this proxy.
+    pub(crate) connection_limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Proxy {
@@ -143,6 +145,9 @@ impl Proxy {
         access_log: AccessLog,
     ) -> Proxy {
         let upstream = forward::UpstreamClient::new(&cfg, metrics.clone());
+        let cfg_limit = cfg
+            .max_connections
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         Proxy {
             inner: Arc::new(Inner {
                 balancer: balance::Balancer::new(cfg.load_balance, cfg.ejection),
@@ -154,6 +159,7 @@ impl Proxy {
                 tunnels: upgrade::Tunnels::default(),
                 tls: std::sync::OnceLock::new(),
                 access_log,
+                connection_limit: cfg_limit,
             }),
         }
     }
