@@ -32,6 +32,12 @@ use super::body::RequestBody;
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::Metrics;
 
+/// The most an HTTP/1 upstream connection reads ahead: a response body chunk waiting
+/// for a slow downstream client is at most this big (hyper's default is ~400 KiB, so
+/// 128 stalled HTTP/2 streams pinned 50 MiB), and it bounds an upstream response
+/// head, like nginx's `proxy_buffer_size`, though far more generously.
+const UPSTREAM_H1_MAX_BUF: usize = 64 * 1024;
+
 /// How an attempt failed, as far as retries and passive health care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -91,6 +97,7 @@ impl UpstreamClient {
                 .timer(TokioTimer::new())
                 // The Host header is always set by the handler.
                 .set_host(false)
+                .http1_max_buf_size(UPSTREAM_H1_MAX_BUF)
                 .http2_only(h2);
             if !pooled {
                 b.pool_max_idle_per_host(0);
