@@ -831,6 +831,7 @@ mod h2raw {
     pub const SETTINGS: u8 = 0x4;
     pub const PING: u8 = 0x6;
     pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
     pub const CONTINUATION: u8 = 0x9;
     pub const END_STREAM: u8 = 0x1;
     pub const ACK: u8 = 0x1;
@@ -1806,4 +1807,79 @@ async fn a_client_that_reads_slowly_does_not_make_the_proxy_buffer_the_response(
     let mut head = [0u8; 12];
     clients[0].read_exact(&mut head).await.expect("read");
     assert_eq!(&head, b"HTTP/1.1 200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_opens_its_windows_and_never_reads_holds_bounded_memory() {
+    let produced = Arc::new(AtomicU64::new(0));
+    let (up, _stop) = {
+        let produced = produced.clone();
+        start_hyper(move |req| {
+            let produced = produced.clone();
+            async move {
+                if req.uri().path() != "/big" {
+                    return http::Response::new(support::data_path::text_body("ok"));
+                }
+                let chunk = Bytes::from(vec![b'r'; 64 * 1024]);
+                let stream = futures_util::stream::iter((0..1024).map(move |_| {
+                    produced.fetch_add(64 * 1024, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
+                }));
+                http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+            }
+        })
+        .await
+    };
+    let dir = manifest_dir(&manifests_for("a.example", "up", 80, &[up]));
+    let bin = Binary::start(dir.path(), &["--access-log", "off"]);
+    wait_routed_path(&bin, "/ready").await;
+    let before = usage(&bin);
+    // Flow control wide open (2^31-1 per stream and for the connection), 128 streams of
+    // 64 MiB each, and the socket never read: only the proxy's own send buffers stand
+    // between the upstreams and its memory.
+    let mut s = TcpStream::connect(bin.http).await.expect("connect");
+    let mut out = h2raw::PREFACE.to_vec();
+    out.extend(h2raw::frame(
+        SETTINGS,
+        0,
+        0,
+        &[0, 4, 0x7f, 0xff, 0xff, 0xff],
+    ));
+    out.extend(h2raw::frame(SETTINGS, h2raw::ACK, 0, &[]));
+    out.extend(h2raw::frame(
+        h2raw::WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    for i in 0..128u32 {
+        out.extend(h2raw::frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1 + 2 * i,
+            &h2raw::get("/big"),
+        ));
+    }
+    s.write_all(&out).await.expect("write");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = produced.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+        assert!(
+            Instant::now() < deadline,
+            "the upstreams never stopped producing ({now} bytes so far)"
+        );
+    }
+    let after = usage(&bin);
+    eprintln!(
+        "HTTP/2 reader that never reads: the upstreams produced {} MiB for 128 × 64 MiB",
+        last >> 20
+    );
+    assert!(last < 128 * (64 << 20), "everything was produced");
+    assert_bounded("HTTP/2 reader that never reads", before, after, 10.0);
 }
