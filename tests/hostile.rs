@@ -615,6 +615,10 @@ async fn bad_chunks_close_the_upstream_connection_and_nothing_after_them_is_forw
             Answer::Status(s) => assert!((400..600).contains(&s), "{name}: {s}"),
         }
         let conns = rec.connections();
+        eprintln!(
+            "{name}: {got:?}; upstream connections opened: {}",
+            conns.len() - before
+        );
         // The head may or may not have reached the upstream before the bad chunk was
         // read; if it did, that connection must end without a complete request.
         for id in before..conns.len() {
@@ -1112,6 +1116,10 @@ async fn malformed_http2_requests_are_reset_and_never_reach_the_upstream() {
                 StreamFate::Reset(PROTOCOL_ERROR) | StreamFate::ConnectionClosed(_)
             ),
             "{name}: {fate:?}"
+        );
+        eprintln!(
+            "{name}: {fate:?}; upstream connections opened: {}",
+            rec.connections().len() - before
         );
         for id in before..rec.connections().len() {
             rec.wait_closed(id).await;
