@@ -248,7 +248,8 @@ pub struct RunArgs {
     /// `portcullis.io/max-body-size` annotation replaces it for that Ingress' routes.
     #[arg(long, env = "PORTCULLIS_MAX_BODY_SIZE", value_parser = parse_size)]
     pub max_body_size: Option<u64>,
-    /// Refuse downstream connections beyond this many; unlimited when not set.
+    /// Refuse downstream connections beyond this many, counted across the HTTP and HTTPS
+    /// listeners (closed at once, before any byte is read); unlimited when not set.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// How a cluster's endpoints share requests: `p2c` (the less busy of two random
