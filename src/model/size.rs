@@ -16,6 +16,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a size (examples: 1048576, 512k, 32KiB, 10MiB)"))?;
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "`{s}`: sizes are whole numbers (write 1536Ki rather than 1.5Mi)"
+        ));
+    }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -62,6 +67,12 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(parse_size(text), Ok(*want), "{text}");
         }
+    }
+
+    #[test]
+    fn fractions_are_refused_with_a_hint() {
+        let err = parse_size("1.5M").expect_err("a fraction");
+        assert!(err.contains("whole numbers"), "{err}");
     }
 
     #[test]
