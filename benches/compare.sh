@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Portcullis vs nginx, side by side, on loopback.
+# Portcullis vs nginx and HAProxy, side by side, on loopback.
 #
-# Runs wrk against (1) the upstream directly, (2) nginx as a reverse proxy and
-# (3) Portcullis, in interleaved rounds whose order rotates, all in front of the same
-# upstream; prints median RPS, p50/p99 latency, Portcullis/nginx ratios taken within
-# each round, CPU time per request of each process under test (/proc/PID/stat) and the
-# peak RSS of each proxy. Not a test and not run in CI: the numbers
+# Runs wrk against (1) the upstream directly, (2) nginx as a reverse proxy, (3) HAProxy
+# as a reverse proxy and (4) Portcullis, in interleaved rounds whose order rotates, all
+# in front of the same upstream; prints min/median/max RPS, median p50/p99 latency,
+# ratios to nginx taken within each round (min/median/max), CPU time per request of each
+# process under test (/proc/PID/stat) and the peak RSS of each proxy, then the
+# generated configs. Not a test and not run in CI: the numbers
 # are only as quiet as the machine. See benches/README.md.
 #
 # Environment overrides (defaults in brackets):
 #   ROUNDS [5]  DURATION [10s]  WARMUP [3s]  CONNECTIONS [64]  THREADS [2]
 #   SCENARIOS ["keepalive close"]  keepalive: HTTP/1.1 keep-alive; close: a new
 #             downstream connection per request (wrk -H 'Connection: close');
+#             1mib: HTTP/1.1 keep-alive, 1 MiB responses (a static file upstream;
+#             wrk -c MIB_CONNECTIONS), throughput in MiB/s;
 #             tls-keepalive: HTTPS keep-alive (wrk, https://bench.local:PORT/);
 #             tls-handshake: HTTPS, a new connection per request (see TLS_RESUME);
 #             h2: HTTP/2 over TLS (h2load -c H2_CLIENTS -m H2_STREAMS);
@@ -20,6 +23,10 @@
 #   TLS_RESUME [1]  tls-handshake: 1 lets nginx resume sessions like Portcullis (rustls'
 #             defaults) does and wrk asks it to; 0 turns resumption off in nginx only
 #   H2_CLIENTS [16]  H2_STREAMS [4]  h2load -c and -m (64 streams in flight)
+#   MIB_CONNECTIONS [16]  wrk -c for the 1mib scenario
+#   PEERS ["nginx haproxy"]  the peers measured beside Portcullis; nginx is the one the
+#             ratios are taken against and cannot be left out; haproxy is installed with
+#             apt-get when missing (nbthread = Portcullis' workers, http-reuse always)
 #   The TLS scenarios need bench.local to resolve to 127.0.0.1 (wrk sends the URL's
 #   host as SNI, never the Host header): the script adds an /etc/hosts line when the
 #   name does not resolve and removes that line on exit.
@@ -42,6 +49,8 @@ SCENARIOS=${SCENARIOS:-keepalive close}
 TLS_RESUME=${TLS_RESUME:-1}
 H2_CLIENTS=${H2_CLIENTS:-16}
 H2_STREAMS=${H2_STREAMS:-4}
+MIB_CONNECTIONS=${MIB_CONNECTIONS:-16}
+PEERS=${PEERS:-nginx haproxy}
 UPSTREAM=${UPSTREAM:-nginx}
 PIN=${PIN:-1}
 LOAD_BALANCE=${LOAD_BALANCE:-p2c}
@@ -88,7 +97,7 @@ command -v python3 >/dev/null || need_apt+=(python3)
 want_tls=0 want_h2=0 want_accesslog=0
 for scenario in $SCENARIOS; do
     case $scenario in
-    keepalive | close) ;;
+    keepalive | close | 1mib) ;;
     tls-keepalive | tls-handshake) want_tls=1 ;;
     h2) want_tls=1 want_h2=1 ;;
     accesslog) want_accesslog=1 ;;
@@ -96,6 +105,17 @@ for scenario in $SCENARIOS; do
     esac
 done
 ((want_h2)) && ! command -v h2load >/dev/null && need_apt+=(nghttp2-client)
+want_haproxy=0
+for peer in $PEERS; do
+    case $peer in
+    nginx) ;;
+    haproxy) want_haproxy=1 ;;
+    *) die "unknown peer $peer (PEERS takes nginx and haproxy)" ;;
+    esac
+done
+[[ $UPSTREAM == echo && " $SCENARIOS " == *" 1mib "* ]] && die "the 1mib scenario needs UPSTREAM=nginx (it serves the file)"
+[[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx: the ratios are taken against it"
+((want_haproxy)) && ! command -v haproxy >/dev/null && ! [[ -x /usr/sbin/haproxy ]] && need_apt+=(haproxy)
 if ((${#need_apt[@]})); then
     echo "Installing ${need_apt[*]} (apt-get)…" >&2
     apt-get -o DPkg::Lock::Timeout=300 update -qq
@@ -103,6 +123,7 @@ if ((${#need_apt[@]})); then
         "${need_apt[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 # The Debian package may have started a system nginx on port 80; it does not matter
 # here (this script only uses its own instances on free loopback ports).
 
@@ -154,14 +175,14 @@ fi
 
 # ---------------------------------------------------------------- ports
 # Bind port 0 for every listener at once (so they differ), print, release.
-read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls < <(python3 -c '
+read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls p_ha p_ha_tls < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(11)]
+socks = [socket.socket() for _ in range(13)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 ')
-[[ -n ${p_pcj_tls:-} ]] || die "could not pick free ports (python3)"
+[[ -n ${p_ha_tls:-} ]] || die "could not pick free ports (python3)"
 
 # ---------------------------------------------------------------- TLS
 # One certificate for both proxies: a leaf for bench.local from `portcullis certs`
@@ -169,12 +190,17 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 # Portcullis from the generated kubernetes.io/tls Secret (default/bench-local-tls).
 nginx_tls_server=""
 ingress_tls=""
+haproxy_tls_bind=""
+haproxy_tls_global=""
 mkdir -p "$RESULTS_DIR/manifests"
 if ((want_tls)); then
     "$PORTCULLIS" certs --hosts bench.local --out "$RESULTS_DIR/certs" >"$RESULTS_DIR/certs.out" 2>&1 ||
         die "portcullis certs failed (see $RESULTS_DIR/certs.out)"
     cp "$RESULTS_DIR/certs/bench.local-secret.yaml" "$RESULTS_DIR/manifests/"
     chmod 644 "$RESULTS_DIR/certs/bench.local-key.pem" # nginx reads it as root anyway
+    # HAProxy takes the chain and the key in one file.
+    cat "$RESULTS_DIR/certs/bench.local.pem" "$RESULTS_DIR/certs/bench.local-key.pem" \
+        >"$RESULTS_DIR/certs/bench.local-haproxy.pem"
     ingress_tls="  tls:
     - hosts: [bench.local]
       secretName: bench-local-tls"
@@ -182,9 +208,14 @@ if ((want_tls)); then
         # nginx's defaults are tickets on, no server-side cache; a shared cache as well
         # makes it resume TLS 1.2 session ids too, as rustls' server does by default.
         tls_resume_conf="ssl_session_cache shared:bench:10m; ssl_session_tickets on;"
+        # HAProxy's defaults: tickets on and a 20000-entry session cache.
+        haproxy_tls_resume=""
     else
         tls_resume_conf="ssl_session_cache off; ssl_session_tickets off;"
+        haproxy_tls_resume="no-tls-tickets"
+        haproxy_tls_global="tune.ssl.cachesize 0"
     fi
+    haproxy_tls_bind="bind 127.0.0.1:$p_ha_tls ssl crt $RESULTS_DIR/certs/bench.local-haproxy.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2 $haproxy_tls_resume"
     # Same location as the plain server; on its own port, HTTP/1.1 and h2 by ALPN.
     nginx_tls_server="
     server {
@@ -241,9 +272,12 @@ http {
     server {
         listen 127.0.0.1:$p_up reuseport backlog=4096;
         location / { default_type text/plain; return 200 "ok\n"; }
+        location = /1mib { default_type application/octet-stream; alias $RESULTS_DIR/1mib.bin; }
     }
 }
 EOF
+head -c 1048576 /dev/urandom >"$RESULTS_DIR/1mib.bin"
+chmod 644 "$RESULTS_DIR/1mib.bin"
 
 cat >"$RESULTS_DIR/nginx-proxy.conf" <<EOF
 # nginx as the reverse proxy under test; as many workers as Portcullis has tokio
@@ -285,6 +319,42 @@ http {
         }
     }$nginx_tls_server
 }
+EOF
+
+# HAProxy as the second peer: as many threads as Portcullis has workers, upstream
+# connections reused across downstream connections (http-reuse always), the same
+# request headers (X-Request-ID from uuid(), X-Forwarded-*, X-Real-IP), no logging.
+cat >"$RESULTS_DIR/haproxy.cfg" <<EOF
+global
+    nbthread $workers
+    maxconn 4096
+    pidfile $RESULTS_DIR/haproxy.pid
+    $haproxy_tls_global
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 75s
+    timeout server 75s
+    timeout http-keep-alive 75s
+    timeout http-request 10s
+frontend bench
+    bind 127.0.0.1:$p_ha backlog 4096
+    $haproxy_tls_bind
+    maxconn 4096
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-ID
+    option forwardfor
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Forwarded-Port %[dst_port]
+    http-request set-header X-Forwarded-Proto https if { ssl_fc }
+    http-request set-header X-Forwarded-Proto http unless { ssl_fc }
+    default_backend upstream
+backend upstream
+    http-reuse always
+    server up 127.0.0.1:$p_up maxconn 1000
 EOF
 
 cat >"$RESULTS_DIR/manifests/bench.yaml" <<EOF
@@ -375,6 +445,14 @@ start "$RESULTS_DIR/nginx-proxy.out" "${proxy_pin[@]}" "$NGINX" -p "$RESULTS_DIR
     -e "$RESULTS_DIR/nginx-proxy-error.log" -c "$RESULTS_DIR/nginx-proxy.conf"
 nginx_pid=$started
 wait_ready nginx "$nginx_pid" "http://127.0.0.1:$p_nginx/"
+haproxy_pid=""
+if ((want_haproxy)); then
+    "$HAPROXY" -c -q -f "$RESULTS_DIR/haproxy.cfg" >"$RESULTS_DIR/haproxy-check.out" 2>&1 ||
+        die "haproxy rejects its config (see $RESULTS_DIR/haproxy-check.out)"
+    start "$RESULTS_DIR/haproxy.out" "${proxy_pin[@]}" "$HAPROXY" -db -f "$RESULTS_DIR/haproxy.cfg"
+    haproxy_pid=$started
+    wait_ready haproxy "$haproxy_pid" "http://127.0.0.1:$p_ha/"
+fi
 
 # Every listener on a port of its own (the default HTTPS port may be taken).
 pc_https=() pcj_https=() pc_alog=()
@@ -391,7 +469,7 @@ start "$RESULTS_DIR/portcullis.log" "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WO
 pc_pid=$started
 wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
 
-declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid)
+declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid [haproxy]=$haproxy_pid)
 if ((want_accesslog)); then
     # The same proxy with JSON access logs on stdout, which goes to /dev/null: the cost
     # measured is formatting and writing the line, not a disk or a terminal.
@@ -406,9 +484,10 @@ if ((want_accesslog)); then
     wait_ready portcullis-json "$!" "http://127.0.0.1:$p_pcj/"
 fi
 if ((want_tls)); then
-    for t in nginx portcullis; do
+    for t in nginx portcullis ${haproxy_pid:+haproxy}; do
         port=$p_nginx_tls
         [[ $t == portcullis ]] && port=$p_pc_tls
+        [[ $t == haproxy ]] && port=$p_ha_tls
         code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$RESULTS_DIR/certs/ca.pem" \
             "https://bench.local:$port/" || true)
         [[ $code == 200 ]] || die "$t over TLS: https://bench.local:$port/ answered '$code' (logs in $RESULTS_DIR)"
@@ -420,8 +499,9 @@ declare -A url=(
     [nginx]="http://127.0.0.1:$p_nginx/"
     [portcullis]="http://127.0.0.1:$p_pc/"
     [portcullis-json]="http://127.0.0.1:$p_pcj/"
+    [haproxy]="http://127.0.0.1:$p_ha/"
 )
-declare -A tls_port=([nginx]=$p_nginx_tls [portcullis]=$p_pc_tls)
+declare -A tls_port=([nginx]=$p_nginx_tls [portcullis]=$p_pc_tls [haproxy]=$p_ha_tls)
 
 # ---------------------------------------------------------------- runs
 # wrk's latency ("850.00us", "1.20ms", "2.00s") in milliseconds.
@@ -469,13 +549,18 @@ run() {
     target_url=${url[$target]}
     [[ $scenario == close || $scenario == tls-handshake ]] && extra=(-H 'Connection: close')
     [[ $scenario == tls-* ]] && target_url="https://bench.local:${tls_port[$target]}/"
+    local conns=$CONNECTIONS
+    if [[ $scenario == 1mib ]]; then
+        target_url="${target_url}1mib"
+        conns=$MIB_CONNECTIONS
+    fi
     local tool=wrk
     [[ $scenario == h2 ]] && tool=h2load
     out=$RESULTS_DIR/$tool-$scenario-$round-$target.txt
     local cpu_before cpu_after
     cpu_before=$(cpu_ticks "${proc_of[$target]}")
     if [[ $tool == wrk ]]; then
-        "${wrk_pin[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" --latency \
+        "${wrk_pin[@]}" wrk -t"$THREADS" -c"$conns" -d"$duration" --latency \
             -H 'Host: bench.local' "${extra[@]}" "$target_url" >"$out" 2>&1 ||
             die "wrk failed against $target (see $out)"
     else
@@ -524,13 +609,13 @@ run() {
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started_at=$(date +%s)
-echo "Upstream: $upstream_desc on :$p_up; nginx on :$p_nginx; Portcullis on :$p_pc" >&2
+echo "Upstream: $upstream_desc on :$p_up; nginx on :$p_nginx; HAProxy on :${haproxy_pid:+$p_ha}; Portcullis on :$p_pc" >&2
 echo "Load average before: $load_before" >&2
 for scenario in $SCENARIOS; do
     case $scenario in
-    keepalive | close) targets=(direct nginx portcullis) ;;
+    keepalive | close | 1mib) targets=(direct nginx ${haproxy_pid:+haproxy} portcullis) ;;
     # The upstream speaks plain HTTP only: no direct run over TLS.
-    tls-keepalive | tls-handshake | h2) targets=(nginx portcullis) ;;
+    tls-keepalive | tls-handshake | h2) targets=(nginx ${haproxy_pid:+haproxy} portcullis) ;;
     accesslog) targets=(nginx portcullis portcullis-json) ;;
     esac
     for t in "${targets[@]}"; do
@@ -558,16 +643,20 @@ done
 pc_rss=$(hwm_kib "$pc_pid")
 pcj_rss=0
 ((want_accesslog)) && pcj_rss=$(hwm_kib "${proc_of[portcullis-json]}")
+ha_rss=0
+[[ -n $haproxy_pid ]] && ha_rss=$(hwm_kib "$haproxy_pid")
 
 # ---------------------------------------------------------------- report
 report=$RESULTS_DIR/report.txt
 {
-    echo "Portcullis vs nginx — $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -n), $ncpu CPUs"
-    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS interleaved rounds (order rotates), medians"
+    echo "Portcullis vs ${PEERS// / and } — $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -n), $ncpu CPUs"
+    echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS interleaved rounds (order rotates); min / median / max"
+    [[ " $SCENARIOS " == *" 1mib "* ]] &&
+        echo "1mib: wrk -c$MIB_CONNECTIONS, GET /1mib (1,048,576-byte static file from the upstream): RPS = MiB/s"
     [[ " $SCENARIOS " == *" h2 "* ]] &&
         echo "h2: h2load -t$THREADS -c$H2_CLIENTS -m$H2_STREAMS -D$(to_seconds "$DURATION") (p50 column = mean request time, no p99)"
     ((want_tls)) && echo "TLS: ECDSA P-256 leaf from portcullis certs; TLS_RESUME=$TLS_RESUME ($tls_resume_conf in nginx)"
-    echo "upstream: $upstream_desc; proxies: $workers worker(s) each (nginx worker_processes, TOKIO_WORKER_THREADS)"
+    echo "upstream: $upstream_desc; proxies: $workers worker(s) each (nginx worker_processes, HAProxy nbthread, TOKIO_WORKER_THREADS)"
     if [[ $PIN == 1 ]]; then
         echo "pinning: wrk and upstream on CPU $WRK_CPUS, proxy under test on CPU $PROXY_CPUS (taskset)"
     else
@@ -575,13 +664,23 @@ report=$RESULTS_DIR/report.txt
     fi
     echo "load average: before $load_before, after $load_after; runs took ${elapsed}s"
     echo
-    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v pcj_rss="$pcj_rss" -v nw="$nginx_workers" '
-        function median(list,    n, a, i, j, t) {
+    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v pcj_rss="$pcj_rss" -v ha_rss="$ha_rss" -v nw="$nginx_workers" '
+        function sorted(list, a,    n, i, j, t) {
             n = split(list, a, " ")
             for (i = 1; i <= n; i++) a[i] += 0
             for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            return n
+        }
+        function median(list,    n, a) {
+            n = sorted(list, a)
             if (n == 0) return 0
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        # "median (min–max)" with FMT for each number.
+        function spread(list, fmt,    n, a) {
+            n = sorted(list, a)
+            if (n == 0) return "—"
+            return sprintf(fmt " (" fmt "–" fmt ")", median(list), a[1], a[n])
         }
         NR == 1 { next }
         {
@@ -592,43 +691,44 @@ report=$RESULTS_DIR/report.txt
             R[s, r, t] = $4; P[s, r, t] = $6 + 0; C[s, r, t] = $7; rounds[s, r] = 1
         }
         END {
-            printf "| scenario | target | RPS | p50 ms | p99 ms | CPU µs/req | RPS / nginx | p99 / nginx | CPU / nginx | peak RSS |\n"
+            printf "| scenario | target | RPS median (min–max) | p50 ms | p99 ms | CPU µs/req | RPS / nginx median (min–max) | p99 / nginx | CPU / nginx | peak RSS |\n"
             printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            nt = split("direct nginx haproxy portcullis portcullis-json", ts, " ")
             for (k = 1; k <= ns; k++) {
                 s = order[k]
-                split("portcullis portcullis-json", pt, " ")
-                for (j = 1; j <= 2; j++) { q = pt[j]; rr[q] = ""; pr[q] = ""; cr[q] = "" }
+                for (i = 1; i <= nt; i++) { q = ts[i]; rr[q] = ""; pr[q] = ""; cr[q] = "" }
                 jo = ""
                 for (key in rounds) {
                     split(key, kk, SUBSEP)
                     if (kk[1] != s) continue
                     r = kk[2]
-                    for (j = 1; j <= 2; j++) {
-                        q = pt[j]
-                        if (R[s, r, "nginx"] > 0 && R[s, r, q] != "") rr[q] = rr[q] " " R[s, r, q] / R[s, r, "nginx"]
-                        if (P[s, r, "nginx"] > 0 && R[s, r, q] != "") pr[q] = pr[q] " " P[s, r, q] / P[s, r, "nginx"]
-                        if (C[s, r, "nginx"] > 0 && R[s, r, q] != "") cr[q] = cr[q] " " C[s, r, q] / C[s, r, "nginx"]
+                    for (i = 1; i <= nt; i++) {
+                        q = ts[i]
+                        if (q == "nginx" || q == "direct" || R[s, r, q] == "") continue
+                        if (R[s, r, "nginx"] > 0) rr[q] = rr[q] " " R[s, r, q] / R[s, r, "nginx"]
+                        if (P[s, r, "nginx"] > 0) pr[q] = pr[q] " " P[s, r, q] / P[s, r, "nginx"]
+                        if (C[s, r, "nginx"] > 0) cr[q] = cr[q] " " C[s, r, q] / C[s, r, "nginx"]
                     }
                     if (R[s, r, "portcullis"] > 0 && R[s, r, "portcullis-json"] != "") jo = jo " " R[s, r, "portcullis-json"] / R[s, r, "portcullis"]
                 }
-                split("direct nginx portcullis portcullis-json", ts, " ")
-                for (i = 1; i <= 4; i++) {
+                for (i = 1; i <= nt; i++) {
                     t = ts[i]
                     if (rps[s, t] == "") continue
                     ratio = "—"; pratio = "—"; cratio = "—"; mem = "—"
                     if (t == "nginx") { ratio = "1.00"; pratio = P[s, 1, t] > 0 ? "1.00" : "—"; cratio = "1.00"; mem = sprintf("%.1f MiB (%d workers + master)", nginx_rss / 1024, nw) }
-                    if (t ~ /^portcullis/) {
-                        ratio = sprintf("%.2f", median(rr[t])); cratio = sprintf("%.2f", median(cr[t]))
+                    if (t != "nginx" && t != "direct") {
+                        ratio = spread(rr[t], "%.2f"); cratio = sprintf("%.2f", median(cr[t]))
                         pratio = P[s, 1, t] > 0 ? sprintf("%.2f", median(pr[t])) : "—"
-                        mem = sprintf("%.1f MiB", (t == "portcullis" ? pc_rss : pcj_rss) / 1024)
+                        m = t == "portcullis" ? pc_rss : t == "portcullis-json" ? pcj_rss : ha_rss
+                        mem = sprintf("%.1f MiB", m / 1024)
                     }
                     p99s = P[s, 1, t] > 0 ? sprintf("%.2f", median(p99[s, t])) : "—"
-                    printf "| %s | %s | %.0f | %.2f | %s | %.1f | %s | %s | %s | %s |\n", s, t, median(rps[s, t]), median(p50[s, t]), p99s, median(cpu[s, t]), ratio, pratio, cratio, mem
+                    printf "| %s | %s | %s | %.2f | %s | %.1f | %s | %s | %s | %s |\n", s, t, spread(rps[s, t], "%.0f"), median(p50[s, t]), p99s, median(cpu[s, t]), ratio, pratio, cratio, mem
                 }
                 if (jo != "") jsonoff[s] = sprintf("%.3f (per round:%s)", median(jo), jo)
             }
             print ""
-            print "Ratios are medians of the per-round ratios (Portcullis and nginx measured in the same round)."
+            print "Ratios are medians (min–max) of the per-round ratios (each proxy and nginx measured in the same round)."
             print "CPU µs/req: user+system time of the process under test (direct: the upstream) per request,"
             print "from /proc/PID/stat around each run; less sensitive than RPS to other load on the machine."
             print "Peak RSS is VmHWM after all runs; for nginx the sum over master and workers."
@@ -640,6 +740,10 @@ report=$RESULTS_DIR/report.txt
     echo
     echo "----- generated nginx proxy config ($RESULTS_DIR/nginx-proxy.conf)"
     cat "$RESULTS_DIR/nginx-proxy.conf"
+    if [[ -n $haproxy_pid ]]; then
+        echo "----- generated HAProxy config ($RESULTS_DIR/haproxy.cfg)"
+        cat "$RESULTS_DIR/haproxy.cfg"
+    fi
     echo "----- generated nginx upstream config ($RESULTS_DIR/nginx-upstream.conf)"
     cat "$RESULTS_DIR/nginx-upstream.conf"
     echo "----- generated Portcullis manifests ($RESULTS_DIR/manifests/bench.yaml)"
