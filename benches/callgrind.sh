@@ -82,14 +82,14 @@ else
 fi
 [[ -x $PORTCULLIS ]] || die "no Portcullis binary at $PORTCULLIS"
 
-read -r p_up p_nginx p_pc p_admin p_dash < <(python3 -c '
+read -r p_up p_nginx p_pc p_admin p_dash p_tls < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 ')
-[[ -n ${p_dash:-} ]] || die "could not pick free ports (python3)"
+[[ -n ${p_tls:-} ]] || die "could not pick free ports (python3)"
 
 cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
 daemon off;
@@ -243,6 +243,7 @@ export RUST_LOG=warn TOKIO_WORKER_THREADS=1
 pc_cmd=("$PORTCULLIS" run
     --manifests "$RESULTS_DIR/manifests" --http-addr "127.0.0.1:$p_pc"
     --admin-addr "127.0.0.1:$p_admin" --dashboard-addr "127.0.0.1:$p_dash"
+    --https-addr "127.0.0.1:$p_tls"
     --shutdown-delay 0s --shutdown-grace 2s --access-log "$ACCESS_LOG")
 ng_cmd=("$NGINX" -p "$RESULTS_DIR" -e "$RESULTS_DIR/nginx-proxy-error.log"
     -c "$RESULTS_DIR/nginx-proxy.conf")
