@@ -20,8 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::header::HeaderValue;
 use http::{Method, Uri};
 use prometheus::IntCounter;
-use serde::Serialize;
-use serde::ser::SerializeMap;
 
 use crate::metrics::RouteLabels;
 
@@ -200,7 +198,7 @@ pub fn write_entry<W: Write>(w: &mut W, format: AccessLogFormat, e: &Entry) -> i
     match format {
         AccessLogFormat::Off => Ok(()),
         AccessLogFormat::Json => {
-            serde_json::to_writer(&mut *w, &JsonEntry(e)).map_err(io::Error::other)?;
+            write_json(w, e)?;
             w.write_all(b"\n")
         }
         AccessLogFormat::Text => write_text(w, e),
@@ -286,60 +284,192 @@ fn text_value<W: Write>(w: &mut W, v: &[u8]) -> io::Result<()> {
     w.write_all(b"\"")
 }
 
-/// The JSON form of an entry: absent values are `null`; durations in seconds.
-struct JsonEntry<'a>(&'a Entry);
-
-/// A string field written from a `Display` value without building a `String`.
-struct Collect<T>(T);
-
-impl<T: fmt::Display> Serialize for Collect<T> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+/// Writes the JSON form of an entry: one object, fields in a fixed order, absent values
+/// `null`, durations in seconds. Formatted by hand into the writer's buffer (no `Value`,
+/// no per-field `fmt` machinery): strings are copied as they are unless they need JSON
+/// escapes, numbers are written digit by digit.
+fn write_json<W: Write>(w: &mut W, e: &Entry) -> io::Result<()> {
+    w.write_all(b"{\"time\":\"")?;
+    w.write_all(&rfc3339_bytes(e.time))?;
+    w.write_all(b"\",\"client\":\"")?;
+    write_socket_addr(w, e.client)?;
+    w.write_all(b"\",\"method\":")?;
+    json_str(w, e.method.as_str().as_bytes())?;
+    w.write_all(b",\"host\":")?;
+    json_header(w, e.host.as_ref())?;
+    w.write_all(b",\"path\":")?;
+    json_str(w, e.uri.path().as_bytes())?;
+    w.write_all(b",\"status\":")?;
+    write_u64(w, u64::from(e.status))?;
+    w.write_all(b",\"bytes_in\":")?;
+    write_u64(w, e.bytes_in)?;
+    w.write_all(b",\"bytes_out\":")?;
+    write_u64(w, e.bytes_out)?;
+    w.write_all(b",\"duration_seconds\":")?;
+    write_seconds(w, e.duration)?;
+    w.write_all(b",\"upstream\":")?;
+    match &e.upstream {
+        Some(UpstreamAddr::Addr(a)) => {
+            w.write_all(b"\"")?;
+            write_socket_addr(w, *a)?;
+            w.write_all(b"\"")?;
+        }
+        Some(UpstreamAddr::Name { host, port }) => {
+            json_str(w, format!("{host}:{port}").as_bytes())?;
+        }
+        None => w.write_all(b"null")?,
     }
-}
-
-/// A header value as a JSON string: its text, with bytes that are not UTF-8 replaced.
-struct HeaderText<'a>(&'a HeaderValue);
-
-impl Serialize for HeaderText<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0.to_str() {
-            Ok(t) => s.serialize_str(t),
-            Err(_) => s.serialize_str(&String::from_utf8_lossy(self.0.as_bytes())),
+    w.write_all(b",\"upstream_duration_seconds\":")?;
+    match e.upstream_duration {
+        Some(d) => write_seconds(w, d)?,
+        None => w.write_all(b"null")?,
+    }
+    for (key, v) in [
+        (&b",\"namespace\":"[..], &e.route.namespace),
+        (b",\"ingress\":", &e.route.ingress),
+        (b",\"service\":", &e.route.service),
+    ] {
+        w.write_all(key)?;
+        if v.is_empty() {
+            w.write_all(b"null")?;
+        } else {
+            json_str(w, v.as_bytes())?;
         }
     }
-}
-
-fn non_empty(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
-}
-
-impl Serialize for JsonEntry<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let mut m = s.serialize_map(Some(17))?;
-        m.serialize_entry("time", &Collect(Rfc3339(e.time)))?;
-        m.serialize_entry("client", &Collect(e.client))?;
-        m.serialize_entry("method", e.method.as_str())?;
-        m.serialize_entry("host", &e.host.as_ref().map(HeaderText))?;
-        m.serialize_entry("path", e.uri.path())?;
-        m.serialize_entry("status", &e.status)?;
-        m.serialize_entry("bytes_in", &e.bytes_in)?;
-        m.serialize_entry("bytes_out", &e.bytes_out)?;
-        m.serialize_entry("duration_seconds", &e.duration.as_secs_f64())?;
-        m.serialize_entry("upstream", &e.upstream.as_ref().map(Collect))?;
-        m.serialize_entry(
-            "upstream_duration_seconds",
-            &e.upstream_duration.map(|d| d.as_secs_f64()),
-        )?;
-        m.serialize_entry("namespace", &non_empty(&e.route.namespace))?;
-        m.serialize_entry("ingress", &non_empty(&e.route.ingress))?;
-        m.serialize_entry("service", &non_empty(&e.route.service))?;
-        m.serialize_entry("request_id", &HeaderText(&e.request_id))?;
-        m.serialize_entry("user_agent", &e.user_agent.as_ref().map(HeaderText))?;
-        m.serialize_entry("tls_version", &e.tls_version)?;
-        m.end()
+    w.write_all(b",\"request_id\":")?;
+    json_header(w, Some(&e.request_id))?;
+    w.write_all(b",\"user_agent\":")?;
+    json_header(w, e.user_agent.as_ref())?;
+    w.write_all(b",\"tls_version\":")?;
+    match e.tls_version {
+        Some(v) => json_str(w, v.as_bytes())?,
+        None => w.write_all(b"null")?,
     }
+    w.write_all(b"}")
+}
+
+/// A header value as a JSON string (its text, bytes that are not UTF-8 replaced with
+/// U+FFFD), or `null`.
+fn json_header<W: Write>(w: &mut W, v: Option<&HeaderValue>) -> io::Result<()> {
+    match v {
+        None => w.write_all(b"null"),
+        Some(v) => match std::str::from_utf8(v.as_bytes()) {
+            Ok(t) => json_str(w, t.as_bytes()),
+            Err(_) => json_str(w, String::from_utf8_lossy(v.as_bytes()).as_bytes()),
+        },
+    }
+}
+
+/// A JSON string from UTF-8 text: `"` and `\` escaped, control characters as `\n`,
+/// `\r`, `\t`, `\b`, `\f` or `\u00XX`; everything else as it is.
+fn json_str<W: Write>(w: &mut W, s: &[u8]) -> io::Result<()> {
+    w.write_all(b"\"")?;
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                w.write_all(&s[start..i])?;
+                start = i + 1;
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                w.write_all(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ])?;
+                continue;
+            }
+            _ => continue,
+        };
+        w.write_all(&s[start..i])?;
+        w.write_all(esc)?;
+        start = i + 1;
+    }
+    w.write_all(&s[start..])?;
+    w.write_all(b"\"")
+}
+
+/// An unsigned integer in decimal.
+fn write_u64<W: Write>(w: &mut W, mut n: u64) -> io::Result<()> {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.write_all(&buf[i..])
+}
+
+/// A duration in seconds as a JSON number with up to nanosecond digits, trailing zeros
+/// dropped (`0.0015`, `2.0`): the value `Duration::as_secs_f64` gives.
+fn write_seconds<W: Write>(w: &mut W, d: Duration) -> io::Result<()> {
+    write_u64(w, d.as_secs())?;
+    let mut frac = [0u8; 10];
+    frac[0] = b'.';
+    let mut nanos = d.subsec_nanos();
+    for slot in frac[1..].iter_mut().rev() {
+        *slot = b'0' + (nanos % 10) as u8;
+        nanos /= 10;
+    }
+    let mut end = frac.len();
+    while end > 2 && frac[end - 1] == b'0' {
+        end -= 1;
+    }
+    w.write_all(&frac[..end])
+}
+
+/// A socket address as `1.2.3.4:80` or `[::1]:80`.
+fn write_socket_addr<W: Write>(w: &mut W, addr: SocketAddr) -> io::Result<()> {
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    w.write_all(b".")?;
+                }
+                write_u64(w, u64::from(octet))?;
+            }
+            w.write_all(b":")?;
+            write_u64(w, u64::from(a.port()))
+        }
+        SocketAddr::V6(a) => write!(w, "{a}"),
+    }
+}
+
+/// `Rfc3339`'s text without the formatting machinery: `2025-01-31T12:34:56.789Z`.
+fn rfc3339_bytes(t: SystemTime) -> [u8; 24] {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for k in (at..at + width).rev() {
+            out[k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, u64::try_from(y.clamp(0, 9999)).unwrap_or(0));
+    put(5, 2, u64::from(m));
+    put(8, 2, u64::from(d));
+    put(11, 2, rem / 3600);
+    put(14, 2, (rem / 60) % 60);
+    put(17, 2, rem % 60);
+    put(20, 3, u64::from(since.subsec_millis()));
+    out
 }
 
 /// A time as RFC 3339 in UTC with milliseconds: `2025-01-31T12:34:56.789Z`.
@@ -449,6 +579,37 @@ mod tests {
         assert!(l.contains(" namespace=- ingress=- service=- "), "{l}");
         assert!(l.contains(" upstream=- upstream_duration=- "), "{l}");
         assert_eq!(l.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn json_strings_are_escaped_and_numbers_exact() {
+        let mut e = entry();
+        e.host = Some(HeaderValue::from_bytes(b"a\"b\\c\td\xff").expect("header"));
+        e.uri = "/p%20q".parse().expect("uri");
+        e.user_agent = Some(HeaderValue::from_bytes(b"ua \x01 \xe2\x82\xac").expect("header"));
+        e.duration = Duration::new(2, 0);
+        e.upstream_duration = Some(Duration::new(0, 123_456_789));
+        e.client = "[2001:db8::1]:443".parse().expect("addr");
+        e.time = UNIX_EPOCH + Duration::from_millis(951_782_400_007);
+        let l = line(AccessLogFormat::Json, &e);
+        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+        assert_eq!(v["host"], "a\"b\\c\td\u{fffd}", "{l}");
+        assert_eq!(v["user_agent"], "ua \u{1} \u{20ac}", "{l}");
+        assert_eq!(v["path"], "/p%20q");
+        assert_eq!(v["client"], "[2001:db8::1]:443");
+        assert_eq!(v["time"], "2000-02-29T00:00:00.007Z");
+        assert_eq!(v["duration_seconds"], 2.0);
+        assert_eq!(v["upstream_duration_seconds"], 0.123456789);
+        assert_eq!(v["bytes_out"], 12);
+        assert_eq!(l.matches('\n').count(), 1);
+        assert!(l.ends_with("}\n"), "{l}");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 17, "{keys:?}");
     }
 
     #[test]
