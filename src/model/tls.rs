@@ -71,6 +71,10 @@ pub struct TlsTable {
 impl TlsTable {
     /// The TLS host entry for a server name: exact, then one-label wildcard.
     pub fn host_for(&self, server_name: &str) -> Option<&TlsHost> {
+        // Plain-HTTP-only configurations ask on every request: no lookup keys to build.
+        if self.hosts.is_empty() {
+            return None;
+        }
         if let Some(h) = self.hosts.get(&HostPattern::Exact(server_name.to_string())) {
             return Some(h);
         }
