@@ -7,8 +7,9 @@
 //! `OTHER`) and the status class; never a path, host or client address.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
@@ -55,11 +56,12 @@ const PUBLISH_BUCKETS: &[f64] = &[
 ];
 
 /// The route a request took, as metric labels. Empty strings when no route matched.
+/// Shared strings: a clone (one per logged request) copies no text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteLabels {
-    pub namespace: String,
-    pub ingress: String,
-    pub service: String,
+    pub namespace: Arc<str>,
+    pub ingress: Arc<str>,
+    pub service: Arc<str>,
 }
 
 /// The registry and every metric handle of the process.
@@ -127,6 +129,8 @@ pub struct Metrics {
     /// `portcullis_certificate_expiry_timestamp_seconds{namespace,secret}`: notAfter of
     /// each usable certificate in the snapshot in force (Unix seconds).
     pub certificate_expiry_timestamp_seconds: IntGaugeVec,
+    /// The per-route series handles the data path records into: see [`Metrics::route`].
+    route_series: RouteSeriesCache,
 }
 
 impl Metrics {
@@ -371,7 +375,14 @@ impl Metrics {
             tls_handshakes_total,
             tls_handshake_errors_total,
             certificate_expiry_timestamp_seconds,
+            route_series: RouteSeriesCache::default(),
         })
+    }
+
+    /// The series of the route `namespace`/`ingress` → `service` (empty strings when no
+    /// route matched), looked up once per request instead of once per metric.
+    pub fn route(&self, namespace: &str, ingress: &str, service: &str) -> Arc<RouteSeries> {
+        self.route_series.get(namespace, ingress, service)
     }
 
     /// Counts one failed list or watch of `kind`.
@@ -390,11 +401,7 @@ impl Metrics {
 
     /// Records the body sizes of one finished exchange.
     pub fn observe_sizes(&self, route: &RouteLabels, request_bytes: u64, response_bytes: u64) {
-        let labels = [
-            route.namespace.as_str(),
-            route.ingress.as_str(),
-            route.service.as_str(),
-        ];
+        let labels = [&*route.namespace, &*route.ingress, &*route.service];
         self.request_size_bytes
             .with_label_values(&labels)
             .observe(request_bytes as f64);
@@ -415,20 +422,15 @@ impl Metrics {
         let code = status_class(status);
         self.requests_total
             .with_label_values(&[
-                route.namespace.as_str(),
-                route.ingress.as_str(),
-                route.service.as_str(),
+                &*route.namespace,
+                &*route.ingress,
+                &*route.service,
                 method_label(method),
                 code,
             ])
             .inc();
         self.request_duration_seconds
-            .with_label_values(&[
-                route.namespace.as_str(),
-                route.ingress.as_str(),
-                route.service.as_str(),
-                code,
-            ])
+            .with_label_values(&[&*route.namespace, &*route.ingress, &*route.service, code])
             .observe(seconds);
     }
 
@@ -529,28 +531,219 @@ impl Metrics {
 
 /// The `method` label: the standard method, or `OTHER`.
 pub fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::CONNECT => "CONNECT",
-        Method::OPTIONS => "OPTIONS",
-        Method::TRACE => "TRACE",
-        Method::PATCH => "PATCH",
-        _ => "OTHER",
-    }
+    METHOD_LABELS[method_index(method)]
 }
 
 /// The `code` label: `1xx` … `5xx`.
 pub fn status_class(status: StatusCode) -> &'static str {
+    CODE_LABELS[status_index(status)]
+}
+
+/// Methods with a `method` label of their own, in [`method_label`]'s order; `OTHER` last.
+const METHOD_LABELS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "OTHER",
+];
+/// The `code` label values, in [`status_class`]'s order.
+const CODE_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Route series cached before the cache is cleared and starts over; the series
+/// themselves stay in the registry, only their handles are forgotten.
+const MAX_CACHED_ROUTES: usize = 16 * 1024;
+
+/// The metric series of one route (namespace, ingress, service), resolved once and
+/// shared by every request that takes the route, so that the request path neither
+/// hashes label values nor formats the `ns/name` service label per request. Each series
+/// is created in the registry on first use, exactly as `with_label_values` would: a
+/// route shows only the method and code combinations it has answered.
+pub struct RouteSeries {
+    /// The route's labels; empty strings when no route matched.
+    pub labels: RouteLabels,
+    /// `ns/name`: the `service` label of the upstream histograms.
+    pub service_key: String,
+    requests: [[OnceLock<IntCounter>; CODE_LABELS.len()]; METHOD_LABELS.len()],
+    duration: [OnceLock<Histogram>; CODE_LABELS.len()],
+    request_size: OnceLock<Histogram>,
+    response_size: OnceLock<Histogram>,
+    upstream_response: OnceLock<Histogram>,
+    upstream_connect: OnceLock<Histogram>,
+}
+
+impl fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteSeries")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteSeries {
+    fn new(labels: RouteLabels) -> RouteSeries {
+        let service_key = if labels.namespace.is_empty() && labels.service.is_empty() {
+            String::new()
+        } else {
+            format!("{}/{}", labels.namespace, labels.service)
+        };
+        RouteSeries {
+            labels,
+            service_key,
+            requests: Default::default(),
+            duration: Default::default(),
+            request_size: OnceLock::new(),
+            response_size: OnceLock::new(),
+            upstream_response: OnceLock::new(),
+            upstream_connect: OnceLock::new(),
+        }
+    }
+
+    fn route_labels(&self) -> [&str; 3] {
+        [
+            &*self.labels.namespace,
+            &*self.labels.ingress,
+            &*self.labels.service,
+        ]
+    }
+
+    /// Records one answered request: `portcullis_requests_total` (with method) and
+    /// `portcullis_request_duration_seconds` (without).
+    pub fn observe_request(
+        &self,
+        metrics: &Metrics,
+        method: &Method,
+        status: StatusCode,
+        seconds: f64,
+    ) {
+        let m = method_index(method);
+        let c = status_index(status);
+        let [ns, ingress, service] = self.route_labels();
+        self.requests[m][c]
+            .get_or_init(|| {
+                metrics.requests_total.with_label_values(&[
+                    ns,
+                    ingress,
+                    service,
+                    METHOD_LABELS[m],
+                    CODE_LABELS[c],
+                ])
+            })
+            .inc();
+        self.duration[c]
+            .get_or_init(|| {
+                metrics.request_duration_seconds.with_label_values(&[
+                    ns,
+                    ingress,
+                    service,
+                    CODE_LABELS[c],
+                ])
+            })
+            .observe(seconds);
+    }
+
+    /// Records the body sizes of one finished exchange.
+    pub fn observe_sizes(&self, metrics: &Metrics, request_bytes: u64, response_bytes: u64) {
+        let labels = self.route_labels();
+        self.request_size
+            .get_or_init(|| metrics.request_size_bytes.with_label_values(&labels))
+            .observe(request_bytes as f64);
+        self.response_size
+            .get_or_init(|| metrics.response_size_bytes.with_label_values(&labels))
+            .observe(response_bytes as f64);
+    }
+
+    /// `portcullis_upstream_response_duration_seconds{service="ns/name"}`.
+    pub fn upstream_response(&self, metrics: &Metrics) -> &Histogram {
+        self.upstream_response.get_or_init(|| {
+            metrics
+                .upstream_response_duration_seconds
+                .with_label_values(&[self.service_key.as_str()])
+        })
+    }
+
+    /// `portcullis_upstream_connect_duration_seconds{service="ns/name"}`.
+    pub fn upstream_connect(&self, metrics: &Metrics) -> &Histogram {
+        self.upstream_connect.get_or_init(|| {
+            metrics
+                .upstream_connect_duration_seconds
+                .with_label_values(&[self.service_key.as_str()])
+        })
+    }
+}
+
+/// [`RouteSeries`] by route: see [`Metrics::route`].
+#[derive(Default)]
+pub struct RouteSeriesCache {
+    /// Keyed by a hash of the three labels; entries with equal hashes share a bucket.
+    routes: RwLock<HashMap<u64, Vec<Arc<RouteSeries>>>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl fmt::Debug for RouteSeriesCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteSeriesCache")
+            .field("len", &self.len.load(std::sync::atomic::Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RouteSeriesCache {
+    /// The series of the route `namespace`/`ingress` → `service`, created on first use.
+    pub fn get(&self, namespace: &str, ingress: &str, service: &str) -> Arc<RouteSeries> {
+        use std::hash::BuildHasher;
+        let key = foldhash::fast::FixedState::with_seed(0x706f_7274)
+            .hash_one((namespace, ingress, service));
+        let matches = |s: &Arc<RouteSeries>| {
+            *s.labels.namespace == *namespace
+                && *s.labels.ingress == *ingress
+                && *s.labels.service == *service
+        };
+        {
+            let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(found) = routes.get(&key).and_then(|b| b.iter().find(|s| matches(s))) {
+                return found.clone();
+            }
+        }
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = routes.get(&key).and_then(|b| b.iter().find(|s| matches(s))) {
+            return found.clone();
+        }
+        if self.len.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CACHED_ROUTES {
+            routes.clear();
+            self.len.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        let series = Arc::new(RouteSeries::new(RouteLabels {
+            namespace: namespace.into(),
+            ingress: ingress.into(),
+            service: service.into(),
+        }));
+        routes.entry(key).or_default().push(series.clone());
+        self.len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        series
+    }
+}
+
+/// The position of `method`'s label in [`METHOD_LABELS`].
+fn method_index(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::CONNECT => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::PATCH => 8,
+        _ => 9,
+    }
+}
+
+/// The position of `status`' class in [`CODE_LABELS`].
+fn status_index(status: StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -588,5 +781,43 @@ mod tests {
         let text = m.render();
         assert!(text.contains("portcullis_build_info"));
         assert!(text.contains("portcullis_request_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn route_series_record_into_the_labelled_series() {
+        let m = Metrics::new();
+        let web = m.route("ns", "web", "svc");
+        assert!(Arc::ptr_eq(&web, &m.route("ns", "web", "svc")));
+        let other = m.route("ns", "web", "svc2");
+        assert!(!Arc::ptr_eq(&web, &other));
+        web.observe_request(&m, &Method::GET, StatusCode::OK, 0.01);
+        m.route("ns", "web", "svc")
+            .observe_request(&m, &Method::GET, StatusCode::OK, 0.01);
+        web.observe_request(&m, &Method::POST, StatusCode::BAD_GATEWAY, 0.01);
+        web.observe_sizes(&m, 3, 12);
+        web.upstream_response(&m).observe(0.001);
+        let get = m
+            .requests_total
+            .with_label_values(&["ns", "web", "svc", "GET", "2xx"])
+            .get();
+        let post = m
+            .requests_total
+            .with_label_values(&["ns", "web", "svc", "POST", "5xx"])
+            .get();
+        assert_eq!((get, post), (2, 1));
+        let size = m
+            .response_size_bytes
+            .with_label_values(&["ns", "web", "svc"])
+            .get_sample_sum();
+        assert_eq!(size, 12.0);
+        let upstream = m
+            .upstream_response_duration_seconds
+            .with_label_values(&["ns/svc"])
+            .get_sample_count();
+        assert_eq!(upstream, 1);
+        // Only the combinations that were recorded exist.
+        let text = m.render();
+        assert!(!text.contains("method=\"HEAD\""), "{text}");
+        assert!(!text.contains("svc2"), "{text}");
     }
 }

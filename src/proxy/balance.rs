@@ -22,8 +22,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use http::uri::Authority;
+
 use crate::metrics::Metrics;
 use crate::model::{Cluster, ObjectRef, PortRef, Upstream};
+
+/// Hashing of the balancer's tables: keys are addresses and object names from the
+/// snapshot, not chosen by clients.
+type FoldHash = foldhash::fast::RandomState;
 
 /// Clusters the round-robin table remembers before it is cleared; positions are only a
 /// fairness aid, so forgetting them under heavy Service churn is harmless.
@@ -103,8 +109,10 @@ impl Target {
 }
 
 /// Long-lived state of one endpoint address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct EndpointState {
+    /// The address as a URI authority, formatted once.
+    authority: Authority,
     in_flight: AtomicUsize,
     /// Consecutive ejections without a success in between.
     failures: AtomicU32,
@@ -113,6 +121,15 @@ struct EndpointState {
 }
 
 impl EndpointState {
+    fn new(addr: SocketAddr) -> EndpointState {
+        EndpointState {
+            authority: authority_of(addr),
+            in_flight: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+
     /// Not ejected at `now` (nanoseconds after the epoch).
     fn admitted(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Acquire) <= now
@@ -136,7 +153,17 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct Picked {
     pub target: Target,
+    /// The target as the authority of the upstream request URI; `None` when an
+    /// ExternalName is not a valid authority.
+    pub authority: Option<Authority>,
     pub guard: Option<InFlight>,
+}
+
+/// `addr` as a URI authority (`[v6]:port` for IPv6).
+fn authority_of(addr: SocketAddr) -> Authority {
+    // A socket address always formats as a valid authority.
+    Authority::try_from(addr.to_string().as_str())
+        .unwrap_or_else(|_| Authority::from_static("invalid.endpoint"))
 }
 
 /// Balancing and passive-health state of every cluster and endpoint.
@@ -145,8 +172,8 @@ pub struct Balancer {
     policy: LoadBalance,
     ejection: Ejection,
     epoch: Instant,
-    positions: RwLock<HashMap<(ObjectRef, PortRef), Arc<AtomicUsize>>>,
-    endpoints: RwLock<HashMap<SocketAddr, Arc<EndpointState>>>,
+    positions: RwLock<HashMap<(ObjectRef, PortRef), Arc<AtomicUsize>, FoldHash>>,
+    endpoints: RwLock<HashMap<SocketAddr, Arc<EndpointState>, FoldHash>>,
 }
 
 impl Default for Balancer {
@@ -178,16 +205,19 @@ impl Balancer {
                 state.in_flight.fetch_add(1, Ordering::AcqRel);
                 Some(Picked {
                     target: Target::Addr(addr),
+                    authority: Some(state.authority.clone()),
                     guard: Some(InFlight { state }),
                 })
             }
             Upstream::ExternalName { host, port } => {
                 if exclude.is_empty() {
+                    let target = Target::Name {
+                        host: host.clone(),
+                        port: *port,
+                    };
                     Some(Picked {
-                        target: Target::Name {
-                            host: host.clone(),
-                            port: *port,
-                        },
+                        authority: Authority::try_from(target.authority().as_str()).ok(),
+                        target,
                         guard: None,
                     })
                 } else {
@@ -257,6 +287,9 @@ impl Balancer {
                 return least_loaded_of_two(found);
             }
         }
+        if n <= SCAN_LIMIT {
+            return self.pick_p2c_small(active, exclude, now);
+        }
         let usable: Vec<(SocketAddr, Arc<EndpointState>)> = active
             .iter()
             .filter(|a| !exclude.contains(a))
@@ -274,6 +307,50 @@ impl Balancer {
             admitted
         };
         least_loaded_of_two(pool)
+    }
+
+    /// p2c over a cluster of at most [`SCAN_LIMIT`] endpoints, without allocating: the
+    /// same choice as the scan in [`Balancer::pick_p2c`] (two distinct admitted
+    /// endpoints at random, or any two usable ones in panic mode; fewer in flight wins).
+    fn pick_p2c_small(
+        &self,
+        active: &[SocketAddr],
+        exclude: &[SocketAddr],
+        now: u64,
+    ) -> Option<(SocketAddr, Arc<EndpointState>)> {
+        let mut pool: [Option<(SocketAddr, Arc<EndpointState>)>; SCAN_LIMIT] =
+            [const { None }; SCAN_LIMIT];
+        let (mut usable, mut admitted) = (0, 0);
+        for addr in active.iter().take(SCAN_LIMIT) {
+            if exclude.contains(addr) {
+                continue;
+            }
+            let state = self.state(*addr);
+            let ok = state.admitted(now);
+            pool[usable] = Some((*addr, state));
+            // Admitted endpoints first, so that they are the pool when there are any.
+            if ok {
+                pool.swap(admitted, usable);
+                admitted += 1;
+            }
+            usable += 1;
+        }
+        // Panic mode: every usable endpoint is ejected, so ejection is ignored.
+        let n = if admitted == 0 { usable } else { admitted };
+        let load = |k: usize| {
+            pool[k]
+                .as_ref()
+                .map_or(usize::MAX, |(_, s)| s.in_flight.load(Ordering::Acquire))
+        };
+        let winner = match n {
+            0 => return None,
+            1 => 0,
+            _ => {
+                let (i, j) = two_distinct(n);
+                if load(j) < load(i) { j } else { i }
+            }
+        };
+        pool[winner].take()
     }
 
     /// Records that `addr` refused or reset a connection: it is ejected for the next
@@ -348,7 +425,10 @@ impl Balancer {
                 Arc::strong_count(s) > 1 || s.ejected_until.load(Ordering::Acquire) > now
             });
         }
-        write.entry(addr).or_default().clone()
+        write
+            .entry(addr)
+            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .clone()
     }
 
     fn next(&self, cluster: &Cluster) -> usize {
@@ -379,14 +459,20 @@ fn least_loaded_of_two(
     if n <= 1 {
         return pool.pop();
     }
+    let (i, j) = two_distinct(n);
+    let load = |k: usize| pool[k].1.in_flight.load(Ordering::Acquire);
+    let winner = if load(j) < load(i) { j } else { i };
+    Some(pool.swap_remove(winner))
+}
+
+/// Two distinct indices below `n` (at least 2), uniformly at random.
+fn two_distinct(n: usize) -> (usize, usize) {
     let i = fastrand::usize(..n);
     let mut j = fastrand::usize(..n - 1);
     if j >= i {
         j += 1;
     }
-    let load = |k: usize| pool[k].1.in_flight.load(Ordering::Acquire);
-    let winner = if load(j) < load(i) { j } else { i };
-    Some(pool.swap_remove(winner))
+    (i, j)
 }
 
 fn nanos(d: Duration) -> u64 {

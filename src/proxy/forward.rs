@@ -30,7 +30,7 @@ use tower_service::Service;
 use super::ProxyConfig;
 use super::body::RequestBody;
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteSeries};
 
 /// The most an HTTP/1 upstream connection reads ahead: a response body chunk waiting
 /// for a slow downstream client is at most this big (hyper's default is ~400 KiB, so
@@ -120,13 +120,13 @@ impl UpstreamClient {
     }
 
     /// Sends `req` (whose URI names the upstream endpoint) and waits for the response
-    /// headers until `deadline`. `service` (`ns/name`) labels the upstream metrics.
+    /// headers until `deadline`. The upstream metrics go to `route`'s Service series.
     /// `body_exceeded` is the request body's over-limit flag.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
         via: Via,
-        service: &str,
+        route: &RouteSeries,
         body_exceeded: &AtomicBool,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, Failure> {
@@ -151,14 +151,12 @@ impl UpstreamClient {
         if let Some(timing) = resp.extensions().get::<ConnectTiming>()
             && !timing.reported.swap(true, Ordering::Relaxed)
         {
-            self.metrics
-                .upstream_connect_duration_seconds
-                .with_label_values(&[service])
+            route
+                .upstream_connect(&self.metrics)
                 .observe(timing.seconds);
         }
-        self.metrics
-            .upstream_response_duration_seconds
-            .with_label_values(&[service])
+        route
+            .upstream_response(&self.metrics)
             .observe(start.elapsed().as_secs_f64());
         Ok(resp)
     }

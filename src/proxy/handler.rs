@@ -11,7 +11,7 @@
 //! connects and resets are reported to passive health. A `101 Switching Protocols`
 //! answer to an upgrade request hands both sockets to a tunnel.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +20,10 @@ use std::time::Instant;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderValue, STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tracing::debug;
 
 use super::Inner;
@@ -30,10 +31,10 @@ use super::balance::is_h2c;
 use super::body::{ProxyBody, RequestBody, full, streamed};
 use super::errors::ProxyError;
 use super::forward::{FailureKind, Via};
-use super::headers::{self, ForwardedFor, X_REQUEST_ID};
+use super::headers::{self, ConnForwarded, X_REQUEST_ID};
 use super::observe::{Exchange, Observer, RequestHead, finish_with};
 use super::upgrade;
-use crate::metrics::RouteLabels;
+use crate::metrics::RouteSeries;
 use crate::model::{Cluster, Decision, request_host};
 
 /// The longest path and query accepted (414 beyond), as nginx's default
@@ -41,21 +42,45 @@ use crate::model::{Cluster, Decision, request_host};
 /// is refused by hyper with 431 before it gets here.
 const MAX_REQUEST_TARGET: usize = 8 * 1024;
 
+/// The connection series of one listener (`connections_total` and the
+/// `open_connections` gauges by protocol), resolved once per listener rather than per
+/// connection.
+pub struct ListenerSeries {
+    accepted: IntCounter,
+    detecting: IntGauge,
+    http1: IntGauge,
+    h2: IntGauge,
+}
+
+impl ListenerSeries {
+    pub fn new(metrics: &crate::metrics::Metrics, listener: &'static str) -> Arc<ListenerSeries> {
+        let open = |protocol: &str| {
+            metrics
+                .open_connections
+                .with_label_values(&[listener, protocol])
+        };
+        Arc::new(ListenerSeries {
+            accepted: metrics.connections_total.with_label_values(&[listener]),
+            detecting: open("detecting"),
+            http1: open("http1"),
+            h2: open("h2"),
+        })
+    }
+}
+
 /// Per-connection state shared by the connection task and its requests.
 pub struct ConnState {
     pub peer: SocketAddr,
-    /// Local port of the listener (for `X-Forwarded-Port`).
-    pub local_port: u16,
-    /// `http` or `https`.
-    pub proto: &'static str,
-    listener: &'static str,
     /// What the TLS handshake settled; `None` on plain connections.
     pub tls: Option<super::tls::TlsConnInfo>,
     first_request: AtomicBool,
     first_request_notify: tokio::sync::Notify,
     /// The `open_connections` series this connection is counted in.
     gauge: Mutex<Option<IntGauge>>,
-    metrics: Arc<crate::metrics::Metrics>,
+    /// `X-Forwarded-*` values that are the same for every request on this connection:
+    /// the peer, the listener's local port and `http` or `https`.
+    forwarded: ConnForwarded,
+    series: Arc<ListenerSeries>,
 }
 
 impl ConnState {
@@ -63,28 +88,20 @@ impl ConnState {
     pub fn new(
         peer: SocketAddr,
         local_port: u16,
-        listener: &'static str,
         proto: &'static str,
-        metrics: Arc<crate::metrics::Metrics>,
+        series: Arc<ListenerSeries>,
     ) -> ConnState {
-        let gauge = metrics
-            .open_connections
-            .with_label_values(&[listener, "detecting"]);
+        let gauge = series.detecting.clone();
         gauge.inc();
-        metrics
-            .connections_total
-            .with_label_values(&[listener])
-            .inc();
+        series.accepted.inc();
         ConnState {
             peer,
-            local_port,
-            proto,
-            listener,
             tls: None,
             first_request: AtomicBool::new(false),
             first_request_notify: tokio::sync::Notify::new(),
             gauge: Mutex::new(Some(gauge)),
-            metrics,
+            forwarded: ConnForwarded::new(peer.ip(), proto, local_port),
+            series,
         }
     }
 
@@ -113,15 +130,11 @@ impl ConnState {
             return;
         }
         self.first_request_notify.notify_waiters();
-        let protocol = if version == Version::HTTP_2 {
-            "h2"
+        let next = if version == Version::HTTP_2 {
+            self.series.h2.clone()
         } else {
-            "http1"
+            self.series.http1.clone()
         };
-        let next = self
-            .metrics
-            .open_connections
-            .with_label_values(&[self.listener, protocol]);
         next.inc();
         let mut cur = self.gauge.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = cur.replace(next) {
@@ -179,7 +192,11 @@ pub async fn handle(
         }
     };
     let elapsed = start.elapsed().as_secs_f64();
-    let labels = &exchange.labels;
+    let series = exchange
+        .series
+        .get_or_insert_with(|| inner.metrics.route("", "", ""))
+        .clone();
+    let labels = &series.labels;
     debug!(
         request_id = ?request_id,
         %method,
@@ -203,9 +220,7 @@ pub async fn handle(
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    inner
-        .metrics
-        .observe_request(labels, &method, resp.status(), elapsed);
+    series.observe_request(&inner.metrics, &method, resp.status(), elapsed);
     finish_with(
         resp,
         exchange,
@@ -225,8 +240,8 @@ pub async fn handle(
 struct Routed {
     /// The cluster, shared with the snapshot; holding it does not hold the snapshot.
     cluster: Arc<Cluster>,
-    /// `ns/name` of the Service, for upstream metrics and logs.
-    service: String,
+    /// The route's metric series; also the Service's `ns/name` for upstream metrics.
+    series: Arc<RouteSeries>,
     /// The request body limit: the Ingress' annotation, else the global one.
     max_body_size: Option<u64>,
 }
@@ -238,7 +253,7 @@ fn route(
     conn: &ConnState,
     host: Option<&str>,
     uri: &Uri,
-    labels: &mut RouteLabels,
+    route_series: &mut Option<Arc<RouteSeries>>,
     hsts: &mut Option<HeaderValue>,
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
@@ -251,24 +266,28 @@ fn route(
         };
         *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
     }
-    let (id, max_body_size) = match decision {
-        Decision::Route(m, cluster) => {
-            labels.namespace.clone_from(&m.route.ingress.namespace);
-            labels.ingress.clone_from(&m.route.ingress.name);
-            labels.service.clone_from(&cluster.service.name);
-            (m.route.cluster, m.route.max_body_size)
-        }
-        Decision::DefaultBackend(cluster) => {
-            labels.namespace.clone_from(&cluster.service.namespace);
-            if let Some(src) = &snapshot.default_backend_source {
-                labels.ingress.clone_from(&src.name);
-            }
-            labels.service.clone_from(&cluster.service.name);
-            (
-                snapshot.default_backend.unwrap_or_default(),
-                snapshot.default_backend_max_body_size,
-            )
-        }
+    let (id, series, max_body_size) = match decision {
+        Decision::Route(m, cluster) => (
+            m.route.cluster,
+            inner.metrics.route(
+                &m.route.ingress.namespace,
+                &m.route.ingress.name,
+                &cluster.service.name,
+            ),
+            m.route.max_body_size,
+        ),
+        Decision::DefaultBackend(cluster) => (
+            snapshot.default_backend.unwrap_or_default(),
+            inner.metrics.route(
+                &cluster.service.namespace,
+                snapshot
+                    .default_backend_source
+                    .as_ref()
+                    .map_or("", |src| src.name.as_str()),
+                &cluster.service.name,
+            ),
+            snapshot.default_backend_max_body_size,
+        ),
         Decision::NotFound => {
             return Err(ProxyError::NoRoute {
                 host: host.unwrap_or("-").to_string(),
@@ -276,6 +295,7 @@ fn route(
             });
         }
     };
+    *route_series = Some(series.clone());
     let cluster = snapshot
         .clusters
         .get(id as usize)
@@ -285,7 +305,7 @@ fn route(
             path: path.to_string(),
         })?;
     Ok(Routed {
-        service: cluster.service.to_string(),
+        series,
         cluster,
         max_body_size: max_body_size.or(inner.cfg.max_body_size),
     })
@@ -343,7 +363,7 @@ async fn proxy(
         conn,
         host.as_deref(),
         &parts.uri,
-        &mut obs.labels,
+        &mut obs.series,
         hsts,
     )?;
     let cluster = routed.cluster.clone();
@@ -370,7 +390,7 @@ async fn proxy(
         method = %parts.method,
         host = host.as_deref().unwrap_or("-"),
         path,
-        service = %routed.service,
+        service = %routed.series.service_key,
         upstream = %picked.target.authority(),
         h2c,
         upgrade = upgrade_protocol.is_some(),
@@ -386,8 +406,8 @@ async fn proxy(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     drop(host);
 
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -402,15 +422,8 @@ async fn proxy(
     {
         parts.headers.insert(HOST, h.clone());
     }
-    headers::set_forwarded(
-        &mut parts.headers,
-        &ForwardedFor {
-            peer: peer_ip(conn.peer),
-            proto: conn.proto,
-            host: received_host.as_ref(),
-            port: conn.local_port,
-        },
-    );
+    conn.forwarded
+        .apply(&mut parts.headers, received_host.as_ref());
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -424,11 +437,11 @@ async fn proxy(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retried = false;
     let resp = loop {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(picked.target.authority())
-            .path_and_query(path_and_query.as_str())
-            .build()
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = picked.authority.clone();
+        target.path_and_query = Some(path_and_query.clone());
+        let uri = Uri::from_parts(target)
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
         let Some(attempt_body) = body.replay() else {
             return Err(ProxyError::Upstream {
@@ -445,11 +458,16 @@ async fn proxy(
         } else {
             Version::HTTP_11
         };
-        *upstream_req.headers_mut() = parts.headers.clone();
+        // The headers stay for a second attempt; the second one is the last.
+        *upstream_req.headers_mut() = if retried {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
         obs.attempt(&picked.target, logging);
         let failure = match inner
             .upstream
-            .send(upstream_req, via, &routed.service, &exceeded, deadline)
+            .send(upstream_req, via, &routed.series, &exceeded, deadline)
             .await
         {
             Ok(resp) => break resp,
@@ -538,8 +556,4 @@ async fn proxy(
 
 fn empty() -> ProxyBody {
     full(bytes::Bytes::new())
-}
-
-fn peer_ip(peer: SocketAddr) -> IpAddr {
-    peer.ip().to_canonical()
 }

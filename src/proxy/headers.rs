@@ -25,6 +25,11 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// `Proxy-Connection`, `TE` (a `TE` of exactly `trailers` stays), `Trailer`,
 /// `Transfer-Encoding` and `Upgrade`. Used on requests and on responses.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (standard names compare
+    // as tags, without hashing) saves the removals below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(&CONNECTION)
         .iter()
@@ -64,6 +69,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`] always removes
+/// (a header named by `Connection` is only hop-by-hop if `Connection` is present).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || *name == TE
+        || *name == TRAILER
+        || *name == TRANSFER_ENCODING
+        || *name == UPGRADE
+}
+
 /// The request id for a request: the incoming `X-Request-ID` when it is 1 to 128
 /// visible ASCII characters (0x21–0x7e), else a new one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -79,8 +96,14 @@ fn is_valid_request_id(id: &[u8]) -> bool {
 
 /// A new request id: 32 lowercase hex characters.
 pub fn generate_request_id() -> HeaderValue {
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for b in id.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// What the `X-Forwarded-*` headers describe.
@@ -100,36 +123,68 @@ pub struct ForwardedFor<'a> {
 /// list) and sets `X-Forwarded-Proto`, `-Host`, `-Port` and `X-Real-IP`, replacing any
 /// incoming values.
 pub fn set_forwarded(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) {
-    let peer = fwd.peer.to_canonical().to_string();
-    let mut xff = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            let s = s.trim();
-            if !s.is_empty() {
-                xff.push_str(s);
-                xff.push_str(", ");
+    ConnForwarded::new(fwd.peer, fwd.proto, fwd.port).apply(headers, fwd.host);
+}
+
+/// The parts of the `X-Forwarded-*` headers that are the same for every request of a
+/// downstream connection, formatted once per connection: [`set_forwarded`] in two steps.
+#[derive(Debug, Clone)]
+pub struct ConnForwarded {
+    /// The peer IP (IPv4-mapped IPv6 as IPv4); `None` if it cannot be a header value.
+    peer: Option<HeaderValue>,
+    proto: HeaderValue,
+    port: HeaderValue,
+}
+
+impl ConnForwarded {
+    pub fn new(peer: IpAddr, proto: &'static str, port: u16) -> ConnForwarded {
+        ConnForwarded {
+            peer: HeaderValue::from_str(&peer.to_canonical().to_string()).ok(),
+            proto: HeaderValue::from_static(proto),
+            port: HeaderValue::from(port),
+        }
+    }
+
+    /// Does what [`set_forwarded`] does, with `host` as received.
+    pub fn apply(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+        // Room for the five headers set here, so the map grows at most once.
+        let _ = headers.try_reserve(5);
+        if let Some(peer) = &self.peer {
+            let mut incoming = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .peekable();
+            let xff = if incoming.peek().is_none() {
+                Some(peer.clone())
+            } else {
+                let mut xff = String::new();
+                for s in incoming {
+                    xff.push_str(s);
+                    xff.push_str(", ");
+                }
+                xff.push_str(peer.to_str().unwrap_or_default());
+                HeaderValue::from_str(&xff).ok()
+            };
+            if let Some(v) = xff {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-    }
-    xff.push_str(&peer);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(fwd.proto),
-    );
-    match fwd.host {
-        Some(h) => {
-            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), self.proto.clone());
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
         }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
+        headers.insert(X_FORWARDED_PORT.clone(), self.port.clone());
+        if let Some(peer) = &self.peer {
+            headers.insert(X_REAL_IP.clone(), peer.clone());
         }
-    }
-    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(fwd.port));
-    if let Ok(v) = HeaderValue::from_str(&peer) {
-        headers.insert(X_REAL_IP.clone(), v);
     }
 }
 

@@ -16,8 +16,14 @@
 //! HTTP/2 when ALPN chose `h2`, else HTTP/1.1 (upgrades included).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,7 +35,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Inner;
-use super::handler::{ConnState, handle};
+use super::handler::{ConnState, ListenerSeries, handle};
 use super::tls::TlsState;
 
 /// hyper's smallest allowed HTTP/1 read buffer.
@@ -150,6 +156,7 @@ pub(crate) async fn serve(
         http1: builder(&inner).http1_only(),
         http2: builder(&inner).http2_only(),
     });
+    let series = ListenerSeries::new(&inner.metrics, name);
     let open = watch::Sender::new(0usize);
     let (closing_tx, closing_rx) = watch::channel(false);
     let limit = inner.connection_limit.clone();
@@ -187,13 +194,13 @@ pub(crate) async fn serve(
         let inner = inner.clone();
         let builders = builders.clone();
         let tls = tls.clone();
+        let series = series.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open_guard;
-            let metrics = inner.metrics.clone();
             match tls {
                 None => {
-                    let state = ConnState::new(peer, local_port, name, "http", metrics);
+                    let state = ConnState::new(peer, local_port, "http", series);
                     serve_one(inner, &builders.auto, stream, state, draining, closing).await;
                 }
                 Some(tls) => {
@@ -213,8 +220,8 @@ pub(crate) async fn serve(
                             } else {
                                 &builders.http1
                             };
-                            let state = ConnState::new(peer, local_port, name, "https", metrics)
-                                .with_tls(info);
+                            let state =
+                                ConnState::new(peer, local_port, "https", series).with_tls(info);
                             serve_one(inner, builder, stream, state, draining, closing).await;
                         }
                         Err(failure) => super::tls::log_handshake_failure(peer, &failure),
@@ -267,7 +274,10 @@ async fn serve_one<I>(
         }
     };
     tokio::pin!(conn);
-    tokio::pin!(silent);
+    // The connection task wakes several times per request; the deadline and the
+    // shutdown signals are only polled again when they themselves woke it.
+    let mut silent = Gated::new(silent);
+    let mut shut_signal = Gated::new(should_shut(&state, &mut draining, &mut closing));
     let mut shut = false;
     loop {
         tokio::select! {
@@ -281,11 +291,68 @@ async fn serve_one<I>(
                 debug!(%peer, "no request head within header_read_timeout; closing");
                 break;
             }
-            _ = should_shut(&state, &mut draining, &mut closing), if !shut => {
+            _ = &mut shut_signal, if !shut => {
                 conn.as_mut().graceful_shutdown();
                 shut = true;
             }
         }
+    }
+}
+
+/// A future that is polled only when it woke its task itself (or on its first poll),
+/// not each time a future it is selected with wakes the task. Its own waker records the
+/// wake-up and passes it on to the task's.
+struct Gated<F> {
+    inner: Pin<Box<F>>,
+    gate: Arc<Gate>,
+    /// The waker the inner future registers with: always the same one.
+    waker: Waker,
+    polled: bool,
+}
+
+#[derive(Default)]
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Gated<F> {
+    fn new(inner: F) -> Gated<F> {
+        let gate = Arc::new(Gate::default());
+        Gated {
+            inner: Box::pin(inner),
+            waker: Waker::from(gate.clone()),
+            gate,
+            polled: false,
+        }
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        // Registered before the flag is read, so a wake-up in between is not lost.
+        this.gate.task.register(cx.waker());
+        if this.polled && !this.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.polled = true;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -340,4 +407,33 @@ pub(crate) async fn serve_simple<F, Fut>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn gated_future_is_polled_again_only_after_its_own_wake() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let counted = polls.clone();
+        let mut gated = Gated::new(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut rx).poll(cx)
+        }));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        // Woken for something else: the inner future is not polled.
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        tx.send(7).expect("receiver alive");
+        assert!(matches!(
+            Pin::new(&mut gated).poll(&mut cx),
+            Poll::Ready(Ok(7))
+        ));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 }

@@ -23,12 +23,13 @@ use super::balance::Target;
 use super::body::ProxyBody;
 use super::errors::BoxError;
 use crate::accesslog::{AccessLog, Entry, UpstreamAddr};
-use crate::metrics::{Metrics, RouteLabels};
+use crate::metrics::{Metrics, RouteSeries};
 
 /// What the inner handler learns about a request on its way.
 #[derive(Debug, Default)]
 pub(crate) struct Exchange {
-    pub labels: RouteLabels,
+    /// The route's metric series, once routing chose one.
+    pub series: Option<Arc<RouteSeries>>,
     /// Request body bytes read so far, once the body is being forwarded.
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// The last upstream an attempt went to.
@@ -100,8 +101,11 @@ impl Finish {
             .request_bytes
             .as_ref()
             .map_or(0, |n| n.load(Ordering::Relaxed));
-        self.metrics
-            .observe_sizes(&self.exchange.labels, bytes_in, bytes_out);
+        let route = match &self.exchange.series {
+            Some(series) => series.clone(),
+            None => self.metrics.route("", "", ""),
+        };
+        route.observe_sizes(&self.metrics, bytes_in, bytes_out);
         let Some(head) = self.head else { return };
         self.log.log(Entry {
             time: head.time,
@@ -115,7 +119,7 @@ impl Finish {
             duration: self.start.elapsed(),
             upstream: self.exchange.upstream,
             upstream_duration: self.exchange.upstream_duration,
-            route: self.exchange.labels,
+            route: route.labels.clone(),
             request_id: self.request_id,
             user_agent: head.user_agent,
             tls_version: self.tls_version,
