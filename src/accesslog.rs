@@ -586,7 +586,9 @@ mod tests {
         let mut e = entry();
         e.host = Some(HeaderValue::from_bytes(b"a\"b\\c\td\xff").expect("header"));
         e.uri = "/p%20q".parse().expect("uri");
-        e.user_agent = Some(HeaderValue::from_bytes(b"ua \x01 \xe2\x82\xac").expect("header"));
+        e.user_agent = Some(HeaderValue::from_bytes(b"ua \xe2\x82\xac").expect("header"));
+        // Header values cannot hold control characters other than tab; labels can.
+        e.route.ingress = "x\u{1}y\n".into();
         e.duration = Duration::new(2, 0);
         e.upstream_duration = Some(Duration::new(0, 123_456_789));
         e.client = "[2001:db8::1]:443".parse().expect("addr");
@@ -594,7 +596,9 @@ mod tests {
         let l = line(AccessLogFormat::Json, &e);
         let v: serde_json::Value = serde_json::from_str(&l).expect("json");
         assert_eq!(v["host"], "a\"b\\c\td\u{fffd}", "{l}");
-        assert_eq!(v["user_agent"], "ua \u{1} \u{20ac}", "{l}");
+        assert_eq!(v["user_agent"], "ua \u{20ac}", "{l}");
+        assert_eq!(v["ingress"], "x\u{1}y\n", "{l}");
+        assert!(l.contains(r#""ingress":"x\u0001y\n""#), "{l}");
         assert_eq!(v["path"], "/p%20q");
         assert_eq!(v["client"], "[2001:db8::1]:443");
         assert_eq!(v["time"], "2000-02-29T00:00:00.007Z");

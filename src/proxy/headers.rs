@@ -25,25 +25,45 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// `Proxy-Connection`, `TE` (a `TE` of exactly `trailers` stays), `Trailer`,
 /// `Transfer-Encoding` and `Upgrade`. Used on requests and on responses.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these: one pass over the names (standard names compare
-    // as tags, without hashing) saves the removals below.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(&CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        // `Connection: te` must not remove the `te: trailers` kept below.
-        if name != TE {
-            headers.remove(&name);
+    let fixed: [&HeaderName; 7] = [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ];
+    // One pass over the names (standard names compare as tags, without hashing) finds
+    // which of the fixed ones are present; most messages carry none, or only Connection.
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|h| *h == name) {
+            present[i] = true;
         }
     }
-    let te_trailers = {
+    if !present.contains(&true) {
+        return;
+    }
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(&CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `keep-alive` names Keep-Alive, which the fixed list removes anyway.
+            .filter(|token| !token.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            // `Connection: te` must not remove the `te: trailers` kept below.
+            if name != TE {
+                headers.remove(&name);
+            }
+        }
+    }
+    let te_trailers = present[3] && {
         let mut values = headers.get_all(&TE).iter().peekable();
         values.peek().is_some()
             && values.all(|v| {
@@ -53,32 +73,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 })
             })
     };
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ] {
-        headers.remove(name);
+    for (name, here) in fixed.into_iter().zip(present) {
+        if here {
+            headers.remove(name);
+        }
     }
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
-}
-
-/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`] always removes
-/// (a header named by `Connection` is only hop-by-hop if `Connection` is present).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == CONNECTION
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
-        || *name == TE
-        || *name == TRAILER
-        || *name == TRANSFER_ENCODING
-        || *name == UPGRADE
 }
 
 /// The request id for a request: the incoming `X-Request-ID` when it is 1 to 128
@@ -221,6 +223,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn connection_alone_and_no_hop_by_hop_headers() {
+        for pairs in [
+            &[("connection", "close"), ("close", "x"), ("x-keep", "1")][..],
+            &[
+                ("connection", "Keep-Alive"),
+                ("keep-alive", "timeout=5"),
+                ("x-keep", "1"),
+            ],
+            &[("x-keep", "1")],
+        ] {
+            let mut h = map(pairs);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{pairs:?} -> {h:?}");
+            assert_eq!(h["x-keep"], "1");
+        }
     }
 
     #[test]
