@@ -558,7 +558,10 @@ const MAX_CACHED_ROUTES: usize = 16 * 1024;
 pub struct RouteSeries {
     /// The route's labels; empty strings when no route matched.
     pub labels: RouteLabels,
-    /// `ns/name`: the `service` label of the upstream histograms.
+    /// `ns/name`: the `service` label of the upstream histograms, from the route's
+    /// namespace and service labels. That is the Service's own namespace: an Ingress
+    /// backend is a Service in the Ingress' namespace, and a default backend's route
+    /// labels carry the Service's namespace.
     pub service_key: String,
     requests: [[OnceLock<IntCounter>; CODE_LABELS.len()]; METHOD_LABELS.len()],
     duration: [OnceLock<Histogram>; CODE_LABELS.len()],
