@@ -159,6 +159,21 @@ struct Reader {
     diagnostics: Vec<Diagnostic>,
 }
 
+/// YAML limits for manifest files. The parser's defaults (1,024 documents, 250,000 nodes)
+/// are sized for small configuration files; an export of a whole cluster is larger, and
+/// these files come from the operator. The alias and depth limits that stop "billion
+/// laughs" style expansion keep their defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 50_000_000,
+            max_events: 100_000_000,
+            max_total_scalar_bytes: 1 << 30,
+        },
+    }
+}
+
 impl Reader {
     fn add_text(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
         let parse_err = |message: String| LoadError::Parse {
@@ -171,8 +186,8 @@ impl Reader {
                 .map_err(|e| parse_err(format!("line {} column {}: {e}", e.line(), e.column())))?;
             vec![(1, v)]
         } else {
-            let docs: Vec<serde_saphyr::Spanned<Value>> = serde_saphyr::from_multiple(text)
-                .map_err(|e| {
+            let docs: Vec<serde_saphyr::Spanned<Value>> =
+                serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| {
                     parse_err(
                         e.to_string()
                             .replace("<input>", &path.display().to_string()),

@@ -203,3 +203,19 @@ async fn a_folder_argument_ignores_files_that_are_not_manifests() {
     drop(rx);
     task.abort();
 }
+
+#[test]
+fn a_file_with_thousands_of_documents_loads() {
+    // More documents than the YAML parser's default budget (1,024) allows.
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..3_000 {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+        ));
+    }
+    let file = dir.path().join("many.yaml");
+    std::fs::write(&file, text).unwrap();
+    let loaded = files::load(&[file]).expect("3,000 documents load");
+    assert_eq!(loaded.objects, 3_000);
+}
