@@ -4,10 +4,12 @@
 //! [`handle`] is the outer handler: it always produces a response. The inner
 //! [`proxy`] uses `?` with [`ProxyError`], which knows its status and body.
 //!
-//! One request is sent at most twice: after a failed connect, to another endpoint;
-//! after a pooled connection turned out closed before any response byte, on a fresh
-//! connection — both only while the request body can still be sent in full (and, for
-//! the second, when the method is idempotent or none of the body was read). Refused
+//! One request is retried at most once for each of two reasons: after a failed connect,
+//! on another endpoint; after a pooled connection turned out closed before any response
+//! byte, on a fresh connection — both only while the request body can still be sent in
+//! full (and, for the second, when the method is idempotent or none of the body was
+//! read). So an endpoint that died with idle pooled connections costs no request: the
+//! fresh connection is refused, and the request moves on to another endpoint. Refused
 //! connects and resets are reported to passive health. A `101 Switching Protocols`
 //! answer to an upgrade request hands both sockets to a tunnel.
 
@@ -435,7 +437,9 @@ async fn proxy(
     let deadline = tokio::time::Instant::now() + inner.upstream.response_timeout();
     let mut via = Via { h2c, fresh: false };
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut retried = false;
+    // Each retry reason is used at most once, so a request makes at most three attempts.
+    let mut moved_on = false;
+    let mut refreshed = false;
     let resp = loop {
         let mut target = http::uri::Parts::default();
         target.scheme = Some(Scheme::HTTP);
@@ -481,12 +485,10 @@ async fn proxy(
                 .balancer
                 .report_failure(addr, &cluster.service, &inner.metrics);
         }
-        if retried {
-            return Err(failure.error);
-        }
         let reason = match failure.kind {
             // An ExternalName has no other endpoint to try.
-            FailureKind::Connect if body.untouched() && addr.is_some() => {
+            FailureKind::Connect if !moved_on && body.untouched() && addr.is_some() => {
+                moved_on = true;
                 tried.extend(addr);
                 match inner.balancer.pick(&cluster, &tried) {
                     Some(next) => {
@@ -498,8 +500,11 @@ async fn proxy(
                 }
             }
             FailureKind::StaleConnection
-                if body.untouched() && (idempotent(&parts.method) || !body.is_empty()) =>
+                if !refreshed
+                    && body.untouched()
+                    && (idempotent(&parts.method) || !body.is_empty()) =>
             {
+                refreshed = true;
                 via.fresh = true;
                 "stale_connection"
             }
@@ -521,7 +526,6 @@ async fn proxy(
                 reason,
             ])
             .inc();
-        retried = true;
     };
     obs.upstream_duration = Some(upstream_start.elapsed());
     if let Some(addr) = picked.target.addr() {
