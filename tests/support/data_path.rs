@@ -204,6 +204,8 @@ pub struct Binary {
     pub child: Child,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// Every line the process wrote to standard error so far.
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Binary {
@@ -242,9 +244,14 @@ impl Binary {
             .expect("start portcullis");
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
+                kept.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.clone());
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
@@ -272,7 +279,13 @@ impl Binary {
             child,
             http: http.expect("http listener"),
             admin: admin.expect("admin listener"),
+            logs,
         }
+    }
+
+    /// The standard error lines (JSON log records) written so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn pid(&self) -> String {
