@@ -116,6 +116,10 @@ pub struct Metrics {
     /// second time; reason `connect` (another endpoint after a failed connect) or
     /// `stale_connection` (a fresh connection after a pooled one turned out closed).
     pub upstream_retries_total: IntCounterVec,
+    /// `portcullis_upstream_body_errors_total{namespace,ingress,service}`: responses whose
+    /// upstream body failed (the upstream closed, reset or broke framing) after the head
+    /// had been sent downstream, so the downstream connection or stream was aborted.
+    pub upstream_body_errors_total: IntCounterVec,
     /// `portcullis_leader`: 1 while this replica holds the leader Lease and so writes
     /// Ingress status, else 0.
     pub leader: IntGauge,
@@ -295,6 +299,14 @@ impl Metrics {
             &["namespace", "service", "reason"],
         )
         .expect("static metric definition is valid");
+        let upstream_body_errors_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_upstream_body_errors_total",
+                "Responses cut short because the upstream body failed after the head was sent.",
+            ),
+            &["namespace", "ingress", "service"],
+        )
+        .expect("static metric definition is valid");
         let tls_handshakes_total = IntCounterVec::new(
             Opts::new(
                 "portcullis_tls_handshakes_total",
@@ -340,6 +352,7 @@ impl Metrics {
             Box::new(kube_watch_errors_total.clone()),
             Box::new(endpoint_ejections_total.clone()),
             Box::new(upstream_retries_total.clone()),
+            Box::new(upstream_body_errors_total.clone()),
             Box::new(leader.clone()),
             Box::new(tls_handshakes_total.clone()),
             Box::new(tls_handshake_errors_total.clone()),
@@ -371,6 +384,7 @@ impl Metrics {
             kube_watch_errors_total,
             endpoint_ejections_total,
             upstream_retries_total,
+            upstream_body_errors_total,
             leader,
             tls_handshakes_total,
             tls_handshake_errors_total,

@@ -503,7 +503,7 @@ async fn kube_world(pods: &[&Pod]) -> (ApiServer, Instance) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_update_through_the_source_fails_no_request() {
-    let mut old = vec![
+    let mut old = [
         Pod::start("old-0").await,
         Pod::start("old-1").await,
         Pod::start("old-2").await,
@@ -993,6 +993,25 @@ async fn an_upstream_closing_mid_body_cuts_the_downstream_response_visibly() {
             );
         }
     }
+    for service in ["by-length", "chunked"] {
+        assert_eq!(
+            proxy
+                .metrics
+                .upstream_body_errors_total
+                .with_label_values(&[NS, "web", service])
+                .get(),
+            20,
+            "{service}: every cut body counted"
+        );
+    }
+    assert_eq!(
+        proxy
+            .metrics
+            .upstream_body_errors_total
+            .with_label_values(&[NS, "web", "good"])
+            .get(),
+        0
+    );
     // Also through raw sockets: the proxy closes the connection rather than leaving
     // the client waiting for bytes that will never come.
     let answer = raw(

@@ -193,8 +193,19 @@ impl Body for Counted {
                     this.sent = this.sent.saturating_add(data.len() as u64);
                 }
             }
-            Poll::Ready(None | Some(Err(_))) => {
+            Poll::Ready(None) => {
                 if let Some(f) = this.finish.take() {
+                    f.done(this.sent);
+                }
+            }
+            // Generated answers never fail: an error is the upstream body breaking off.
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = this.finish.take() {
+                    let l = &f.exchange.labels;
+                    f.metrics
+                        .upstream_body_errors_total
+                        .with_label_values(&[&l.namespace, &l.ingress, &l.service])
+                        .inc();
                     f.done(this.sent);
                 }
             }
