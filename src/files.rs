@@ -251,8 +251,9 @@ impl Reader {
             "Service" | "Secret" => "v1",
             "EndpointSlice" => "discovery.k8s.io/v1",
             "" => {
+                // Diagnostics always name a kind; this object has none to name.
                 self.diag(
-                    "",
+                    "Object",
                     &namespace,
                     &name,
                     "kind",
