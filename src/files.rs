@@ -207,8 +207,9 @@ impl Reader {
     fn add_value(&mut self, origin: &str, doc: Value) {
         let Value::Object(map) = &doc else {
             if !doc.is_null() {
+                // Diagnostics always name a kind; a scalar or list document has none.
                 self.diag(
-                    "",
+                    "Object",
                     "",
                     "",
                     "",
