@@ -324,6 +324,8 @@ async fn debug_logs_and_the_access_log_carry_no_key_material_or_credentials() {
                 );
             }
         }
+        // `REDACTION_SHOW=1 cargo test --test log_redaction -- --nocapture` prints what
+        // was checked.
         if std::env::var_os("REDACTION_SHOW").is_some() {
             eprintln!("{}", lines.join("\n"));
         }
