@@ -188,6 +188,7 @@ pub fn routing(data: &[u8]) {
             path_index: 0,
             order: i as u32,
             cluster: i as u32,
+            max_body_size: None,
         });
     }
     let scanned = RouteTable::build_with_scan_limit(routes.clone(), usize::MAX);

@@ -462,8 +462,9 @@ async fn proxy(
         } else {
             Version::HTTP_11
         };
-        // The headers stay for a second attempt; the second one is the last.
-        *upstream_req.headers_mut() = if retried {
+        // The headers stay while another attempt is possible; once both retry reasons
+        // are used up, this attempt is the last and takes them.
+        *upstream_req.headers_mut() = if moved_on && refreshed {
             std::mem::take(&mut parts.headers)
         } else {
             parts.headers.clone()

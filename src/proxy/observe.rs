@@ -201,11 +201,13 @@ impl Body for Counted {
             // Generated answers never fail: an error is the upstream body breaking off.
             Poll::Ready(Some(Err(_))) => {
                 if let Some(f) = this.finish.take() {
-                    let l = &f.exchange.labels;
-                    f.metrics
-                        .upstream_body_errors_total
-                        .with_label_values(&[&l.namespace, &l.ingress, &l.service])
-                        .inc();
+                    if let Some(series) = &f.exchange.series {
+                        let l = &series.labels;
+                        f.metrics
+                            .upstream_body_errors_total
+                            .with_label_values(&[&l.namespace, &l.ingress, &l.service])
+                            .inc();
+                    }
                     f.done(this.sent);
                 }
             }
