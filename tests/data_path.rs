@@ -186,7 +186,10 @@ async fn an_ejected_endpoint_is_readmitted_after_its_window() {
     for _ in 0..2 {
         assert_eq!(get_echo(&proxy, "a.example", "/").await.name, "good");
     }
-    assert!(ejections(&proxy, "svc") >= 1, "the refusing endpoint is ejected");
+    assert!(
+        ejections(&proxy, "svc") >= 1,
+        "the refusing endpoint is ejected"
+    );
 
     // The endpoint comes back on the same address; once its window is over it gets
     // traffic again, and its success clears the backoff.
