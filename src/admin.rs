@@ -72,7 +72,8 @@ fn admin(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+/// A plain-text answer; shared with the dashboard listener.
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -164,30 +165,12 @@ impl<'a> SnapshotView<'a> {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (kind, endpoints, active, external_name, unresolved): (
-                    _,
-                    &[Endpoint],
-                    _,
-                    _,
-                    _,
-                ) = match &c.upstream {
-                    Upstream::Endpoints { all, active } => (
-                        "endpoints",
-                        all,
-                        active.iter().map(ToString::to_string).collect(),
-                        None,
-                        None,
-                    ),
-                    Upstream::ExternalName { host, port } => (
-                        "external_name",
-                        &[],
-                        Vec::new(),
-                        Some(format!("{host}:{port}")),
-                        None,
-                    ),
-                    Upstream::Unresolved { reason } => {
-                        ("unresolved", &[], Vec::new(), None, Some(reason.as_str()))
+                let (kind, external_name, unresolved) = upstream_kind(&c.upstream);
+                let (endpoints, active): (&[Endpoint], _) = match &c.upstream {
+                    Upstream::Endpoints { all, active } => {
+                        (all, active.iter().map(ToString::to_string).collect())
                     }
+                    _ => (&[], Vec::new()),
                 };
                 ClusterView {
                     id: u32::try_from(i).unwrap_or(u32::MAX),
@@ -203,17 +186,7 @@ impl<'a> SnapshotView<'a> {
                 }
             })
             .collect();
-        let tls_hosts = snap
-            .tls
-            .hosts
-            .iter()
-            .map(|(host, t)| TlsHostView {
-                host: host.to_string(),
-                secret: &t.secret,
-                ingress: &t.ingress,
-                certificate: snap.tls.certs.contains_key(&t.secret),
-            })
-            .collect();
+        let tls_hosts = tls_host_views(snap);
         SnapshotView {
             generation: snap.generation,
             virtual_hosts,
@@ -225,4 +198,31 @@ impl<'a> SnapshotView<'a> {
             diagnostics: &snap.diagnostics,
         }
     }
+}
+
+/// A cluster's kind (`endpoints`, `external_name` or `unresolved`), an ExternalName's
+/// `host:port`, and why an unresolved backend could not be resolved.
+pub(crate) fn upstream_kind(u: &Upstream) -> (&'static str, Option<String>, Option<&str>) {
+    match u {
+        Upstream::Endpoints { .. } => ("endpoints", None, None),
+        Upstream::ExternalName { host, port } => {
+            ("external_name", Some(format!("{host}:{port}")), None)
+        }
+        Upstream::Unresolved { reason } => ("unresolved", None, Some(reason.as_str())),
+    }
+}
+
+/// The snapshot's TLS hosts, each with its Secret and whether that Secret holds a usable
+/// certificate (false: the default certificate is served for the host).
+pub(crate) fn tls_host_views(snap: &Snapshot) -> Vec<TlsHostView<'_>> {
+    snap.tls
+        .hosts
+        .iter()
+        .map(|(host, t)| TlsHostView {
+            host: host.to_string(),
+            secret: &t.secret,
+            ingress: &t.ingress,
+            certificate: snap.tls.certs.contains_key(&t.secret),
+        })
+        .collect()
 }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::SnapshotView;
+use crate::admin::{SnapshotView, TlsHostView, text, tls_host_views, upstream_kind};
 use crate::metrics::Metrics;
 use crate::model::{
     Diagnostic, Endpoint, IgnoredIngress, ObjectRef, PathType, PortRef, Snapshot, Upstream,
@@ -172,16 +172,6 @@ fn security_headers(h: &mut http::HeaderMap) {
     );
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -206,7 +196,7 @@ pub struct StateView<'a> {
     pub virtual_hosts: Vec<VirtualHostState<'a>>,
     pub default_backend: Option<DefaultBackendState<'a>>,
     pub clusters: Vec<ClusterState<'a>>,
-    pub tls_hosts: Vec<TlsHostState<'a>>,
+    pub tls_hosts: Vec<TlsHostView<'a>>,
     pub certificates: Vec<CertificateState<'a>>,
     pub diagnostics: &'a [Diagnostic],
     pub ignored_ingresses: &'a [IgnoredIngress],
@@ -273,16 +263,6 @@ pub struct EndpointState {
     pub in_flight: usize,
 }
 
-#[derive(Debug, Serialize)]
-pub struct TlsHostState<'a> {
-    pub host: String,
-    pub secret: &'a ObjectRef,
-    pub ingress: &'a ObjectRef,
-    /// Whether the Secret holds a usable certificate; false: the default certificate
-    /// is served for this host.
-    pub certificate: bool,
-}
-
 /// A usable certificate of the snapshot.
 #[derive(Debug, Serialize)]
 pub struct CertificateState<'a> {
@@ -332,24 +312,13 @@ impl<'a> StateView<'a> {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (kind, endpoints, external_name, unresolved) = match &c.upstream {
-                    Upstream::Endpoints { all, active } => (
-                        "endpoints",
-                        all.iter()
-                            .map(|e| endpoint_state(e, active.contains(&e.address), &state.proxy))
-                            .collect(),
-                        None,
-                        None,
-                    ),
-                    Upstream::ExternalName { host, port } => (
-                        "external_name",
-                        Vec::new(),
-                        Some(format!("{host}:{port}")),
-                        None,
-                    ),
-                    Upstream::Unresolved { reason } => {
-                        ("unresolved", Vec::new(), None, Some(reason.as_str()))
-                    }
+                let (kind, external_name, unresolved) = upstream_kind(&c.upstream);
+                let endpoints = match &c.upstream {
+                    Upstream::Endpoints { all, active } => all
+                        .iter()
+                        .map(|e| endpoint_state(e, active.contains(&e.address), &state.proxy))
+                        .collect(),
+                    _ => Vec::new(),
                 };
                 ClusterState {
                     id: u32::try_from(i).unwrap_or(u32::MAX),
@@ -364,17 +333,7 @@ impl<'a> StateView<'a> {
                 }
             })
             .collect();
-        let tls_hosts = snap
-            .tls
-            .hosts
-            .iter()
-            .map(|(host, t)| TlsHostState {
-                host: host.to_string(),
-                secret: &t.secret,
-                ingress: &t.ingress,
-                certificate: snap.tls.certs.contains_key(&t.secret),
-            })
-            .collect();
+        let tls_hosts = tls_host_views(snap);
         let mut certificates: Vec<CertificateState<'a>> = snap
             .tls
             .certs
