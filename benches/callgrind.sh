@@ -33,28 +33,9 @@ ACCESS_LOG=${ACCESS_LOG:-off}
 NO_BUILD=${NO_BUILD:-0}
 SYSCALLS=${SYSCALLS:-1}
 
-die() {
-    echo "callgrind.sh: error: $*" >&2
-    exit 1
-}
-
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d /tmp/portcullis-callgrind.XXXXXX)}
-mkdir -p "$RESULTS_DIR"
-chmod 755 "$RESULTS_DIR"
-
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_name=callgrind
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_apt=()
 command -v valgrind >/dev/null || need_apt+=(valgrind)
@@ -198,26 +179,7 @@ endpoints:
     conditions: {ready: true}
 EOF
 
-# Waits until URL answers 200 (Host: bench.local) while PID lives; valgrind is slow.
-wait_ready() {
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < 600; i++)); do
-        kill -0 "$pid" 2>/dev/null || die "$name exited during startup (logs in $RESULTS_DIR)"
-        if [[ $(curl -s -m 5 -o /dev/null -w '%{http_code}' -H 'Host: bench.local' "$url" || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    die "$name did not answer 200 at $url within 2 min (logs in $RESULTS_DIR)"
-}
 
-start() {
-    local log=$1
-    shift
-    "$@" >"$log" 2>&1 &
-    started=$!
-    pids+=("$started")
-}
 
 # load PORT N: N keep-alive HTTP/1.1 requests from CLIENTS connections; fails on any
 # non-2xx answer.
@@ -236,7 +198,7 @@ total_ir() {
 
 start "$RESULTS_DIR/nginx-upstream.out" "$NGINX" -p "$RESULTS_DIR" \
     -e "$RESULTS_DIR/nginx-upstream-error.log" -c "$RESULTS_DIR/nginx-upstream.conf"
-wait_ready upstream "$started" "http://127.0.0.1:$p_up/"
+wait_ready upstream "$started" "http://127.0.0.1:$p_up/" 120
 
 # The environment goes before valgrind: valgrind does not follow an exec (of `env`).
 export RUST_LOG=warn TOKIO_WORKER_THREADS=1
@@ -263,7 +225,7 @@ for target in $TARGETS; do
         >/dev/null 2>"$RESULTS_DIR/$target.stderr" &
     vg_pid=$!
     pids+=("$vg_pid")
-    wait_ready "$target" "$vg_pid" "http://127.0.0.1:$port/"
+    wait_ready "$target" "$vg_pid" "http://127.0.0.1:$port/" 120
     load "$port" "$WARMUP"
     control() {
         callgrind_control "$@" "$vg_pid" >>"$RESULTS_DIR/callgrind_control.$target.log" 2>&1 ||
@@ -288,7 +250,7 @@ for target in $TARGETS; do
         # Syscalls per request, outside valgrind: a batch under strace -c -f.
         start "$RESULTS_DIR/$target.plain.out" "${cmd[@]}"
         plain_pid=$started
-        wait_ready "$target" "$plain_pid" "http://127.0.0.1:$port/"
+        wait_ready "$target" "$plain_pid" "http://127.0.0.1:$port/" 120
         load "$port" "$WARMUP"
         strace -c -f -p "$plain_pid" -o "$RESULTS_DIR/strace.$target.txt" &
         st_pid=$!

@@ -56,37 +56,19 @@ PIN=${PIN:-1}
 LOAD_BALANCE=${LOAD_BALANCE:-p2c}
 NO_BUILD=${NO_BUILD:-0}
 
-die() {
-    echo "compare.sh: error: $*" >&2
-    exit 1
-}
+bench_name=compare
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d /tmp/portcullis-compare.XXXXXX)}
-mkdir -p "$RESULTS_DIR"
-# nginx workers run as nobody when started as root; let them traverse the prefix.
-chmod 755 "$RESULTS_DIR"
-
-# ---------------------------------------------------------------- processes, cleanup
-pids=()
 hosts_tag="# portcullis-compare $$"
 hosts_added=0
-cleanup() {
-    local pid
+bench_cleanup_hook() {
     if ((hosts_added)); then
         # Rewrite in place (no rename: /etc/hosts may be a bind mount).
         grep -vF "$hosts_tag" /etc/hosts >"$RESULTS_DIR/hosts.new" || true
         cat "$RESULTS_DIR/hosts.new" >/etc/hosts || echo "compare.sh: remove '$hosts_tag' from /etc/hosts" >&2
     fi
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- tools
 need_apt=()
@@ -403,28 +385,6 @@ endpoints:
 EOF
 
 # ---------------------------------------------------------------- start
-# Waits until URL answers 200 (with Host: bench.local) while PID lives.
-wait_ready() {
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || die "$name exited during startup (logs in $RESULTS_DIR)"
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: bench.local' "$url" || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "$name did not answer 200 at $url within 10 s (logs in $RESULTS_DIR)"
-}
-
-# Starts a background process; its pid lands in $started.
-start() {
-    local log=$1
-    shift
-    "$@" >"$log" 2>&1 &
-    started=$!
-    pids+=("$started")
-}
-
 case $UPSTREAM in
 nginx)
     start "$RESULTS_DIR/nginx-upstream.out" "${upstream_pin[@]}" "$NGINX" -p "$RESULTS_DIR" \

@@ -22,28 +22,9 @@ OBJECTS=${OBJECTS:-10000}
 WORKERS=${WORKERS:-1}
 NO_BUILD=${NO_BUILD:-0}
 
-die() {
-    echo "memory.sh: error: $*" >&2
-    exit 1
-}
-
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS_DIR=${RESULTS_DIR:-$(mktemp -d /tmp/portcullis-memory.XXXXXX)}
-mkdir -p "$RESULTS_DIR"
-chmod 755 "$RESULTS_DIR"
-
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_name=memory
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_apt=()
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
@@ -222,25 +203,7 @@ endpoints:
 """)
 PY
 
-wait_ready() {
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < 600; i++)); do
-        kill -0 "$pid" 2>/dev/null || die "$name exited during startup (logs in $RESULTS_DIR)"
-        if [[ $(curl -s -m 5 -o /dev/null -w '%{http_code}' -H 'Host: bench.local' "$url" || true) == 200 ]]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "$name did not answer 200 at $url within 60 s (logs in $RESULTS_DIR)"
-}
 
-start() {
-    local log=$1
-    shift
-    "$@" >"$log" 2>&1 &
-    started=$!
-    pids+=("$started")
-}
 
 # RSS in KiB of PID and its child processes.
 rss_kib() {
@@ -308,12 +271,12 @@ measure() {
 
 start "$RESULTS_DIR/nginx-upstream.out" "$NGINX" -p "$RESULTS_DIR" \
     -e "$RESULTS_DIR/nginx-upstream-error.log" -c "$RESULTS_DIR/nginx-upstream.conf"
-wait_ready upstream "$started" "http://127.0.0.1:$p_up/"
+wait_ready upstream "$started" "http://127.0.0.1:$p_up/" 60
 
 start "$RESULTS_DIR/nginx-proxy.out" "$NGINX" -p "$RESULTS_DIR" \
     -e "$RESULTS_DIR/nginx-proxy-error.log" -c "$RESULTS_DIR/nginx-proxy.conf"
 nginx_pid=$started
-wait_ready nginx "$nginx_pid" "http://127.0.0.1:$p_nginx/"
+wait_ready nginx "$nginx_pid" "http://127.0.0.1:$p_nginx/" 60
 read -r ng_idle ng_conns ng_per < <(measure nginx "$nginx_pid" "$p_nginx")
 
 start "$RESULTS_DIR/portcullis.log" env RUST_LOG=warn TOKIO_WORKER_THREADS="$WORKERS" \
@@ -322,7 +285,7 @@ start "$RESULTS_DIR/portcullis.log" env RUST_LOG=warn TOKIO_WORKER_THREADS="$WOR
     --dashboard-addr "127.0.0.1:$p_dash" --https-addr "127.0.0.1:$p_tls" --access-log off \
     --shutdown-delay 0s --shutdown-grace 2s
 pc_pid=$started
-wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
+wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/" 60
 read -r pc_idle pc_conns pc_per < <(measure portcullis "$pc_pid" "$p_pc")
 
 start "$RESULTS_DIR/portcullis-many.log" env RUST_LOG=warn TOKIO_WORKER_THREADS="$WORKERS" \
@@ -331,7 +294,7 @@ start "$RESULTS_DIR/portcullis-many.log" env RUST_LOG=warn TOKIO_WORKER_THREADS=
     --dashboard-addr "127.0.0.1:$p_dash2" --https-addr "127.0.0.1:$p_tls2" --access-log off \
     --shutdown-delay 0s --shutdown-grace 2s
 many_pid=$started
-wait_ready portcullis-many "$many_pid" "http://127.0.0.1:$p_pc2/"
+wait_ready portcullis-many "$many_pid" "http://127.0.0.1:$p_pc2/" 60
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: app-$((OBJECTS - 1)).example.com" \
     "http://127.0.0.1:$p_pc2/api" || true)
 # The last object's endpoint is a loopback address nobody serves: 502 means it was routed.
