@@ -238,10 +238,15 @@ async fn a_stale_pooled_connection_is_retried_once_on_a_fresh_one() {
         "a stale connection says nothing about the endpoint's health"
     );
 
-    // The retry's connection is not pooled; the next request opens one that is.
+    // The retry's connection went back to the pool: the next request takes it, the
+    // upstream closes that one too, and the request is retried on a third connection.
     let (status, _, body) = get(&proxy, "a.example", "/three").await;
     assert_eq!((status, body.as_str()), (200, "first"));
-    accepted.recv().await.expect("a new pooled connection");
+    accepted
+        .recv()
+        .await
+        .expect("a fresh connection for the second retry");
+    assert_eq!(retries(&proxy, "svc", "stale_connection"), 2);
 
     // A POST whose body was already streamed upstream is never sent twice: it goes on
     // that pooled connection, which the upstream closes on it.
@@ -257,8 +262,136 @@ async fn a_stale_pooled_connection_is_retried_once_on_a_fresh_one() {
         resp.text().await.expect("body"),
         "upstream error: connection closed before response"
     );
-    assert_eq!(retries(&proxy, "svc", "stale_connection"), 1);
+    assert_eq!(retries(&proxy, "svc", "stale_connection"), 2);
     assert!(accepted.try_recv().is_err(), "no connection for a retry");
+}
+
+fn connects(proxy: &TestProxy, service: &str) -> u64 {
+    proxy
+        .metrics
+        .upstream_connect_duration_seconds
+        .with_label_values(&[&format!("{NS}/{service}")])
+        .get_sample_count()
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_pooled_upstream_connection() {
+    let up = start_counted("pooled", None).await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    for i in 0..20 {
+        let (status, _, body) = get(&proxy, "a.example", &format!("/{i}")).await;
+        assert_eq!((status, body.as_str()), (200, "pooled"), "request {i}");
+    }
+    assert_eq!(
+        up.accepted(),
+        1,
+        "20 sequential requests, one upstream connection"
+    );
+    assert_eq!(connects(&proxy, "svc"), 1);
+}
+
+#[tokio::test]
+async fn a_chunked_response_read_to_the_end_returns_its_connection() {
+    let (up, _stop) = start_hyper(|_req| async {
+        http::Response::new(repeated_body(Bytes::from_static(b"0123456789abcdef"), 4096))
+    })
+    .await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+    for _ in 0..5 {
+        let (status, headers, body) = get(&proxy, "a.example", "/").await;
+        assert_eq!((status, body.len()), (200, 4096));
+        assert!(
+            headers.get("content-length").is_none(),
+            "streamed, not sized"
+        );
+    }
+    assert_eq!(
+        connects(&proxy, "svc"),
+        1,
+        "one connection for five chunked bodies"
+    );
+}
+
+#[tokio::test]
+async fn a_pooled_connection_idle_past_the_timeout_is_not_reused() {
+    let up = start_counted("pooled", None).await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up.addr]);
+    let idle_timeout = Duration::from_millis(300);
+    let cfg = ProxyConfig {
+        idle_timeout,
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    assert_eq!(get(&proxy, "a.example", "/").await.0, 200);
+    assert_eq!(up.accepted(), 1);
+    // Waiting out the idle timeout is the behaviour under test.
+    tokio::time::sleep(idle_timeout * 2).await;
+    assert_eq!(get(&proxy, "a.example", "/").await.0, 200);
+    assert_eq!(
+        up.accepted(),
+        2,
+        "the expired connection is not taken again"
+    );
+    assert_eq!(connects(&proxy, "svc"), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_keepalive_connections_costs_no_request() {
+    // The upstream's keep-alive timeout (50 ms) is far below the proxy's (4 s).
+    let mut up = start_counted("fresh", Some(Duration::from_millis(50))).await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    for round in 1..=5 {
+        let (status, _, body) = get(&proxy, "a.example", "/").await;
+        assert_eq!((status, body.as_str()), (200, "fresh"), "round {round}");
+        tokio::time::timeout(EVENTUALLY, up.closed.recv())
+            .await
+            .expect("the upstream closes the idle connection in time")
+            .expect("upstream alive");
+    }
+    assert_eq!(up.accepted(), 5, "a new connection after each close");
+    assert_eq!(
+        ejections(&proxy, "svc"),
+        0,
+        "a closed idle connection says nothing about the endpoint's health"
+    );
+}
+
+#[tokio::test]
+async fn each_endpoint_keeps_its_own_pooled_connections() {
+    let a = start_counted("a", None).await;
+    let b = start_counted("b", None).await;
+    let world = World::new()
+        .ingress(
+            ingress(NS, "web-a")
+                .host("a.example")
+                .prefix("/", "svc-a", 80),
+        )
+        .ingress(
+            ingress(NS, "web-b")
+                .host("b.example")
+                .prefix("/", "svc-b", 80),
+        )
+        .backend(NS, "svc-a", 80, &[a.addr])
+        .backend(NS, "svc-b", 80, &[b.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    for i in 0..5 {
+        for (host, name) in [("a.example", "a"), ("b.example", "b")] {
+            let (status, _, body) = get(&proxy, host, "/").await;
+            assert_eq!((status, body.as_str()), (200, name), "{host}, round {i}");
+        }
+    }
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
 }
 
 #[tokio::test]

@@ -74,8 +74,8 @@ impl Default for Ejection {
     }
 }
 
-/// Where to send a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where to send a request; also the key of the upstream connection pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     /// A pod endpoint.
     Addr(SocketAddr),

@@ -16,6 +16,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::balance::InFlight;
 use super::errors::BoxError;
+use super::forward::UpstreamBody;
 
 /// The response body type of every answer the proxy gives.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -27,7 +28,7 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 
 /// A proxied upstream body, streamed. `guard` (the endpoint's in-flight count) is
 /// released when the body ends, fails or is dropped, not when the headers arrive.
-pub(crate) fn streamed(body: Incoming, guard: Option<InFlight>) -> ProxyBody {
+pub(crate) fn streamed(body: UpstreamBody, guard: Option<InFlight>) -> ProxyBody {
     Guarded { inner: body, guard }
         .map_err(|e| Box::new(e) as BoxError)
         .boxed()
@@ -35,7 +36,7 @@ pub(crate) fn streamed(body: Incoming, guard: Option<InFlight>) -> ProxyBody {
 
 /// A response body that holds an endpoint's in-flight guard until it is done.
 struct Guarded {
-    inner: Incoming,
+    inner: UpstreamBody,
     guard: Option<InFlight>,
 }
 

@@ -1,25 +1,38 @@
-//! Forwarding: sends a routed request to its upstream endpoint over a pooled keep-alive
-//! HTTP/1.1 connection and returns the response headers, with the body still streaming.
-//! Failures are classified for retries and passive health ([`FailureKind`]).
+//! Forwarding: sends a routed request to its upstream endpoint and returns the response
+//! headers, with the body still streaming. Failures are classified for retries and
+//! passive health ([`FailureKind`]).
+//!
+//! HTTP/1.1 upstreams go through [`Pool`]: per endpoint (a pod address, or an
+//! ExternalName's host and port), a LIFO list of idle `hyper::client::conn::http1`
+//! connections. A connection goes back to its list only when its response body was read
+//! to the end (so hyper has finished the exchange), is taken again only while hyper
+//! reports it ready and it has been idle for less than `idle_timeout`, and is dropped
+//! (closing it) otherwise. A periodic sweep closes idle connections past the limit and
+//! ones the upstream closed. New connections are opened with `TCP_NODELAY` under
+//! `connect_timeout`, ExternalName hosts resolved at connect time; the first response on
+//! a new connection records `upstream_connect_duration_seconds` under the Service that
+//! asked for it.
 //!
 //! Clusters whose Service port has `appProtocol: kubernetes.io/h2c` get HTTP/2
-//! cleartext with prior knowledge instead (gRPC, trailers included). The pools
-//! (hyper-util's clients, keyed by endpoint address) live as long as the proxy; each
-//! has an unpooled twin for the retry after a stale pooled connection. Its connector opens TCP connections with `TCP_NODELAY` under
-//! `connect_timeout`, resolving ExternalName hosts at connect time, and tags each new
-//! connection with how long it took to open so the first response on it can record
-//! `upstream_connect_duration_seconds` under the Service that asked for it.
+//! cleartext with prior knowledge instead (gRPC, trailers included), through
+//! hyper-util's client (HTTP/2 multiplexes one connection per endpoint, so its pool is
+//! not on a per-request path), which has an unpooled twin for the retry after a stale
+//! pooled connection. Its connector tags each new connection with how long it took to
+//! open, for the same histogram.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -28,6 +41,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::ProxyConfig;
+use super::balance::Target;
 use super::body::RequestBody;
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::{Metrics, RouteSeries};
@@ -60,19 +74,43 @@ pub struct Failure {
     pub kind: FailureKind,
 }
 
+/// Idle HTTP/1 connections kept per endpoint. A connection returned beyond this is
+/// closed instead. It is above the requests one endpoint realistically has in flight at
+/// once behind one proxy (the benches drive 64 connections, and every concurrent request
+/// holds its own connection), so steady keep-alive traffic never churns connections; it
+/// bounds what a burst leaves behind (an idle connection costs hyper's buffers, a few
+/// KiB, and a socket on both sides) until the idle sweep closes it.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+
+/// Independently locked parts of the pool; an endpoint always maps to the same one, so
+/// requests to different endpoints rarely wait on one another.
+const POOL_SHARDS: usize = 16;
+
+/// The idle sweep runs at least this far apart, whatever the idle timeout.
+const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(50);
+
+/// Hashing of the pool's tables: keys are endpoint addresses and ExternalName hosts
+/// from the snapshot, not chosen by clients.
+type FoldHash = foldhash::fast::RandomState;
+
+/// An HTTP/1 connection's request handle.
+type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+
 /// Which upstream client an attempt uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Via {
     /// HTTP/2 cleartext with prior knowledge (`appProtocol: kubernetes.io/h2c`).
     pub h2c: bool,
     /// A new connection, not one from the pool (the retry after a stale connection).
+    /// An HTTP/1 connection opened for it goes back to the pool afterwards like any.
     pub fresh: bool,
 }
 
-/// The upstream clients: HTTP/1.1 and h2c, each pooled and unpooled.
+/// The upstream clients: the HTTP/1.1 pool, and h2c pooled and unpooled.
 pub struct UpstreamClient {
-    http1: Client<Connector, RequestBody>,
-    http1_fresh: Client<Connector, RequestBody>,
+    pool: Arc<Pool>,
+    http1: hyper::client::conn::http1::Builder,
+    connect_timeout: Duration,
     h2c: Client<Connector, RequestBody>,
     h2c_fresh: Client<Connector, RequestBody>,
     response_timeout: Duration,
@@ -80,6 +118,9 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
+    /// The clients for `cfg`. Called inside a tokio runtime, it also starts the idle
+    /// sweep of the HTTP/1 pool, which ends when the client is dropped; without one,
+    /// idle connections are only closed when a checkout finds them expired.
     pub fn new(cfg: &ProxyConfig, metrics: Arc<Metrics>) -> UpstreamClient {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -90,25 +131,29 @@ impl UpstreamClient {
             http,
             timeout: cfg.connect_timeout,
         };
-        let build = |h2: bool, pooled: bool| {
+        let build = |pooled: bool| {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_idle_timeout(cfg.idle_timeout)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 // The Host header is always set by the handler.
                 .set_host(false)
-                .http1_max_buf_size(UPSTREAM_H1_MAX_BUF)
-                .http2_only(h2);
+                .http2_only(true);
             if !pooled {
                 b.pool_max_idle_per_host(0);
             }
             b.build(connector.clone())
         };
+        let mut http1 = hyper::client::conn::http1::Builder::new();
+        http1.max_buf_size(UPSTREAM_H1_MAX_BUF);
+        let pool = Arc::new(Pool::new(cfg.idle_timeout));
+        Pool::spawn_sweep(&pool);
         UpstreamClient {
-            http1: build(false, true),
-            http1_fresh: build(false, false),
-            h2c: build(true, true),
-            h2c_fresh: build(true, false),
+            pool,
+            http1,
+            connect_timeout: cfg.connect_timeout,
+            h2c: build(true),
+            h2c_fresh: build(false),
             response_timeout: cfg.response_timeout,
             metrics,
         }
@@ -119,25 +164,33 @@ impl UpstreamClient {
         self.response_timeout
     }
 
-    /// Sends `req` (whose URI names the upstream endpoint) and waits for the response
-    /// headers until `deadline`. The upstream metrics go to `route`'s Service series.
-    /// `body_exceeded` is the request body's over-limit flag.
+    /// Sends `req` to `target` and waits for the response headers until `deadline`.
+    /// HTTP/1 requests carry an origin-form URI; h2c requests an absolute one naming
+    /// `target`. The upstream metrics go to `route`'s Service series. `body_exceeded`
+    /// is the request body's over-limit flag.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
+        target: &Target,
         via: Via,
         route: &RouteSeries,
         body_exceeded: &AtomicBool,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let start = Instant::now();
-        let client = match (via.h2c, via.fresh) {
-            (false, false) => &self.http1,
-            (false, true) => &self.http1_fresh,
-            (true, false) => &self.h2c,
-            (true, true) => &self.h2c_fresh,
+        let result = if via.h2c {
+            tokio::time::timeout_at(
+                deadline,
+                self.send_h2c(req, via.fresh, route, body_exceeded),
+            )
+            .await
+        } else {
+            tokio::time::timeout_at(
+                deadline,
+                self.send_http1(req, target, via.fresh, route, body_exceeded),
+            )
+            .await
         };
-        let result = tokio::time::timeout_at(deadline, client.request(req)).await;
         let resp = match result {
             Err(_elapsed) => {
                 return Err(Failure {
@@ -145,9 +198,103 @@ impl UpstreamClient {
                     kind: FailureKind::Other,
                 });
             }
-            Ok(Err(e)) => return Err(classify(e, body_exceeded)),
+            Ok(Err(failure)) => return Err(failure),
             Ok(Ok(resp)) => resp,
         };
+        route
+            .upstream_response(&self.metrics)
+            .observe(start.elapsed().as_secs_f64());
+        Ok(resp)
+    }
+
+    /// One HTTP/1 exchange: a pooled connection unless `fresh` (or none is idle), else a
+    /// new one. A request that a pooled connection gave back unsent (it closed before
+    /// the request was written) goes once more, on a new connection.
+    async fn send_http1(
+        &self,
+        mut req: Request<RequestBody>,
+        target: &Target,
+        mut fresh: bool,
+        route: &RouteSeries,
+        body_exceeded: &AtomicBool,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        loop {
+            let pooled = if fresh {
+                None
+            } else {
+                self.pool.checkout(target, Instant::now())
+            };
+            let (mut sender, connect_seconds) = match pooled {
+                Some(sender) => (sender, None),
+                None => {
+                    let started = Instant::now();
+                    let sender = self.connect(target).await.map_err(connect_failure)?;
+                    (sender, Some(started.elapsed().as_secs_f64()))
+                }
+            };
+            let reused = connect_seconds.is_none();
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    if let Some(seconds) = connect_seconds {
+                        route.upstream_connect(&self.metrics).observe(seconds);
+                    }
+                    // After a protocol switch the connection belongs to the tunnel.
+                    let back =
+                        (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| PoolReturn {
+                            pool: self.pool.clone(),
+                            key: target.clone(),
+                            sender,
+                        });
+                    return Ok(resp.map(|inner| UpstreamBody {
+                        inner,
+                        back,
+                        finished: false,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        fresh = true;
+                    }
+                    _ => return Err(classify_http1(e.into_error(), reused, body_exceeded)),
+                },
+            }
+        }
+    }
+
+    /// Opens a connection to `target` and spawns its task.
+    async fn connect(&self, target: &Target) -> Result<Sender, ConnectError> {
+        let stream = tokio::time::timeout(self.connect_timeout, open(target))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Io)?;
+        stream.set_nodelay(true).map_err(ConnectError::Io)?;
+        let (sender, conn) = self
+            .http1
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// One h2c exchange through hyper-util's client.
+    async fn send_h2c(
+        &self,
+        req: Request<RequestBody>,
+        fresh: bool,
+        route: &RouteSeries,
+        body_exceeded: &AtomicBool,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let client = if fresh { &self.h2c_fresh } else { &self.h2c };
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| classify_legacy(e, body_exceeded))?;
         if let Some(timing) = resp.extensions().get::<ConnectTiming>()
             && !timing.reported.swap(true, Ordering::Relaxed)
         {
@@ -155,14 +302,145 @@ impl UpstreamClient {
                 .upstream_connect(&self.metrics)
                 .observe(timing.seconds);
         }
-        route
-            .upstream_response(&self.metrics)
-            .observe(start.elapsed().as_secs_f64());
-        Ok(resp)
+        Ok(resp.map(|inner| UpstreamBody {
+            inner,
+            back: None,
+            finished: false,
+        }))
     }
 }
 
-/// Whether the connection an error happened on had already carried a response.
+/// A TCP connection to `target`; an ExternalName is resolved now, and its addresses are
+/// tried in order.
+async fn open(target: &Target) -> io::Result<TcpStream> {
+    match target {
+        Target::Addr(addr) => TcpStream::connect(*addr).await,
+        Target::Name { host, port } => {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} resolved to no address"),
+                )
+            }))
+        }
+    }
+}
+
+/// Why a new HTTP/1 connection could not be opened. Nothing of the request was sent.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("upstream connect timed out")]
+    Timeout,
+    #[error("upstream connect failed")]
+    Io(#[source] io::Error),
+    #[error("upstream connection setup failed")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// A connect failure: another endpoint may be tried.
+fn connect_failure(err: ConnectError) -> Failure {
+    let reason = match &err {
+        ConnectError::Timeout => None,
+        ConnectError::Io(e) => match e.kind() {
+            io::ErrorKind::ConnectionRefused => Some("connection refused"),
+            io::ErrorKind::TimedOut => None,
+            _ => Some("connect failed"),
+        },
+        ConnectError::Handshake(_) => Some("connect failed"),
+    };
+    let error = match reason {
+        None => ProxyError::UpstreamTimeout,
+        Some(reason) => ProxyError::Upstream {
+            reason,
+            connecting: true,
+            source: Some(Box::new(err)),
+        },
+    };
+    Failure {
+        error,
+        kind: FailureKind::Connect,
+    }
+}
+
+/// Maps an error of an HTTP/1 exchange to its answer and failure kind; `reused`: the
+/// connection came from the pool.
+fn classify_http1(err: hyper::Error, reused: bool, body_exceeded: &AtomicBool) -> Failure {
+    if body_exceeded.load(Ordering::Acquire) {
+        return Failure {
+            error: ProxyError::BodyTooLarge,
+            kind: FailureKind::Other,
+        };
+    }
+    let root: &(dyn std::error::Error + 'static) = &err;
+    if let Some(super::body::RequestBodyError::Downstream(_)) =
+        find_in_chain::<super::body::RequestBodyError>(root)
+    {
+        return Failure {
+            error: ProxyError::DownstreamBody(Box::new(err)),
+            kind: FailureKind::Other,
+        };
+    }
+    let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
+    match exchange_failure(&err, io_kind, reused) {
+        Exchange::Timeout => Failure {
+            error: ProxyError::UpstreamTimeout,
+            kind: FailureKind::Other,
+        },
+        Exchange::Failed(reason, kind) => Failure {
+            error: ProxyError::Upstream {
+                reason,
+                connecting: false,
+                source: Some(Box::new(err)),
+            },
+            kind,
+        },
+    }
+}
+
+/// How an exchange on an open connection failed.
+enum Exchange {
+    Timeout,
+    Failed(&'static str, FailureKind),
+}
+
+/// Classifies hyper's error of an exchange on an open connection: closed or reset
+/// before the response is a stale connection when the connection was `reused`.
+fn exchange_failure(h: &hyper::Error, io_kind: Option<io::ErrorKind>, reused: bool) -> Exchange {
+    let reset = matches!(
+        io_kind,
+        Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+    );
+    if h.is_parse() || h.is_parse_status() {
+        Exchange::Failed("invalid response", FailureKind::Other)
+    } else if h.is_incomplete_message() || h.is_canceled() {
+        let kind = if reused {
+            FailureKind::StaleConnection
+        } else {
+            FailureKind::Other
+        };
+        Exchange::Failed("connection closed before response", kind)
+    } else if h.is_timeout() {
+        Exchange::Timeout
+    } else if reset {
+        let kind = if reused {
+            FailureKind::StaleConnection
+        } else {
+            FailureKind::Reset
+        };
+        Exchange::Failed("connection reset", kind)
+    } else {
+        Exchange::Failed("request failed", FailureKind::Other)
+    }
+}
+
+/// Whether the h2c connection an error happened on had already carried a response.
 fn reused(err: &hyper_util::client::legacy::Error) -> bool {
     err.connect_info().is_some_and(|c| {
         let mut ext = http::Extensions::new();
@@ -172,8 +450,8 @@ fn reused(err: &hyper_util::client::legacy::Error) -> bool {
     })
 }
 
-/// Maps an upstream client error to the answer it becomes and its failure kind.
-fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) -> Failure {
+/// Maps an h2c client error to the answer it becomes and its failure kind.
+fn classify_legacy(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) -> Failure {
     if body_exceeded.load(Ordering::Acquire) {
         return Failure {
             error: ProxyError::BodyTooLarge,
@@ -196,7 +474,6 @@ fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) 
         };
     }
     let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
-    let was_reused = reused(&err);
     let (reason, kind) = if err.is_connect() {
         match io_kind {
             Some(io::ErrorKind::ConnectionRefused) => ("connection refused", FailureKind::Connect),
@@ -209,33 +486,14 @@ fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) 
             _ => ("connect failed", FailureKind::Connect),
         }
     } else if let Some(h) = find_in_chain::<hyper::Error>(root) {
-        let reset = matches!(
-            io_kind,
-            Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
-        );
-        if h.is_parse() || h.is_parse_status() {
-            ("invalid response", FailureKind::Other)
-        } else if h.is_incomplete_message() || h.is_canceled() {
-            let kind = if was_reused {
-                FailureKind::StaleConnection
-            } else {
-                FailureKind::Other
-            };
-            ("connection closed before response", kind)
-        } else if h.is_timeout() {
-            return Failure {
-                error: ProxyError::UpstreamTimeout,
-                kind: FailureKind::Other,
-            };
-        } else if reset {
-            let kind = if was_reused {
-                FailureKind::StaleConnection
-            } else {
-                FailureKind::Reset
-            };
-            ("connection reset", kind)
-        } else {
-            ("request failed", FailureKind::Other)
+        match exchange_failure(h, io_kind, reused(&err)) {
+            Exchange::Timeout => {
+                return Failure {
+                    error: ProxyError::UpstreamTimeout,
+                    kind: FailureKind::Other,
+                };
+            }
+            Exchange::Failed(reason, kind) => (reason, kind),
         }
     } else {
         ("request failed", FailureKind::Other)
@@ -247,6 +505,164 @@ fn classify(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) 
             source: Some(Box::new(err) as BoxError),
         },
         kind,
+    }
+}
+
+/// A proxied response body. An HTTP/1 connection goes back to the pool when this is
+/// dropped after the body was read to its end; otherwise it is dropped, which closes it
+/// (hyper cannot reuse a connection with unread response bytes).
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<PoolReturn>,
+    /// The body's last frame has been read.
+    finished: bool,
+}
+
+/// Where a connection goes back to.
+struct PoolReturn {
+    pool: Arc<Pool>,
+    key: Target,
+    sender: Sender,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finished = true,
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take()
+            && (self.finished || self.inner.is_end_stream())
+        {
+            back.pool.put(back.key, back.sender, Instant::now());
+        }
+    }
+}
+
+/// An idle HTTP/1 connection and since when it is idle.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Idle HTTP/1 connections by endpoint; see the module docs for when one is reused.
+/// Each endpoint's list is a stack: the most recently used connection is taken first,
+/// so the oldest ones at the bottom run into the idle timeout when traffic falls.
+struct Pool {
+    shards: Box<[Mutex<HashMap<Target, Vec<Idle>, FoldHash>>]>,
+    hasher: FoldHash,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    fn new(idle_timeout: Duration) -> Pool {
+        Pool {
+            shards: (0..POOL_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: FoldHash::default(),
+            idle_timeout,
+        }
+    }
+
+    fn shard(&self, key: &Target) -> MutexGuard<'_, HashMap<Target, Vec<Idle>, FoldHash>> {
+        let i = self.hasher.hash_one(key) as usize % self.shards.len();
+        // A panic while holding the lock leaves at worst a list missing or holding
+        // connections that the checks at checkout skip.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently returned connection to `key` that hyper reports ready and that
+    /// has been idle for less than the idle timeout. Closed and expired connections
+    /// found on the way are dropped; ones not ready yet (their last exchange is still
+    /// finishing) stay.
+    fn checkout(&self, key: &Target, now: Instant) -> Option<Sender> {
+        let mut shard = self.shard(key);
+        let list = shard.get_mut(key)?;
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &list[i];
+            if now.saturating_duration_since(idle.since) >= self.idle_timeout {
+                // Everything below is older still.
+                list.drain(..=i);
+                return None;
+            }
+            if idle.sender.is_closed() {
+                list.remove(i);
+            } else if idle.sender.is_ready() {
+                return Some(list.remove(i).sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose exchange finished to `key`'s idle list; closed
+    /// connections and those beyond [`MAX_IDLE_PER_ENDPOINT`] are dropped instead.
+    fn put(&self, key: Target, sender: Sender, now: Instant) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut shard = self.shard(&key);
+        let list = shard.entry(key).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle { sender, since: now });
+        }
+    }
+
+    /// Drops idle connections that expired or were closed, and endpoints left without
+    /// any.
+    fn sweep(&self, now: Instant) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|_, list| {
+                list.retain(|idle| {
+                    now.saturating_duration_since(idle.since) < self.idle_timeout
+                        && !idle.sender.is_closed()
+                });
+                !list.is_empty()
+            });
+        }
+    }
+
+    /// Sweeps `pool` every half idle timeout while it exists, when a tokio runtime is
+    /// running. A connection is so closed at most 1.5 idle timeouts after its last use.
+    fn spawn_sweep(pool: &Arc<Pool>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let period = (pool.idle_timeout / 2).max(MIN_SWEEP_PERIOD);
+        let pool = Arc::downgrade(pool);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep(Instant::now());
+            }
+        });
     }
 }
 

@@ -441,12 +441,20 @@ async fn proxy(
     let mut moved_on = false;
     let mut refreshed = false;
     let resp = loop {
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(Scheme::HTTP);
-        target.authority = picked.authority.clone();
-        target.path_and_query = Some(path_and_query.clone());
-        let uri = Uri::from_parts(target)
-            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        // HTTP/1 sends the origin form; HTTP/2 needs the scheme and authority.
+        let Some(authority) = &picked.authority else {
+            return Err(ProxyError::BadRequest("request target cannot be forwarded"));
+        };
+        let uri = if h2c {
+            let mut target = http::uri::Parts::default();
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(authority.clone());
+            target.path_and_query = Some(path_and_query.clone());
+            Uri::from_parts(target)
+                .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?
+        } else {
+            Uri::from(path_and_query.clone())
+        };
         let Some(attempt_body) = body.replay() else {
             return Err(ProxyError::Upstream {
                 reason: "request body already sent",
@@ -472,7 +480,14 @@ async fn proxy(
         obs.attempt(&picked.target, logging);
         let failure = match inner
             .upstream
-            .send(upstream_req, via, &routed.series, &exceeded, deadline)
+            .send(
+                upstream_req,
+                &picked.target,
+                via,
+                &routed.series,
+                &exceeded,
+                deadline,
+            )
             .await
         {
             Ok(resp) => break resp,

@@ -138,6 +138,85 @@ pub async fn start_stale_after_one() -> (SocketAddr, mpsc::UnboundedReceiver<()>
     (addr, accepted_rx, stop)
 }
 
+/// A raw HTTP/1.1 keep-alive upstream for the pool tests: it answers every request head
+/// with `200` and `body`, counts the connections it accepts, and, with `close_idle`,
+/// closes a connection that stays idle that long after a response (as a backend with a
+/// short keep-alive timeout does), reporting each such close on `closed`.
+pub struct Counted {
+    pub addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub closed: mpsc::UnboundedReceiver<()>,
+    _stop: Stopper,
+}
+
+impl Counted {
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+pub async fn start_counted(body: &'static str, close_idle: Option<Duration>) -> Counted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (stop, mut rx) = Stopper::new();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = tokio::select! {
+                _ = rx.wait_for(|v| *v) => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    let read = match close_idle {
+                        Some(idle) if answered && buf.is_empty() => {
+                            match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+                                Ok(r) => r,
+                                Err(_) => {
+                                    let _ = s.shutdown().await;
+                                    drop(s);
+                                    let _ = closed_tx.send(());
+                                    return;
+                                }
+                            }
+                        }
+                        _ => s.read(&mut chunk).await,
+                    };
+                    match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        answered = true;
+                        if s.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Counted {
+        addr,
+        accepted,
+        closed,
+        _stop: stop,
+    }
+}
+
 /// An upstream that answers every request with headers (`x-name: slow`, a declared
 /// length of 10) and then never sends the body.
 pub async fn start_headers_only() -> (SocketAddr, Stopper) {
