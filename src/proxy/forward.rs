@@ -228,7 +228,11 @@ impl UpstreamClient {
                 Some(sender) => (sender, None),
                 None => {
                     let started = Instant::now();
-                    let sender = self.connect(target).await.map_err(connect_failure)?;
+                    // Boxed: connecting is off the keep-alive path, and its future
+                    // would otherwise grow every request's future.
+                    let sender = Box::pin(self.connect(target))
+                        .await
+                        .map_err(connect_failure)?;
                     (sender, Some(started.elapsed().as_secs_f64()))
                 }
             };
@@ -561,6 +565,9 @@ impl Drop for UpstreamBody {
     }
 }
 
+/// One lock's share of the pool: idle lists by endpoint.
+type Shard = HashMap<Target, Vec<Idle>, FoldHash>;
+
 /// An idle HTTP/1 connection and since when it is idle.
 struct Idle {
     sender: Sender,
@@ -571,7 +578,7 @@ struct Idle {
 /// Each endpoint's list is a stack: the most recently used connection is taken first,
 /// so the oldest ones at the bottom run into the idle timeout when traffic falls.
 struct Pool {
-    shards: Box<[Mutex<HashMap<Target, Vec<Idle>, FoldHash>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: FoldHash,
     idle_timeout: Duration,
 }
@@ -585,7 +592,7 @@ impl Pool {
         }
     }
 
-    fn shard(&self, key: &Target) -> MutexGuard<'_, HashMap<Target, Vec<Idle>, FoldHash>> {
+    fn shard(&self, key: &Target) -> MutexGuard<'_, Shard> {
         let i = self.hasher.hash_one(key) as usize % self.shards.len();
         // A panic while holding the lock leaves at worst a list missing or holding
         // connections that the checks at checkout skip.
