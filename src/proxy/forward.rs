@@ -774,3 +774,118 @@ impl Write for UpstreamIo {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    /// A connection over an in-memory pipe whose task has started, so hyper reports
+    /// it ready; the other end of the pipe is returned to keep it open.
+    async fn connection() -> (Sender, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .expect("an HTTP/1 handshake does no I/O");
+        tokio::spawn(conn);
+        sender
+            .ready()
+            .await
+            .expect("the connection task is running");
+        (sender, theirs)
+    }
+
+    fn key() -> Target {
+        Target::Addr(SocketAddr::from(([10, 0, 0, 1], 8080)))
+    }
+
+    fn idle(pool: &Pool, key: &Target) -> usize {
+        pool.shard(key).get(key).map_or(0, Vec::len)
+    }
+
+    #[tokio::test]
+    async fn checkout_takes_the_newest_and_never_an_expired_one() {
+        let pool = Pool::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let (old, _old_peer) = connection().await;
+        let (new, _new_peer) = connection().await;
+        pool.put(key(), old, t0);
+        pool.put(key(), new, t0 + Duration::from_secs(2));
+        assert_eq!(idle(&pool, &key()), 2);
+
+        // 0.5 s after the newer one's return: it is taken, the older one (2.5 s idle)
+        // is dropped on the way and nothing is left.
+        let now = t0 + Duration::from_millis(2500);
+        assert!(pool.checkout(&key(), now).is_some());
+        assert_eq!(
+            idle(&pool, &key()),
+            1,
+            "the older one stays until it is reached"
+        );
+        assert!(
+            pool.checkout(&key(), now).is_none(),
+            "the expired one is not taken"
+        );
+        assert_eq!(idle(&pool, &key()), 0);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_keeps_at_most_the_cap_of_idle_connections() {
+        let pool = Pool::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let mut peers = Vec::new();
+        for _ in 0..MAX_IDLE_PER_ENDPOINT + 1 {
+            let (sender, peer) = connection().await;
+            peers.push(peer);
+            pool.put(key(), sender, now);
+        }
+        assert_eq!(idle(&pool, &key()), MAX_IDLE_PER_ENDPOINT);
+        let other = Target::Name {
+            host: "db.example".into(),
+            port: 5432,
+        };
+        assert_eq!(idle(&pool, &other), 0, "endpoints do not share lists");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_by_its_peer_is_never_taken_and_swept() {
+        let pool = Pool::new(Duration::from_secs(60));
+        let now = Instant::now();
+        let (closing, peer) = connection().await;
+        let (open, _open_peer) = connection().await;
+        pool.put(key(), open, now);
+        pool.put(key(), closing, now);
+        drop(peer);
+        // The connection task sees the end of the pipe and ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = pool
+                .shard(&key())
+                .get(&key())
+                .is_some_and(|l| l.last().is_some_and(|i| i.sender.is_closed()));
+            if closed {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pipe's end is seen"
+            );
+            tokio::task::yield_now().await;
+        }
+        let taken = pool.checkout(&key(), now).expect("the open one");
+        assert!(!taken.is_closed());
+        assert_eq!(
+            idle(&pool, &key()),
+            0,
+            "the closed one was dropped on the way"
+        );
+
+        pool.put(key(), taken, now);
+        pool.sweep(now + Duration::from_secs(61));
+        assert!(
+            pool.shard(&key()).get(&key()).is_none(),
+            "expired and swept"
+        );
+    }
+}
