@@ -653,7 +653,8 @@ impl Pool {
     }
 
     /// Sweeps `pool` every half idle timeout while it exists, when a tokio runtime is
-    /// running. A connection is so closed at most 1.5 idle timeouts after its last use.
+    /// running, so an idle connection is closed about 1.5 idle timeouts after its last
+    /// use.
     fn spawn_sweep(pool: &Arc<Pool>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;

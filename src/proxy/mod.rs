@@ -52,7 +52,8 @@ pub struct ProxyConfig {
     /// Limit from handing a request to the upstream pool (connecting included) until
     /// its response headers arrive.
     pub response_timeout: Duration,
-    /// How long a pooled upstream connection may sit idle before it is closed.
+    /// How long a pooled upstream connection may sit idle and still be reused; the idle
+    /// sweep closes it about 1.5 times this long after its last use.
     pub idle_timeout: Duration,
     /// Limit for receiving a request's headers; also closes a connection that sends
     /// nothing at all.
