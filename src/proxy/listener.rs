@@ -188,47 +188,45 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "setting TCP_NODELAY failed");
         }
-        let open_guard = OpenGuard::new(&open);
+        let guards = ConnGuards {
+            _permit: permit,
+            _open: OpenGuard::new(&open),
+        };
         let draining = inner.draining.subscribe();
-        let mut closing = closing_rx.clone();
+        let closing = closing_rx.clone();
         let inner = inner.clone();
         let builders = builders.clone();
-        let tls = tls.clone();
         let series = series.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _open = open_guard;
-            match tls {
-                None => {
+        // Plain and TLS connections are separate tasks: a task's memory is the size of
+        // its future for as long as the connection lives, and the TLS handshake state
+        // would otherwise make every plain connection's task as large.
+        match &tls {
+            None => {
+                let task = async move {
+                    let _guards = guards;
                     let state = ConnState::new(peer, local_port, "http", series);
                     serve_one(inner, &builders.auto, stream, state, draining, closing).await;
-                }
-                Some(tls) => {
-                    // The handshake is abandoned when the listener closes: a client that
-                    // never finishes one must not hold up shutdown.
-                    let accepted = tokio::select! {
-                        res = tls.accept(stream) => res,
-                        _ = shutdown_requested(&mut closing) => {
-                            debug!(%peer, "listener closed during the TLS handshake; closing");
-                            return;
-                        }
-                    };
-                    match accepted {
-                        Ok((stream, info)) => {
-                            let builder = if info.h2 {
-                                &builders.http2
-                            } else {
-                                &builders.http1
-                            };
-                            let state =
-                                ConnState::new(peer, local_port, "https", series).with_tls(info);
-                            serve_one(inner, builder, stream, state, draining, closing).await;
-                        }
-                        Err(failure) => super::tls::log_handshake_failure(peer, &failure),
-                    }
-                }
+                };
+                tokio::spawn(task);
             }
-        });
+            Some(tls) => {
+                let task = serve_tls(
+                    tls.clone(),
+                    stream,
+                    peer,
+                    local_port,
+                    TlsConn {
+                        inner,
+                        builders,
+                        series,
+                        draining,
+                        closing,
+                        guards,
+                    },
+                );
+                tokio::spawn(task);
+            }
+        }
     }
 
     drop(listener);
@@ -240,6 +238,66 @@ pub(crate) async fn serve(
     );
     let mut open = open.subscribe();
     let _ = open.wait_for(|n| *n == 0).await;
+}
+
+/// What an accepted connection holds until it closes: its `max_connections` permit
+/// and its place in the listener's count of open connections.
+struct ConnGuards {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _open: OpenGuard,
+}
+
+/// The listener's share of a TLS connection: everything [`serve_one`] needs after the
+/// handshake.
+struct TlsConn {
+    inner: Arc<Inner>,
+    builders: Arc<Builders>,
+    series: Arc<ListenerSeries>,
+    draining: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
+    guards: ConnGuards,
+}
+
+/// Completes the TLS handshake on `stream` (abandoned when the listener closes: a client
+/// that never finishes one must not hold up shutdown), then serves HTTP/2 or HTTP/1.1
+/// as ALPN chose.
+async fn serve_tls(
+    tls: Arc<TlsState>,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    local_port: u16,
+    mut conn: TlsConn,
+) {
+    let _guards = conn.guards;
+    // Boxed: the handshake's state is freed once it completes instead of staying part of
+    // the connection task's size for the connection's lifetime.
+    let accepted = tokio::select! {
+        res = Box::pin(tls.accept(stream)) => res,
+        _ = shutdown_requested(&mut conn.closing) => {
+            debug!(%peer, "listener closed during the TLS handshake; closing");
+            return;
+        }
+    };
+    match accepted {
+        Ok((stream, info)) => {
+            let builder = if info.h2 {
+                &conn.builders.http2
+            } else {
+                &conn.builders.http1
+            };
+            let state = ConnState::new(peer, local_port, "https", conn.series).with_tls(info);
+            serve_one(
+                conn.inner,
+                builder,
+                stream,
+                state,
+                conn.draining,
+                conn.closing,
+            )
+            .await;
+        }
+        Err(failure) => super::tls::log_handshake_failure(peer, &failure),
+    }
 }
 
 /// Serves one downstream connection until it ends: closes it when no request head
