@@ -17,6 +17,9 @@
 #             wrk -c MIB_CONNECTIONS), throughput in MiB/s;
 #             tls-keepalive: HTTPS keep-alive (wrk, https://bench.local:PORT/);
 #             tls-handshake: HTTPS, a new connection per request (see TLS_RESUME);
+#             tls-full: full TLS handshakes (never resumed: benches/tls_full_client.py,
+#             TLS_FULL_PROCS processes, SNI bench.local, one GET each); the client is
+#             Python and may be the bottleneck, so read its CPU µs per handshake;
 #             h2: HTTP/2 over TLS (h2load -c H2_CLIENTS -m H2_STREAMS);
 #             accesslog: Portcullis --access-log json vs off, plain keep-alive (only
 #             when `portcullis run --help` lists --access-log; skipped otherwise)
@@ -48,6 +51,7 @@ THREADS=${THREADS:-2}
 SCENARIOS=${SCENARIOS:-keepalive close}
 TLS_RESUME=${TLS_RESUME:-1}
 H2_CLIENTS=${H2_CLIENTS:-16}
+TLS_FULL_PROCS=${TLS_FULL_PROCS:-2}
 H2_STREAMS=${H2_STREAMS:-4}
 MIB_CONNECTIONS=${MIB_CONNECTIONS:-16}
 PEERS=${PEERS:-nginx haproxy}
@@ -80,7 +84,7 @@ want_tls=0 want_h2=0 want_accesslog=0
 for scenario in $SCENARIOS; do
     case $scenario in
     keepalive | close | 1mib) ;;
-    tls-keepalive | tls-handshake) want_tls=1 ;;
+    tls-keepalive | tls-handshake | tls-full) want_tls=1 ;;
     h2) want_tls=1 want_h2=1 ;;
     accesslog) want_accesslog=1 ;;
     *) die "unknown scenario $scenario" ;;
@@ -516,6 +520,7 @@ run() {
     fi
     local tool=wrk
     [[ $scenario == h2 ]] && tool=h2load
+    [[ $scenario == tls-full ]] && tool=tls-full
     out=$RESULTS_DIR/$tool-$scenario-$round-$target.txt
     local cpu_before cpu_after
     cpu_before=$(cpu_ticks "${proc_of[$target]}")
@@ -523,6 +528,10 @@ run() {
         "${wrk_pin[@]}" wrk -t"$THREADS" -c"$conns" -d"$duration" --latency \
             -H 'Host: bench.local' "${extra[@]}" "$target_url" >"$out" 2>&1 ||
             die "wrk failed against $target (see $out)"
+    elif [[ $tool == tls-full ]]; then
+        "${wrk_pin[@]}" python3 "$repo_root/benches/tls_full_client.py" "${tls_port[$target]}" \
+            "$(to_seconds "$duration")" "$TLS_FULL_PROCS" >"$out" 2>&1 ||
+            die "tls_full_client.py failed against $target (see $out)"
     else
         # h2load connects where --connect-to says and sends the URL's host as SNI and
         # :authority; -D takes seconds.
@@ -540,6 +549,15 @@ run() {
         non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
         sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {print $5 + $7 + $9 + $11}' "$out")
         requests=$(awk '/ requests in / {print $1}' "$out")
+    elif [[ $tool == tls-full ]]; then
+        # Handshakes per second; no latency percentiles (p50 holds the mean time per
+        # handshake and request of one client process).
+        requests=$(awk '$1 == "handshakes" {print $2}' "$out")
+        rps=$(awk '$1 == "handshakes" && $4 > 0 {printf "%.2f", $2 / $4}' "$out")
+        p50=$(awk -v procs="$TLS_FULL_PROCS" '$1 == "handshakes" && $2 > 0 {printf "%.2fms", $4 * 1000 * procs / $2}' "$out")
+        p99=-
+        non2xx=$(awk '$1 == "handshakes" && $6 > 0 {print $6}' "$out")
+        sockerr=$(awk '$1 == "handshakes" && $8 > 0 {print $8}' "$out")
     else
         # h2load prints no percentiles: p50 holds the mean request time, p99 "-".
         rps=$(awk '/^finished in/ {print $4}' "$out")
@@ -575,7 +593,7 @@ for scenario in $SCENARIOS; do
     case $scenario in
     keepalive | close | 1mib) targets=(direct nginx ${haproxy_pid:+haproxy} portcullis) ;;
     # The upstream speaks plain HTTP only: no direct run over TLS.
-    tls-keepalive | tls-handshake | h2) targets=(nginx ${haproxy_pid:+haproxy} portcullis) ;;
+    tls-keepalive | tls-handshake | tls-full | h2) targets=(nginx ${haproxy_pid:+haproxy} portcullis) ;;
     accesslog) targets=(nginx portcullis portcullis-json) ;;
     esac
     for t in "${targets[@]}"; do
