@@ -456,6 +456,75 @@ async fn hostile_http1_requests_are_refused_and_never_reach_the_upstream() {
     assert!(rec.contains(b"GET /NORMAL HTTP/1.1\r\n"));
 }
 
+/// After a request Portcullis refuses as malformed (400/414), the HTTP/1 connection is
+/// closed: a second request written on it is never answered or forwarded. An ordinary
+/// error answer (404 for no route) keeps the connection open.
+#[tokio::test]
+async fn a_malformed_request_closes_its_http1_connection() {
+    let rec = start_recorder().await;
+    // Only a.example is routed, so that another host gets an ordinary 404.
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "rec", 80))
+        .backend(NS, "rec", 80, &[rec.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    let follow_up: &[u8] = b"GET /HOSTILE-FOLLOW-UP HTTP/1.1\r\nHost: a.example\r\n\r\n";
+    let malformed: [(&str, Vec<u8>, u16); 3] = [
+        (
+            "two Host headers",
+            b"GET /HOSTILE HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "absolute-form authority disagreeing with Host",
+            b"GET http://b.example/HOSTILE HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a request target over 8 KiB",
+            format!(
+                "GET /HOSTILE/{} HTTP/1.1\r\nHost: a.example\r\n\r\n",
+                "a".repeat(9 * 1024)
+            )
+            .into_bytes(),
+            414,
+        ),
+    ];
+    for (name, mut bytes, want) in malformed {
+        // A well-formed request pipelined behind the malformed one: it must never be
+        // answered or forwarded.
+        bytes.extend_from_slice(follow_up);
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        s.write_all(&bytes).await.expect("write");
+        let mut raw = Vec::new();
+        let read = timeout(EVENTUALLY, s.read_to_end(&mut raw)).await;
+        assert!(read.is_ok(), "{name}: the connection was not closed");
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert_eq!(raw_status(&text), want, "{name}");
+        assert_eq!(
+            text.matches("http/1.1 ").count(),
+            1,
+            "{name}: one answer only: {text}"
+        );
+        assert!(text.contains("\r\nconnection: close\r\n"), "{name}: {text}");
+    }
+    assert!(
+        !rec.contains(b"HOSTILE"),
+        "nothing of those connections reached the upstream"
+    );
+
+    // A 404 is an ordinary answer: the same connection serves the next request.
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: unknown.example\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_answer(&mut s).await, Answer::Status(404));
+    s.write_all(b"GET /AFTER-404 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_answer(&mut s).await, Answer::Status(200));
+    assert!(rec.contains(b"GET /AFTER-404 HTTP/1.1\r\n"));
+}
+
 /// A normal client's success rate while `attack` runs: (succeeded, sent). It sends
 /// `GET http://a.example/NORMAL/N` to `addr` (HTTP/2 prior knowledge when `h2`), one
 /// request at a time, and stops when the attack ends, after at most 2,000 requests.

@@ -92,6 +92,19 @@ impl ProxyError {
         }
     }
 
+    /// Whether an HTTP/1 connection is closed after this answer: the request itself was
+    /// malformed (its head, or its body's framing), so nothing later on the same
+    /// connection can be trusted to be framed as the client meant it.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Host(_)
+                | ProxyError::BadRequest(_)
+                | ProxyError::UriTooLong
+                | ProxyError::DownstreamBody(_)
+        )
+    }
+
     /// Where the failure came from.
     pub fn origin(&self) -> Origin {
         match self {

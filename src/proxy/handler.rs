@@ -169,6 +169,7 @@ pub async fn handle(
     let head = logging.then(|| RequestHead::of(&req));
     let mut exchange = Exchange::default();
     let mut hsts = None;
+    let mut close = false;
     let mut resp = match proxy(
         inner,
         conn,
@@ -190,6 +191,7 @@ pub async fn handle(
                 cause = ?std::error::Error::source(&err).map(ToString::to_string),
                 "request answered by the proxy"
             );
+            close = err.closes_connection();
             err.to_response()
         }
     };
@@ -215,7 +217,8 @@ pub async fn handle(
         resp.headers_mut().insert(STRICT_TRANSPORT_SECURITY, v);
     }
     // Draining: HTTP/1 clients are told to reconnect (elsewhere) after this response.
-    if *inner.draining.borrow()
+    // After a malformed request, the connection is closed after the 400.
+    if (close || *inner.draining.borrow())
         && version < Version::HTTP_2
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
     {
