@@ -26,42 +26,67 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// A proxied upstream body, streamed. `guard` (the endpoint's in-flight count) is
-/// released when the body ends, fails or is dropped, not when the headers arrive.
-pub(crate) fn streamed(body: UpstreamBody, guard: Option<InFlight>) -> ProxyBody {
-    Guarded { inner: body, guard }
-        .map_err(|e| Box::new(e) as BoxError)
-        .boxed()
+/// The body the inner handler answers with: an upstream body streamed with its
+/// endpoint's in-flight guard, or a body of the proxy's own. Not boxed itself: the
+/// observing layer around it is the one box a response body costs.
+pub(crate) enum Answer {
+    /// A proxied upstream body. `guard` (the endpoint's in-flight count) is released
+    /// when the body ends, fails or is dropped, not when the headers arrive.
+    Upstream {
+        body: UpstreamBody,
+        guard: Option<InFlight>,
+    },
+    /// A generated answer, or an upgrade's empty body.
+    Own(ProxyBody),
 }
 
-/// A response body that holds an endpoint's in-flight guard until it is done.
-struct Guarded {
-    inner: UpstreamBody,
-    guard: Option<InFlight>,
+impl Answer {
+    /// A proxied upstream body, streamed; see [`Answer::Upstream`].
+    pub fn streamed(body: UpstreamBody, guard: Option<InFlight>) -> Answer {
+        Answer::Upstream { body, guard }
+    }
 }
 
-impl Body for Guarded {
+impl Body for Answer {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Answer::Upstream { body, guard } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match polled {
+                    Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        guard.take();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        guard.take();
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                }
+            }
+            Answer::Own(body) => Pin::new(body).poll_frame(cx),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            Answer::Upstream { body, .. } => body.is_end_stream(),
+            Answer::Own(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            Answer::Upstream { body, .. } => body.size_hint(),
+            Answer::Own(body) => body.size_hint(),
+        }
     }
 }
 
@@ -82,18 +107,44 @@ pub enum RequestBodyError {
 /// next one.
 struct BodySource {
     slot: Mutex<Option<Incoming>>,
-    /// The body was empty from the start: any attempt can send it again.
-    empty: bool,
-    exceeded: Arc<AtomicBool>,
-    /// Body bytes read from downstream, across attempts (for metrics and the access log).
-    received: Arc<AtomicU64>,
+    progress: Arc<BodyProgress>,
 }
 
+/// How far a request body got: bytes read from downstream across attempts (for metrics
+/// and the access log), and whether it passed the limit. Shared apart from the body
+/// itself, so that reading it after the exchange does not keep the downstream body open.
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    exceeded: AtomicBool,
+    received: AtomicU64,
+}
+
+impl BodyProgress {
+    /// Whether the body passed the limit (the forwarder answers 413 then, whatever the
+    /// upstream client reports).
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Acquire)
+    }
+
+    /// Body bytes read from downstream so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// The progress of a body that had no bytes from the start: never read, never over.
+static EMPTY_PROGRESS: BodyProgress = BodyProgress {
+    exceeded: AtomicBool::new(false),
+    received: AtomicU64::new(0),
+};
+
 /// The downstream request body on its way upstream: streamed, counted, and cut off with
-/// [`RequestBodyError::TooLarge`] once it passes the limit. `exceeded` records the cut so
-/// that the forwarder can answer 413 whatever error the upstream client reports.
+/// [`RequestBodyError::TooLarge`] once it passes the limit, which its [`BodyProgress`]
+/// records. A body that is empty from the start (most requests) shares nothing and
+/// allocates nothing.
 pub struct RequestBody {
-    source: Arc<BodySource>,
+    /// `None` when the body was empty from the start: any attempt can send it again.
+    source: Option<Arc<BodySource>>,
     inner: Option<Incoming>,
     taken: bool,
     limit: Option<u64>,
@@ -102,14 +153,14 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
-        let empty = inner.is_end_stream();
-        RequestBody {
-            source: Arc::new(BodySource {
+        let source = (!inner.is_end_stream()).then(|| {
+            Arc::new(BodySource {
                 slot: Mutex::new(Some(inner)),
-                empty,
-                exceeded: Arc::new(AtomicBool::new(false)),
-                received: Arc::new(AtomicU64::new(0)),
-            }),
+                progress: Arc::default(),
+            })
+        });
+        RequestBody {
+            source,
             inner: None,
             taken: false,
             limit,
@@ -117,24 +168,27 @@ impl RequestBody {
         }
     }
 
-    /// A flag that becomes true when the body passes the limit.
-    pub fn exceeded_flag(&self) -> Arc<AtomicBool> {
-        self.source.exceeded.clone()
+    /// How far the body got, shared with every attempt; `None` for a body that was empty
+    /// from the start.
+    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
+        self.source.as_ref().map(|s| s.progress.clone())
     }
 
-    /// The count of body bytes read from downstream so far, shared with every attempt.
-    pub fn received_counter(&self) -> Arc<AtomicU64> {
-        self.source.received.clone()
+    /// [`RequestBody::progress`] without sharing it.
+    pub fn progress_ref(&self) -> &BodyProgress {
+        self.source
+            .as_ref()
+            .map_or(&EMPTY_PROGRESS, |s| &s.progress)
     }
 
     /// Whether the request has no body at all.
     pub fn is_empty(&self) -> bool {
-        self.source.empty
+        self.source.is_none()
     }
 
     /// Whether no attempt has read any of the body yet.
     pub fn untouched(&self) -> bool {
-        self.source.empty || self.slot().is_some()
+        self.slot().is_none_or(|slot| slot.is_some())
     }
 
     /// The same body for another attempt, when it can be sent again in full: it was
@@ -152,8 +206,11 @@ impl RequestBody {
         })
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
-        self.source.slot.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shared slot; `None` for a body that was empty from the start.
+    fn slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Incoming>>> {
+        self.source
+            .as_ref()
+            .map(|s| s.slot.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -168,7 +225,7 @@ impl Body for RequestBody {
         let this = &mut *self;
         if !this.taken {
             this.taken = true;
-            let taken = this.slot().take();
+            let taken = this.slot().and_then(|mut slot| slot.take());
             this.inner = taken;
         }
         let Some(inner) = this.inner.as_mut() else {
@@ -181,11 +238,14 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
-                    this.source
+                    // A frame with data came from a body that was not empty, so there is
+                    // a source whose progress to record.
+                    let progress = this.progress_ref();
+                    progress
                         .received
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if this.limit.is_some_and(|limit| this.seen > limit) {
-                        this.source.exceeded.store(true, Ordering::Release);
+                        progress.exceeded.store(true, Ordering::Release);
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge)));
                     }
                 }
@@ -198,7 +258,9 @@ impl Body for RequestBody {
         match (&self.inner, self.taken) {
             (Some(inner), _) => inner.is_end_stream(),
             (None, true) => true,
-            (None, false) => self.slot().as_ref().is_none_or(Body::is_end_stream),
+            (None, false) => self
+                .slot()
+                .is_none_or(|slot| slot.as_ref().is_none_or(Body::is_end_stream)),
         }
     }
 
@@ -206,10 +268,13 @@ impl Body for RequestBody {
         match (&self.inner, self.taken) {
             (Some(inner), _) => inner.size_hint(),
             (None, true) => SizeHint::with_exact(0),
-            (None, false) => self
-                .slot()
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+            (None, false) => self.slot().map_or_else(
+                || SizeHint::with_exact(0),
+                |slot| {
+                    slot.as_ref()
+                        .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+                },
+            ),
         }
     }
 }

@@ -42,7 +42,7 @@ use tower_service::Service;
 
 use super::ProxyConfig;
 use super::balance::Target;
-use super::body::RequestBody;
+use super::body::{BodyProgress, RequestBody};
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::{Metrics, RouteSeries};
 
@@ -164,43 +164,47 @@ impl UpstreamClient {
         self.response_timeout
     }
 
-    /// Sends `req` to `target` and waits for the response headers until `deadline`.
-    /// HTTP/1 requests carry an origin-form URI; h2c requests an absolute one naming
-    /// `target`. The upstream metrics go to `route`'s Service series. `body_exceeded`
-    /// is the request body's over-limit flag.
+    /// Sends `req` to `target` and waits for the response headers until `timer` fires
+    /// (`None`: the timer already fired, so this is a timeout at once). HTTP/1 requests
+    /// carry an origin-form URI; h2c requests an absolute one naming `target`. The
+    /// upstream metrics go to `route`'s Service series, timed from `start` (when this
+    /// attempt began). `body` tells whether the request body passed its limit (a 413,
+    /// whatever hyper reports).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         req: Request<RequestBody>,
         target: &Target,
         via: Via,
         route: &RouteSeries,
-        body_exceeded: &AtomicBool,
-        deadline: tokio::time::Instant,
+        body: &BodyProgress,
+        start: Instant,
+        timer: Option<Pin<&mut tokio::time::Sleep>>,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        let start = Instant::now();
+        let timeout = || Failure {
+            error: ProxyError::UpstreamTimeout,
+            kind: FailureKind::Other,
+        };
+        let Some(mut timer) = timer else {
+            return Err(timeout());
+        };
         let result = if via.h2c {
-            tokio::time::timeout_at(
-                deadline,
-                self.send_h2c(req, via.fresh, route, body_exceeded),
-            )
+            Deadline {
+                exchange: self.send_h2c(req, via.fresh, route, body),
+                timer: timer.as_mut(),
+            }
             .await
         } else {
-            tokio::time::timeout_at(
-                deadline,
-                self.send_http1(req, target, via.fresh, route, body_exceeded),
-            )
+            Deadline {
+                exchange: self.send_http1(req, target, via.fresh, route, body, start),
+                timer: timer.as_mut(),
+            }
             .await
         };
-        let resp = match result {
-            Err(_elapsed) => {
-                return Err(Failure {
-                    error: ProxyError::UpstreamTimeout,
-                    kind: FailureKind::Other,
-                });
-            }
-            Ok(Err(failure)) => return Err(failure),
-            Ok(Ok(resp)) => resp,
+        let Some(result) = result else {
+            return Err(timeout());
         };
+        let resp = result?;
         route
             .upstream_response(&self.metrics)
             .observe(start.elapsed().as_secs_f64());
@@ -216,13 +220,14 @@ impl UpstreamClient {
         target: &Target,
         mut fresh: bool,
         route: &RouteSeries,
-        body_exceeded: &AtomicBool,
+        body: &BodyProgress,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
         loop {
             let pooled = if fresh {
                 None
             } else {
-                self.pool.checkout(target, Instant::now())
+                self.pool.checkout(target, now)
             };
             let (mut sender, connect_seconds) = match pooled {
                 Some(sender) => (sender, None),
@@ -260,7 +265,7 @@ impl UpstreamClient {
                         req = unsent;
                         fresh = true;
                     }
-                    _ => return Err(classify_http1(e.into_error(), reused, body_exceeded)),
+                    _ => return Err(classify_http1(e.into_error(), reused, body)),
                 },
             }
         }
@@ -292,13 +297,13 @@ impl UpstreamClient {
         req: Request<RequestBody>,
         fresh: bool,
         route: &RouteSeries,
-        body_exceeded: &AtomicBool,
+        body: &BodyProgress,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let client = if fresh { &self.h2c_fresh } else { &self.h2c };
         let resp = client
             .request(req)
             .await
-            .map_err(|e| classify_legacy(e, body_exceeded))?;
+            .map_err(|e| classify_legacy(e, body))?;
         if let Some(timing) = resp.extensions().get::<ConnectTiming>()
             && !timing.reported.swap(true, Ordering::Relaxed)
         {
@@ -311,6 +316,33 @@ impl UpstreamClient {
             back: None,
             finished: false,
         }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `exchange`, unless `timer` fires first (`None` then). The exchange is polled
+    /// first, and the timer only while the exchange is pending. Unlike
+    /// `tokio::time::timeout`, the timer is borrowed, so one timer serves every request
+    /// of a connection (see the handler's `TimerLease`).
+    struct Deadline<'t, F> {
+        #[pin]
+        exchange: F,
+        timer: Pin<&'t mut tokio::time::Sleep>,
+    }
+}
+
+impl<F: Future> Future for Deadline<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.exchange.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        match this.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -375,8 +407,8 @@ fn connect_failure(err: ConnectError) -> Failure {
 
 /// Maps an error of an HTTP/1 exchange to its answer and failure kind; `reused`: the
 /// connection came from the pool.
-fn classify_http1(err: hyper::Error, reused: bool, body_exceeded: &AtomicBool) -> Failure {
-    if body_exceeded.load(Ordering::Acquire) {
+fn classify_http1(err: hyper::Error, reused: bool, body: &BodyProgress) -> Failure {
+    if body.exceeded() {
         return Failure {
             error: ProxyError::BodyTooLarge,
             kind: FailureKind::Other,
@@ -455,8 +487,8 @@ fn reused(err: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// Maps an h2c client error to the answer it becomes and its failure kind.
-fn classify_legacy(err: hyper_util::client::legacy::Error, body_exceeded: &AtomicBool) -> Failure {
-    if body_exceeded.load(Ordering::Acquire) {
+fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) -> Failure {
+    if body.exceeded() {
         return Failure {
             error: ProxyError::BodyTooLarge,
             kind: FailureKind::Other,

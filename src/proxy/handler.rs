@@ -14,10 +14,11 @@
 //! answer to an upgrade request hands both sockets to a tunnel.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use http::header::{
     CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderValue, STRICT_TRANSPORT_SECURITY, UPGRADE,
@@ -26,11 +27,12 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use prometheus::{IntCounter, IntGauge};
+use tokio::time::Sleep;
 use tracing::debug;
 
 use super::Inner;
 use super::balance::is_h2c;
-use super::body::{ProxyBody, RequestBody, full, streamed};
+use super::body::{Answer, ProxyBody, RequestBody, full};
 use super::errors::ProxyError;
 use super::forward::{FailureKind, Via};
 use super::headers::{self, ConnForwarded, X_REQUEST_ID};
@@ -76,6 +78,8 @@ pub struct ConnState {
     /// What the TLS handshake settled; `None` on plain connections.
     pub tls: Option<super::tls::TlsConnInfo>,
     first_request: AtomicBool,
+    /// The connection speaks HTTP/2.
+    h2: AtomicBool,
     first_request_notify: tokio::sync::Notify,
     /// The `open_connections` series this connection is counted in.
     gauge: Mutex<Option<IntGauge>>,
@@ -83,7 +87,17 @@ pub struct ConnState {
     /// the peer, the listener's local port and `http` or `https`.
     forwarded: ConnForwarded,
     series: Arc<ListenerSeries>,
+    /// The upstream response timer, lent to one request at a time (see [`TimerLease`]).
+    response_timer: Mutex<Option<Pin<Box<Sleep>>>>,
+    /// When this connection began waiting for its next request head, in nanoseconds
+    /// since `opened`; [`HEAD_NOT_AWAITED`] while a request is in flight or once the
+    /// connection speaks HTTP/2 (whose streams are not timed this way).
+    head_awaited_since: AtomicU64,
+    opened: Instant,
 }
+
+/// `head_awaited_since` while no request head is awaited.
+const HEAD_NOT_AWAITED: u64 = u64::MAX;
 
 impl ConnState {
     /// Counts the connection as open, protocol `detecting`, until it is dropped.
@@ -100,10 +114,14 @@ impl ConnState {
             peer,
             tls: None,
             first_request: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
             first_request_notify: tokio::sync::Notify::new(),
             gauge: Mutex::new(Some(gauge)),
             forwarded: ConnForwarded::new(peer.ip(), proto, local_port),
             series,
+            response_timer: Mutex::new(None),
+            head_awaited_since: AtomicU64::new(0),
+            opened: Instant::now(),
         }
     }
 
@@ -126,10 +144,39 @@ impl ConnState {
         }
     }
 
-    /// Marks the first request and moves the connection to its protocol's gauge.
+    /// When a request head that is awaited now must have arrived, given the
+    /// `header_read_timeout`; `None` while none is awaited. A connection awaits a head
+    /// from when it opens and again from the end of each HTTP/1 response (so the limit
+    /// is also the keep-alive idle limit), until the head is complete.
+    pub fn head_deadline(&self, limit: Duration) -> Option<Instant> {
+        match self.head_awaited_since.load(Ordering::Acquire) {
+            HEAD_NOT_AWAITED => None,
+            since => Some(self.opened + Duration::from_nanos(since) + limit),
+        }
+    }
+
+    /// The response to the request in flight has ended: on HTTP/1 the next request
+    /// head is awaited from now.
+    pub(crate) fn response_ended(&self) {
+        if self.head_awaited_since.load(Ordering::Relaxed) == HEAD_NOT_AWAITED
+            && self.first_request.load(Ordering::Relaxed)
+            && !self.h2.load(Ordering::Relaxed)
+        {
+            let since = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            self.head_awaited_since.store(since, Ordering::Release);
+        }
+    }
+
+    /// Marks a request head as complete; the first one also moves the connection to
+    /// its protocol's gauge.
     fn request_arrived(&self, version: Version) {
+        self.head_awaited_since
+            .store(HEAD_NOT_AWAITED, Ordering::Release);
         if self.first_request.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if version == Version::HTTP_2 {
+            self.h2.store(true, Ordering::Relaxed);
         }
         self.first_request_notify.notify_waiters();
         let next = if version == Version::HTTP_2 {
@@ -141,6 +188,57 @@ impl ConnState {
         let mut cur = self.gauge.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = cur.replace(next) {
             old.dec();
+        }
+    }
+}
+
+/// A connection's upstream response timer, lent to one request and set to its
+/// deadline. The requests of an HTTP/1 connection come one after another, so they reuse
+/// one tokio timer: moving a pending timer to a later deadline is an atomic update,
+/// where a new timer costs a timer-wheel insertion and removal per request. An HTTP/2
+/// stream that finds the timer lent out uses one of its own. Given back when dropped.
+struct TimerLease<'a> {
+    conn: &'a ConnState,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<'a> TimerLease<'a> {
+    fn new(conn: &'a ConnState, deadline: tokio::time::Instant) -> TimerLease<'a> {
+        let lent = conn
+            .response_timer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let timer = match lent {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        TimerLease {
+            conn,
+            timer: Some(timer),
+        }
+    }
+
+    /// The timer, firing at the deadline given to [`TimerLease::new`].
+    fn timer(&mut self) -> Option<Pin<&mut Sleep>> {
+        self.timer.as_mut().map(Pin::as_mut)
+    }
+}
+
+impl Drop for TimerLease<'_> {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            let mut slot = self
+                .conn
+                .response_timer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(timer);
+            }
         }
     }
 }
@@ -157,7 +255,7 @@ impl Drop for ConnState {
 /// The outer handler: answers every request, stamps `x-request-id` and records metrics.
 pub async fn handle(
     inner: &Inner,
-    conn: &ConnState,
+    conn: Arc<ConnState>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -172,7 +270,7 @@ pub async fn handle(
     let mut close = false;
     let mut resp = match proxy(
         inner,
-        conn,
+        &conn,
         req,
         &request_id,
         &mut exchange,
@@ -192,7 +290,7 @@ pub async fn handle(
                 "request answered by the proxy"
             );
             close = err.closes_connection();
-            err.to_response()
+            err.to_response().map(Answer::Own)
         }
     };
     let elapsed = start.elapsed().as_secs_f64();
@@ -237,6 +335,7 @@ pub async fn handle(
             client: conn.peer,
             request_id,
             tls_version: conn.tls.as_ref().map(|t| t.version),
+            conn,
         },
     )
 }
@@ -301,14 +400,15 @@ fn route(
         }
     };
     *route_series = Some(series.clone());
-    let cluster = snapshot
-        .clusters
-        .get(id as usize)
-        .cloned()
-        .ok_or(ProxyError::NoRoute {
-            host: host.unwrap_or("-").to_string(),
-            path: path.to_string(),
-        })?;
+    let cluster =
+        snapshot
+            .clusters
+            .get(id as usize)
+            .cloned()
+            .ok_or_else(|| ProxyError::NoRoute {
+                host: host.unwrap_or("-").to_string(),
+                path: path.to_string(),
+            })?;
     Ok(Routed {
         series,
         cluster,
@@ -333,7 +433,7 @@ async fn proxy(
     obs: &mut Exchange,
     hsts: &mut Option<HeaderValue>,
     logging: bool,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Response<Answer>, ProxyError> {
     let upgrade_protocol = upgrade::requested(&req);
     let downstream_upgrade = upgrade_protocol
         .as_ref()
@@ -434,10 +534,13 @@ async fn proxy(
         .insert(X_REQUEST_ID.clone(), request_id.clone());
 
     let body = RequestBody::new(body, routed.max_body_size);
-    let exceeded = body.exceeded_flag();
-    obs.request_bytes = Some(body.received_counter());
+    obs.request_bytes = body.progress();
     let upstream_start = Instant::now();
-    let deadline = tokio::time::Instant::now() + inner.upstream.response_timeout();
+    let mut lease = TimerLease::new(
+        conn,
+        tokio::time::Instant::from_std(upstream_start) + inner.upstream.response_timeout(),
+    );
+    let mut attempt_start = upstream_start;
     let mut via = Via { h2c, fresh: false };
     let mut tried: Vec<SocketAddr> = Vec::new();
     // Each retry reason is used at most once, so a request makes at most three attempts.
@@ -488,8 +591,9 @@ async fn proxy(
                 &picked.target,
                 via,
                 &routed.series,
-                &exceeded,
-                deadline,
+                body.progress_ref(),
+                attempt_start,
+                lease.timer(),
             )
             .await
         {
@@ -529,6 +633,7 @@ async fn proxy(
             }
             _ => return Err(failure.error),
         };
+        attempt_start = Instant::now();
         debug!(
             request_id = ?request_id,
             reason,
@@ -565,7 +670,7 @@ async fn proxy(
         inner
             .tunnels
             .spawn(downstream, upstream, picked.guard.take());
-        return Ok(Response::from_parts(parts, empty()));
+        return Ok(Response::from_parts(parts, Answer::Own(empty())));
     }
 
     let (mut parts, body) = resp.into_parts();
@@ -573,7 +678,7 @@ async fn proxy(
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
-        streamed(body, picked.guard.take()),
+        Answer::streamed(body, picked.guard.take()),
     ))
 }
 

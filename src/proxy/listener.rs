@@ -2,10 +2,12 @@
 //!
 //! Each accepted socket gets `TCP_NODELAY`, counts against `max_connections`, and is
 //! served by hyper-util's auto builder (HTTP/1.1 keep-alive or HTTP/2 prior knowledge,
-//! detected per connection). hyper has no timeout while the auto builder detects the
-//! protocol, so a connection that completes no request head within
-//! `header_read_timeout` is closed here; later HTTP/1 heads are timed by hyper's own
-//! `header_read_timeout`. Draining (see [`super::Proxy::start_draining`]) shuts
+//! detected per connection). Request heads are timed here, with one timer per
+//! connection rather than hyper's, which costs a new timer per request and does not
+//! run while the auto builder detects the protocol: a connection is closed when no
+//! complete request head arrives within `header_read_timeout` of its start or, on
+//! HTTP/1, of the end of the previous response (so the limit is also the keep-alive
+//! idle limit). Draining (see [`super::Proxy::start_draining`]) shuts
 //! connections down gracefully while accepting goes on; shutdown stops accepting and
 //! waits for connections to finish. Upgrades (WebSocket) are served: hyper hands the
 //! socket to the tunnel in [`super::upgrade`].
@@ -21,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 
@@ -68,8 +70,8 @@ const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The connection builder for downstream connections, configured from the proxy's
-/// limits. HTTP/1: the head must arrive within `header_read_timeout` and fit in
-/// `max_header_size` (431 beyond), at most 100 header lines (hyper's default).
+/// limits. HTTP/1: the head must fit in `max_header_size` (431 beyond; its arrival is
+/// timed by [`serve_one`]), at most 100 header lines (hyper's default).
 /// HTTP/2: the header list must fit in `max_header_size`, and the constants above
 /// bound streams, resets and buffers per connection. SETTINGS and PING floods are
 /// throttled by the h2 crate itself: it keeps one unsent acknowledgement of each and
@@ -78,7 +80,9 @@ fn builder(inner: &Inner) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(inner.cfg.header_read_timeout)
+        // Heads are timed by `serve_one`; hyper's own limit (30 s unless set) would
+        // cost a timer per request.
+        .header_read_timeout(None)
         .max_buf_size(inner.cfg.max_header_size.max(MIN_H1_BUF))
         .keep_alive(true);
     b.http2()
@@ -315,20 +319,27 @@ async fn serve_one<I>(
 {
     let peer = state.peer;
     let state = Arc::new(state);
-    let first_head_limit = inner.cfg.header_read_timeout;
+    let head_limit = inner.cfg.header_read_timeout;
     let svc = {
         let state = state.clone();
         service_fn(move |req| {
             let inner = inner.clone();
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&inner, &state, req).await) }
+            async move { Ok::<_, Infallible>(handle(&inner, state, req).await) }
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    // One timer per connection, not per request: it wakes at the deadline of the head
+    // awaited when it was set (or a `header_read_timeout` later while none is), and
+    // ends only when a head is still awaited past its deadline.
     let silent = async {
-        tokio::time::sleep(first_head_limit).await;
-        if state.seen_request() {
-            std::future::pending::<()>().await;
+        loop {
+            let now = Instant::now();
+            match state.head_deadline(head_limit) {
+                Some(deadline) if deadline <= now => return,
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => tokio::time::sleep(head_limit).await,
+            }
         }
     };
     tokio::pin!(conn);
@@ -346,7 +357,7 @@ async fn serve_one<I>(
                 break;
             }
             _ = &mut silent => {
-                debug!(%peer, "no request head within header_read_timeout; closing");
+                debug!(%peer, "no complete request head within header_read_timeout; closing");
                 break;
             }
             _ = &mut shut_signal, if !shut => {

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,8 +20,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::balance::Target;
-use super::body::ProxyBody;
+use super::body::{Answer, BodyProgress, ProxyBody};
 use super::errors::BoxError;
+use super::handler::ConnState;
 use crate::accesslog::{AccessLog, Entry, UpstreamAddr};
 use crate::metrics::{Metrics, RouteSeries};
 
@@ -31,7 +32,7 @@ pub(crate) struct Exchange {
     /// The route's metric series, once routing chose one.
     pub series: Option<Arc<RouteSeries>>,
     /// Request body bytes read so far, once the body is being forwarded.
-    pub request_bytes: Option<Arc<AtomicU64>>,
+    pub request_bytes: Option<Arc<BodyProgress>>,
     /// The last upstream an attempt went to.
     pub upstream: Option<UpstreamAddr>,
     /// Set when upstream response headers arrived.
@@ -92,15 +93,17 @@ struct Finish {
     client: SocketAddr,
     request_id: HeaderValue,
     tls_version: Option<&'static str>,
+    conn: Arc<ConnState>,
 }
 
 impl Finish {
     fn done(self, bytes_out: u64) {
+        self.conn.response_ended();
         let bytes_in = self
             .exchange
             .request_bytes
             .as_ref()
-            .map_or(0, |n| n.load(Ordering::Relaxed));
+            .map_or(0, |p| p.received());
         let route = match &self.exchange.series {
             Some(series) => series.clone(),
             None => self.metrics.route("", "", ""),
@@ -136,12 +139,14 @@ pub(crate) struct Observer {
     pub client: SocketAddr,
     pub request_id: HeaderValue,
     pub tls_version: Option<&'static str>,
+    /// The downstream connection, told when the response has ended.
+    pub conn: Arc<ConnState>,
 }
 
 /// Wraps `resp`'s body so that the exchange is recorded when the body ends, fails or
 /// is dropped. Upgrades (101) are recorded at once: their bytes flow in the tunnel.
 pub(crate) fn finish_with(
-    resp: Response<ProxyBody>,
+    resp: Response<Answer>,
     exchange: Exchange,
     ctx: Observer,
 ) -> Response<ProxyBody> {
@@ -155,10 +160,11 @@ pub(crate) fn finish_with(
         client: ctx.client,
         request_id: ctx.request_id,
         tls_version: ctx.tls_version,
+        conn: ctx.conn,
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         finish.done(0);
-        return resp;
+        return resp.map(BodyExt::boxed);
     }
     resp.map(|body| {
         Counted {
@@ -172,7 +178,7 @@ pub(crate) fn finish_with(
 
 /// A response body that counts its data bytes and records the exchange at its end.
 struct Counted {
-    inner: ProxyBody,
+    inner: Answer,
     sent: u64,
     finish: Option<Finish>,
 }
