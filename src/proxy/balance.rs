@@ -131,6 +131,14 @@ impl EndpointState {
     }
 
     /// Not ejected at `now` (nanoseconds after the epoch).
+    /// A response came back: the failure count and any ejection end.
+    fn succeeded(&self) {
+        if self.failures.load(Ordering::Acquire) != 0 {
+            self.failures.store(0, Ordering::Release);
+            self.ejected_until.store(0, Ordering::Release);
+        }
+    }
+
     fn admitted(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Acquire) <= now
     }
@@ -141,6 +149,14 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct InFlight {
     state: Arc<EndpointState>,
+}
+
+impl InFlight {
+    /// Reports a response from this guard's endpoint: its failure count and any ejection
+    /// end, so the backoff starts from the beginning again (no lookup by address).
+    pub fn succeeded(&self) {
+        self.state.succeeded();
+    }
 }
 
 impl Drop for InFlight {
@@ -378,20 +394,6 @@ impl Balancer {
         );
     }
 
-    /// Records that `addr` answered: the backoff starts from the beginning again.
-    pub fn report_success(&self, addr: SocketAddr) {
-        let state = {
-            let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
-            read.get(&addr).cloned()
-        };
-        if let Some(state) = state
-            && state.failures.load(Ordering::Acquire) != 0
-        {
-            state.failures.store(0, Ordering::Release);
-            state.ejected_until.store(0, Ordering::Release);
-        }
-    }
-
     /// Requests in flight on `addr` (for tests and debug views).
     pub fn in_flight(&self, addr: SocketAddr) -> usize {
         let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
@@ -592,7 +594,15 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 2, "{seen:?}");
         // Success re-admits at once and resets the backoff.
-        b.report_success(bad);
+        let from_bad = (0..10)
+            .filter_map(|_| b.pick(&c, &[]))
+            .find(|p| p.target.addr() == Some(bad))
+            .expect("panic mode picks the ejected endpoint too");
+        from_bad
+            .guard
+            .as_ref()
+            .expect("pod endpoints carry a guard")
+            .succeeded();
         assert!(!b.is_ejected(bad));
         assert_eq!(
             metrics

@@ -652,8 +652,8 @@ async fn proxy(
             .inc();
     };
     obs.upstream_duration = Some(upstream_start.elapsed());
-    if let Some(addr) = picked.target.addr() {
-        inner.balancer.report_success(addr);
+    if let Some(guard) = &picked.guard {
+        guard.succeeded();
     }
 
     let mut resp = resp;
