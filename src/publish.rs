@@ -7,6 +7,7 @@
 //! loads from. Requests in flight keep the snapshot they loaded; nothing is rebound or
 //! closed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::k8s::{Inputs, Options, build};
-use crate::model::{Diagnostic, Severity, Snapshot, Upstream};
+use crate::k8s::{Inputs, Options, build_with_certs};
+use crate::model::{Diagnostic, IgnoredIngress, Severity, Snapshot, Upstream};
 
 /// Everything a source knows at one moment.
 #[derive(Debug, Default)]
@@ -36,17 +37,17 @@ pub struct Publisher {
     /// True once the first snapshot is published.
     pub ready: Arc<AtomicBool>,
     pub options: Options,
-    /// Quiet time to wait for further changes before rebuilding.
+    /// Quiet time to wait for further changes before rebuilding. Zero for a source that
+    /// debounces its own changes (the manifest files).
     pub debounce: Duration,
     hooks: Vec<PublishHook>,
 }
 
 /// Builds a snapshot from a source update: translation plus the source's diagnostics,
-/// with the certificates of `previous` as the last good ones.
+/// with the certificates of `previous` as the last good ones. The inputs are read in
+/// place, not copied.
 pub fn build_snapshot(update: &SourceUpdate, options: &Options, previous: &Snapshot) -> Snapshot {
-    let mut inputs = update.inputs.clone();
-    inputs.last_good_certs = previous.tls.certs.clone();
-    let mut snapshot = build(&inputs, options);
+    let mut snapshot = build_with_certs(&update.inputs, &previous.tls.certs, options);
     if !update.diagnostics.is_empty() {
         snapshot
             .diagnostics
@@ -99,18 +100,12 @@ impl Publisher {
             took_ms = took.as_secs_f64() * 1000.0,
             "snapshot published"
         );
-        for d in snapshot
-            .diagnostics
-            .iter()
-            .filter(|d| !previous.diagnostics.contains(d))
-        {
+        let known: HashSet<&Diagnostic> = previous.diagnostics.iter().collect();
+        for d in snapshot.diagnostics.iter().filter(|d| !known.contains(d)) {
             warn!(severity = %d.severity, kind = %d.kind, namespace = %d.namespace, name = %d.name, field = %d.field, reason = %d.reason, "configuration problem");
         }
-        for i in snapshot
-            .ignored
-            .iter()
-            .filter(|i| !previous.ignored.contains(i))
-        {
+        let known: HashSet<&IgnoredIngress> = previous.ignored.iter().collect();
+        for i in snapshot.ignored.iter().filter(|i| !known.contains(i)) {
             info!(namespace = %i.namespace, name = %i.name, reason = %i.reason, "ignoring ingress");
         }
         for hook in &self.hooks {
@@ -129,7 +124,9 @@ impl Publisher {
             if rx.changed().await.is_err() {
                 return;
             }
-            tokio::time::sleep(self.debounce).await;
+            if !self.debounce.is_zero() {
+                tokio::time::sleep(self.debounce).await;
+            }
             let Some(update) = rx.borrow_and_update().clone() else {
                 continue;
             };

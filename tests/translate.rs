@@ -1560,6 +1560,20 @@ fn tls_secret_turning_invalid_keeps_the_last_good_certificate() {
     let d = diag(&snap, "Secret", "ns/foo-tls", "tls.crt");
     assert!(d.reason.contains("last good certificate"), "{d}");
 
+    // The publisher's path takes the last good certificates from the previous snapshot,
+    // without copying them into the inputs: the same result.
+    let update = portcullis::publish::SourceUpdate {
+        inputs: tls_world(secret_with("ns", "foo-tls", b"broken", b"broken")).inputs,
+        diagnostics: Vec::new(),
+    };
+    assert!(update.inputs.last_good_certs.is_empty());
+    let published = portcullis::publish::build_snapshot(&update, &Options::default(), &good);
+    assert_eq!(
+        published.tls.cert_for("foo.com").map(|c| c.sha256.clone()),
+        Some(good_cert.sha256.clone())
+    );
+    assert_eq!(published.diagnostics, snap.diagnostics);
+
     // A deleted Secret is not "turned invalid": its hosts fall back to the default.
     let mut world = tls_world(tls_secret("ns", "unrelated", &["x.com"]));
     world.inputs.last_good_certs = good.tls.certs.clone();

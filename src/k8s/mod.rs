@@ -7,4 +7,4 @@ pub mod status;
 pub mod translate;
 pub mod watch;
 
-pub use translate::{Inputs, Options, build};
+pub use translate::{Inputs, Options, build, build_with_certs};

@@ -89,7 +89,7 @@ impl fmt::Display for Diagnostic {
 }
 
 /// An Ingress that is not ours, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct IgnoredIngress {
     pub namespace: String,
     pub name: String,

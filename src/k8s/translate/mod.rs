@@ -199,6 +199,17 @@ impl Diags {
 
 /// Builds a snapshot from the inputs. Generation 0; the publisher stamps it.
 pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
+    build_with_certs(inputs, &inputs.last_good_certs, options)
+}
+
+/// [`build`], with the last good certificates given apart from the inputs (and
+/// `inputs.last_good_certs` unread), so that a caller holding them elsewhere need not
+/// copy the inputs to set them.
+pub fn build_with_certs(
+    inputs: &Inputs,
+    last_good_certs: &HashMap<ObjectRef, Arc<CertEntry>>,
+    options: &Options,
+) -> Snapshot {
     let mut diags = Diags(Vec::new());
 
     // Which IngressClasses are ours, and whether one of ours is the default.
@@ -557,7 +568,7 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
             Err(e) => {
                 let keep = secrets
                     .contains_key(secret_id)
-                    .then(|| inputs.last_good_certs.get(secret_id))
+                    .then(|| last_good_certs.get(secret_id))
                     .flatten();
                 let reason = match keep {
                     Some(_) => format!("{}; the last good certificate stays in use", e.reason),
