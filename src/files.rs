@@ -4,12 +4,13 @@
 //! multi-document YAML and `kind: List` supported. A file that does not parse fails the
 //! whole load (so nothing is half-applied): the caller keeps what it had. An object that
 //! parses as YAML but not as its kind is skipped with a diagnostic naming file, line and
-//! field; the rest loads. [`watch`] re-reads everything when a file changes.
+//! field; the rest loads. [`watch`] re-reads the files that changed when one changes,
+//! and keeps the parsed objects (the same `Arc`s) of the others.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -93,13 +94,24 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
         path: dir.to_path_buf(),
         source,
     };
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+    // The entry type from the directory listing saves a `stat` per file; a symlink is
+    // followed, as `Path::is_dir` does.
+    let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
         .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
+        .map(|e| {
+            e.map(|e| {
+                let p = e.path();
+                let is_dir = match e.file_type() {
+                    Ok(t) if !t.is_symlink() => t.is_dir(),
+                    _ => p.is_dir(),
+                };
+                (p, is_dir)
+            })
+        })
         .collect::<Result<_, _>>()
         .map_err(io)?;
     entries.sort();
-    for p in entries {
+    for (p, is_dir) in entries {
         let hidden = p
             .file_name()
             .and_then(|n| n.to_str())
@@ -107,7 +119,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
         if hidden {
             continue;
         }
-        if p.is_dir() {
+        if is_dir {
             walk(&p, out)?;
         } else if is_manifest(&p) {
             out.push(p);
@@ -125,37 +137,147 @@ fn is_manifest(p: &Path) -> bool {
 
 /// Reads every manifest below `paths`.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
-    let files = manifest_files(paths)?;
-    let mut reader = Reader::default();
-    for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        reader.add_text(file, &text)?;
-    }
-    let mut loaded = reader.finish();
-    loaded.files = files;
-    Ok(loaded)
+    FileCache::default().load(paths)
 }
 
 /// Reads manifests from text already in memory (the demo's embedded manifests).
 pub fn load_str(name: &str, text: &str) -> Result<Loaded, LoadError> {
     let mut reader = Reader::default();
     reader.add_text(Path::new(name), text)?;
-    Ok(reader.finish())
+    Ok(finish([&reader]))
+}
+
+/// Manifest files as they last parsed, so that a reload parses only the files whose
+/// content changed and keeps the objects (the same `Arc`s) of the others.
+#[derive(Default)]
+struct FileCache {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    fingerprint: Fingerprint,
+    /// When the content was read; a file modified about then may have changed again
+    /// without a new timestamp, so its content is compared on the next reload.
+    read_at: SystemTime,
+    sha256: ring::digest::Digest,
+    reader: Reader,
+}
+
+/// What `stat` says about a file: when any of it changes, the content is read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    #[cfg(unix)]
+    inode: (u64, u64),
+    #[cfg(unix)]
+    changed: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Fingerprint {
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            #[cfg(unix)]
+            inode: (meta.dev(), meta.ino()),
+            #[cfg(unix)]
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// File timestamps are coarse (a clock tick, two seconds on FAT) and may come from
+/// another clock (network file systems): a file whose timestamp is this close to the
+/// time it was read is compared by content on the next reload.
+const RACY: Duration = Duration::from_secs(2);
+
+impl CachedFile {
+    /// Whether the file may have changed after it was read without a new fingerprint.
+    fn racy(&self) -> bool {
+        match self.fingerprint.modified {
+            Some(m) => m + RACY >= self.read_at,
+            None => true,
+        }
+    }
+}
+
+impl FileCache {
+    /// Reads every manifest below `paths`, parsing only the files that are new or whose
+    /// content changed since the last load. A file that does not parse fails the whole
+    /// load, and the cache keeps what it had.
+    fn load(&mut self, paths: &[PathBuf]) -> Result<Loaded, LoadError> {
+        let files = manifest_files(paths)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoadError::Io { path, source }
+        };
+        let mut fresh: Vec<(PathBuf, CachedFile)> = Vec::new();
+        let mut kept: Vec<(PathBuf, Fingerprint, SystemTime)> = Vec::new();
+        for file in &files {
+            let fingerprint = Fingerprint::of(&std::fs::metadata(file).map_err(io(file))?);
+            let cached = self.files.get(file);
+            if let Some(c) = cached
+                && c.fingerprint == fingerprint
+                && !c.racy()
+            {
+                continue;
+            }
+            let read_at = SystemTime::now();
+            let text = std::fs::read_to_string(file).map_err(io(file))?;
+            let sha256 = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            if let Some(c) = cached
+                && c.sha256.as_ref() == sha256.as_ref()
+            {
+                kept.push((file.clone(), fingerprint, read_at));
+                continue;
+            }
+            let mut reader = Reader::default();
+            reader.add_text(file, &text)?;
+            fresh.push((
+                file.clone(),
+                CachedFile {
+                    fingerprint,
+                    read_at,
+                    sha256,
+                    reader,
+                },
+            ));
+        }
+        if !fresh.is_empty() {
+            debug!(files = fresh.len(), "manifest files parsed");
+        }
+        for (file, fingerprint, read_at) in kept {
+            if let Some(c) = self.files.get_mut(&file) {
+                c.fingerprint = fingerprint;
+                c.read_at = read_at;
+            }
+        }
+        self.files.extend(fresh);
+        self.files.retain(|path, _| files.contains(path));
+        let mut loaded = finish(
+            files
+                .iter()
+                .filter_map(|f| Some(&self.files.get(f)?.reader)),
+        );
+        loaded.files = files;
+        Ok(loaded)
+    }
 }
 
 /// Where an object was defined: `file:line`.
 type Origin = String;
 
+/// The objects of one text, in order of definition.
 #[derive(Default)]
 struct Reader {
-    ingresses: Vec<(Origin, Ingress)>,
-    classes: Vec<(Origin, IngressClass)>,
-    services: Vec<(Origin, Service)>,
-    slices: Vec<(Origin, EndpointSlice)>,
-    secrets: Vec<(Origin, Secret)>,
+    ingresses: Vec<(Origin, Arc<Ingress>)>,
+    classes: Vec<(Origin, Arc<IngressClass>)>,
+    services: Vec<(Origin, Arc<Service>)>,
+    slices: Vec<(Origin, Arc<EndpointSlice>)>,
+    secrets: Vec<(Origin, Arc<Secret>)>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -317,14 +439,14 @@ impl Reader {
         kind: &str,
         namespace: &str,
         name: &str,
-        list: impl FnOnce(&mut Self) -> &mut Vec<(Origin, T)>,
+        list: impl FnOnce(&mut Self) -> &mut Vec<(Origin, Arc<T>)>,
     ) {
         if namespaced && let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.entry("namespace")
                 .or_insert_with(|| Value::String("default".into()));
         }
         match serde_path_to_error::deserialize::<_, T>(doc) {
-            Ok(obj) => list(self).push((origin, obj)),
+            Ok(obj) => list(self).push((origin, Arc::new(obj))),
             Err(e) => {
                 let field = e.path().to_string();
                 let ns = if namespaced { namespace } else { "" };
@@ -349,24 +471,45 @@ impl Reader {
             reason,
         });
     }
+}
 
-    fn finish(mut self) -> Loaded {
-        let mut objects = 0;
-        let diags = &mut self.diagnostics;
-        let inputs = Inputs {
-            ingresses: dedup("Ingress", self.ingresses, diags, &mut objects),
-            ingress_classes: dedup("IngressClass", self.classes, diags, &mut objects),
-            services: dedup("Service", self.services, diags, &mut objects),
-            endpoint_slices: dedup("EndpointSlice", self.slices, diags, &mut objects),
-            secrets: dedup("Secret", self.secrets, diags, &mut objects),
-            last_good_certs: Default::default(),
-        };
-        Loaded {
-            inputs,
-            diagnostics: self.diagnostics,
-            files: Vec::new(),
-            objects,
-        }
+/// The objects of texts read in this order, later definitions replacing earlier ones.
+fn finish<'r, I>(readers: I) -> Loaded
+where
+    I: IntoIterator<Item = &'r Reader>,
+    I::IntoIter: Clone,
+{
+    let readers = readers.into_iter();
+    let mut objects = 0;
+    let mut diags: Vec<Diagnostic> = readers
+        .clone()
+        .flat_map(|r| r.diagnostics.iter().cloned())
+        .collect();
+    let d = &mut diags;
+    let n = &mut objects;
+    let inputs = Inputs {
+        ingresses: dedup("Ingress", readers.clone().flat_map(|r| &r.ingresses), d, n),
+        ingress_classes: dedup(
+            "IngressClass",
+            readers.clone().flat_map(|r| &r.classes),
+            d,
+            n,
+        ),
+        services: dedup("Service", readers.clone().flat_map(|r| &r.services), d, n),
+        endpoint_slices: dedup(
+            "EndpointSlice",
+            readers.clone().flat_map(|r| &r.slices),
+            d,
+            n,
+        ),
+        secrets: dedup("Secret", readers.flat_map(|r| &r.secrets), d, n),
+        last_good_certs: Default::default(),
+    };
+    Loaded {
+        inputs,
+        diagnostics: diags,
+        files: Vec::new(),
+        objects,
     }
 }
 
@@ -388,26 +531,27 @@ has_meta!(Ingress, IngressClass, Service, EndpointSlice, Secret);
 
 /// Keeps the last definition of each namespace/name, with a warning for the others, as
 /// `kubectl apply` of the same files would leave it.
-fn dedup<T: HasMeta>(
+fn dedup<'r, T: HasMeta + 'r>(
     kind: &str,
-    objs: Vec<(Origin, T)>,
+    objs: impl Iterator<Item = &'r (Origin, Arc<T>)>,
     diags: &mut Vec<Diagnostic>,
     count: &mut usize,
 ) -> Vec<Arc<T>> {
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
-    let mut out: Vec<Option<(Origin, T)>> = Vec::new();
-    for (origin, obj) in objs {
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut out: Vec<Option<&(Origin, Arc<T>)>> = Vec::new();
+    for entry in objs {
+        let (origin, obj) = entry;
         let key = (
-            obj.meta().namespace.clone().unwrap_or_default(),
-            obj.meta().name.clone().unwrap_or_default(),
+            obj.meta().namespace.as_deref().unwrap_or_default(),
+            obj.meta().name.as_deref().unwrap_or_default(),
         );
         if let Some(&i) = index.get(&key) {
             if let Some((first, _)) = &out[i] {
                 diags.push(Diagnostic {
                     severity: Severity::Warning,
                     kind: kind.to_string(),
-                    namespace: key.0.clone(),
-                    name: key.1.clone(),
+                    namespace: key.0.to_string(),
+                    name: key.1.to_string(),
                     field: String::new(),
                     reason: format!(
                         "defined at {first} and again at {origin}; the later one is used"
@@ -417,13 +561,9 @@ fn dedup<T: HasMeta>(
             out[i] = None;
         }
         index.insert(key, out.len());
-        out.push(Some((origin, obj)));
+        out.push(Some(entry));
     }
-    let out: Vec<Arc<T>> = out
-        .into_iter()
-        .flatten()
-        .map(|(_, o)| Arc::new(o))
-        .collect();
+    let out: Vec<Arc<T>> = out.into_iter().flatten().map(|(_, o)| o.clone()).collect();
     *count += out.len();
     out
 }
@@ -449,12 +589,17 @@ fn touches_manifests(paths: &[PathBuf], changed: &Path) -> bool {
     })
 }
 
-/// How long file events must be quiet before the manifests are re-read.
-pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long file events must be quiet before the manifests are re-read. Short, because
+/// a change should be served within tens of milliseconds; a file caught half-written
+/// either does not parse (and is read again when the writer's next event comes) or is
+/// replaced by its complete content at that next event.
+pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// Loads the manifests, then watches them and sends every good load to `tx`. A load that
-/// fails is logged with file and line, and nothing is sent: the last good configuration
-/// stays in force. Returns when `tx` is closed; errors only if the watcher cannot start.
+/// Loads the manifests, then watches them and sends every good load to `tx`. A reload
+/// stats every file and parses only those whose content changed; the others keep their
+/// objects. A load that fails is logged with file and line, and nothing is sent: the
+/// last good configuration stays in force. Returns when `tx` is closed; errors only if
+/// the watcher cannot start.
 pub async fn watch(
     paths: Vec<PathBuf>,
     tx: watch::Sender<Option<Arc<SourceUpdate>>>,
@@ -485,20 +630,18 @@ pub async fn watch(
         }
     }
 
-    let reload = |tx: &watch::Sender<Option<Arc<SourceUpdate>>>| {
-        let paths = paths.clone();
-        match load(&paths) {
-            Ok(loaded) => {
-                info!(
-                    files = loaded.files.len(),
-                    objects = loaded.objects,
-                    "manifests loaded"
-                );
-                tx.send_replace(Some(Arc::new(loaded.into_update())));
-            }
-            Err(e) => {
-                error!(error = %e, "manifests not loaded; the last good configuration stays in force")
-            }
+    let mut cache = FileCache::default();
+    let mut reload = |tx: &watch::Sender<Option<Arc<SourceUpdate>>>| match cache.load(&paths) {
+        Ok(loaded) => {
+            info!(
+                files = loaded.files.len(),
+                objects = loaded.objects,
+                "manifests loaded"
+            );
+            tx.send_replace(Some(Arc::new(loaded.into_update())));
+        }
+        Err(e) => {
+            error!(error = %e, "manifests not loaded; the last good configuration stays in force")
         }
     };
     reload(&tx);

@@ -325,6 +325,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             Err(code) => return code,
         };
         let mut publisher = new_publisher(options, &metrics);
+        if kube.is_none() {
+            // The manifest files are debounced where they are read (files::RELOAD_DEBOUNCE).
+            publisher.debounce = Duration::ZERO;
+        }
         let elector = kube.and_then(|(client, sources)| {
             crate::k8s::status::start(client, &args.status, &metrics, &mut publisher, sources)
         });

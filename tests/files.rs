@@ -113,6 +113,10 @@ fn invalid_yaml_fails_the_whole_load_with_file_and_line() {
     assert!(msg.contains("line 2"), "{msg}");
 }
 
+/// How long a test waits to be sure that no reload follows a write: many debounce
+/// periods, and then some for a loaded machine.
+const QUIET: Duration = Duration::from_millis(500);
+
 async fn next_update(rx: &mut watch::Receiver<Option<Arc<SourceUpdate>>>) -> Arc<SourceUpdate> {
     tokio::time::timeout(Duration::from_secs(20), rx.changed())
         .await
@@ -134,7 +138,7 @@ async fn watch_reloads_on_change_and_keeps_the_last_good_load() {
 
     // A broken file sends nothing: the last good configuration stays.
     std::fs::write(&file, "kind: [\n").unwrap();
-    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    tokio::time::sleep(QUIET).await;
     assert!(
         !rx.has_changed().unwrap(),
         "a broken file must not replace the last good load"
@@ -162,7 +166,7 @@ async fn a_file_argument_ignores_other_files_in_its_folder() {
     std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
     std::fs::write(dir.path().join("other.yaml"), SERVICE).unwrap();
     std::fs::create_dir(dir.path().join("profile")).unwrap();
-    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    tokio::time::sleep(QUIET).await;
     assert!(
         !rx.has_changed().unwrap(),
         "a write next to the watched file must not reload it"
@@ -186,7 +190,7 @@ async fn a_folder_argument_ignores_files_that_are_not_manifests() {
 
     std::fs::write(dir.path().join(".svc.yaml.swp"), "x").unwrap();
     std::fs::write(dir.path().join("README.md"), "x").unwrap();
-    tokio::time::sleep(files::RELOAD_DEBOUNCE * 5).await;
+    tokio::time::sleep(QUIET).await;
     assert!(
         !rx.has_changed().unwrap(),
         "non-manifest files must not reload"
@@ -218,4 +222,62 @@ fn a_file_with_thousands_of_documents_loads() {
     std::fs::write(&file, text).unwrap();
     let loaded = files::load(&[file]).expect("3,000 documents load");
     assert_eq!(loaded.objects, 3_000);
+}
+
+#[tokio::test]
+async fn a_reload_parses_only_changed_files_and_keeps_the_objects_of_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("a.yaml"), svc("a", 80)).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), svc("b", 80)).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![dir.path().to_path_buf()], tx));
+    let by_name = |u: &SourceUpdate, name: &str| {
+        u.inputs
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("Service {name} loaded"))
+    };
+    let first = next_update(&mut rx).await;
+
+    std::fs::write(dir.path().join("b.yaml"), svc("b", 81)).unwrap();
+    let second = next_update(&mut rx).await;
+    assert!(
+        Arc::ptr_eq(&by_name(&first, "a"), &by_name(&second, "a")),
+        "the unchanged file keeps its objects"
+    );
+    let b = by_name(&second, "b");
+    assert_eq!(b.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, 81);
+
+    // One file broken while another changes: nothing is sent, and once the broken file
+    // is fixed both changes arrive together.
+    std::fs::write(dir.path().join("a.yaml"), "kind: [\n").unwrap();
+    std::fs::write(dir.path().join("b.yaml"), svc("b", 82)).unwrap();
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "a broken file must not let the other change through"
+    );
+    std::fs::write(dir.path().join("a.yaml"), svc("a", 83)).unwrap();
+    let third = next_update(&mut rx).await;
+    let port = |u: &SourceUpdate, name: &str| {
+        by_name(u, name)
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()[0]
+            .port
+    };
+    assert_eq!((port(&third, "a"), port(&third, "b")), (83, 82));
+
+    drop(rx);
+    task.abort();
 }
