@@ -41,6 +41,9 @@
 #   LOAD_BALANCE [p2c]  Portcullis --load-balance
 #   RESULTS_DIR [a new temp dir]  results, generated configs and logs are kept here
 #   NO_BUILD [0]  1: use the existing release binary (PORTCULLIS_BIN or target/release)
+#   BASELINE_BIN []  another Portcullis binary (say, main's, before a change), measured
+#             as the target `portcullis-base` in the same interleaved rounds; the report
+#             adds its ratio to Portcullis (plain HTTP scenarios only)
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -161,14 +164,14 @@ fi
 
 # ---------------------------------------------------------------- ports
 # Bind port 0 for every listener at once (so they differ), print, release.
-read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls p_ha p_ha_tls < <(python3 -c '
+read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls p_ha p_ha_tls p_pcb p_pcb_admin p_pcb_dash p_pcb_tls < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(13)]
+socks = [socket.socket() for _ in range(17)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 ')
-[[ -n ${p_ha_tls:-} ]] || die "could not pick free ports (python3)"
+[[ -n ${p_pcb_tls:-} ]] || die "could not pick free ports (python3)"
 
 # ---------------------------------------------------------------- TLS
 # One certificate for both proxies: a leaf for bench.local from `portcullis certs`
@@ -434,6 +437,18 @@ pc_pid=$started
 wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
 
 declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid [haproxy]=$haproxy_pid)
+base_pid=""
+if [[ -n ${BASELINE_BIN:-} ]]; then
+    [[ -x $BASELINE_BIN ]] || die "no baseline binary at $BASELINE_BIN"
+    start "$RESULTS_DIR/portcullis-base.log" "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WORKER_THREADS="$workers" \
+        "$BASELINE_BIN" run --manifests "$RESULTS_DIR/manifests" \
+        --http-addr "127.0.0.1:$p_pcb" --admin-addr "127.0.0.1:$p_pcb_admin" \
+        --dashboard-addr "127.0.0.1:$p_pcb_dash" --load-balance "$LOAD_BALANCE" \
+        --shutdown-delay 0s --shutdown-grace 2s --https-addr "127.0.0.1:$p_pcb_tls" "${pc_alog[@]}"
+    base_pid=$started
+    proc_of[portcullis-base]=$base_pid
+    wait_ready portcullis-base "$base_pid" "http://127.0.0.1:$p_pcb/"
+fi
 if ((want_accesslog)); then
     # The same proxy with JSON access logs on stdout, which goes to /dev/null: the cost
     # measured is formatting and writing the line, not a disk or a terminal.
@@ -463,6 +478,7 @@ declare -A url=(
     [nginx]="http://127.0.0.1:$p_nginx/"
     [portcullis]="http://127.0.0.1:$p_pc/"
     [portcullis-json]="http://127.0.0.1:$p_pcj/"
+    [portcullis-base]="http://127.0.0.1:$p_pcb/"
     [haproxy]="http://127.0.0.1:$p_ha/"
 )
 declare -A tls_port=([nginx]=$p_nginx_tls [portcullis]=$p_pc_tls [haproxy]=$p_ha_tls)
@@ -591,7 +607,7 @@ echo "Upstream: $upstream_desc on :$p_up; nginx on :$p_nginx; HAProxy on :${hapr
 echo "Load average before: $load_before" >&2
 for scenario in $SCENARIOS; do
     case $scenario in
-    keepalive | close | 1mib) targets=(direct nginx ${haproxy_pid:+haproxy} portcullis) ;;
+    keepalive | close | 1mib) targets=(direct nginx ${haproxy_pid:+haproxy} portcullis ${base_pid:+portcullis-base}) ;;
     # The upstream speaks plain HTTP only: no direct run over TLS.
     tls-keepalive | tls-handshake | tls-full | h2) targets=(nginx ${haproxy_pid:+haproxy} portcullis) ;;
     accesslog) targets=(nginx portcullis portcullis-json) ;;
@@ -619,6 +635,8 @@ for child in $(pgrep -P "$nginx_pid" || true); do
     nginx_workers=$((nginx_workers + 1))
 done
 pc_rss=$(hwm_kib "$pc_pid")
+pcb_rss=0
+[[ -n $base_pid ]] && pcb_rss=$(hwm_kib "$base_pid")
 pcj_rss=0
 ((want_accesslog)) && pcj_rss=$(hwm_kib "${proc_of[portcullis-json]}")
 ha_rss=0
@@ -642,7 +660,7 @@ report=$RESULTS_DIR/report.txt
     fi
     echo "load average: before $load_before, after $load_after; runs took ${elapsed}s"
     echo
-    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v pcj_rss="$pcj_rss" -v ha_rss="$ha_rss" -v nw="$nginx_workers" '
+    awk -F'\t' -v nginx_rss="$nginx_rss" -v pc_rss="$pc_rss" -v pcj_rss="$pcj_rss" -v ha_rss="$ha_rss" -v pcb_rss="$pcb_rss" -v nw="$nginx_workers" '
         function sorted(list, a,    n, i, j, t) {
             n = split(list, a, " ")
             for (i = 1; i <= n; i++) a[i] += 0
@@ -671,11 +689,11 @@ report=$RESULTS_DIR/report.txt
         END {
             printf "| scenario | target | RPS median (min–max) | p50 ms | p99 ms | CPU µs/req | RPS / nginx median (min–max) | p99 / nginx | CPU / nginx | peak RSS |\n"
             printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-            nt = split("direct nginx haproxy portcullis portcullis-json", ts, " ")
+            nt = split("direct nginx haproxy portcullis portcullis-json portcullis-base", ts, " ")
             for (k = 1; k <= ns; k++) {
                 s = order[k]
                 for (i = 1; i <= nt; i++) { q = ts[i]; rr[q] = ""; pr[q] = ""; cr[q] = "" }
-                jo = ""
+                jo = ""; bo = ""; bc = ""
                 for (key in rounds) {
                     split(key, kk, SUBSEP)
                     if (kk[1] != s) continue
@@ -688,6 +706,8 @@ report=$RESULTS_DIR/report.txt
                         if (C[s, r, "nginx"] > 0) cr[q] = cr[q] " " C[s, r, q] / C[s, r, "nginx"]
                     }
                     if (R[s, r, "portcullis"] > 0 && R[s, r, "portcullis-json"] != "") jo = jo " " R[s, r, "portcullis-json"] / R[s, r, "portcullis"]
+                    if (R[s, r, "portcullis-base"] > 0) bo = bo " " sprintf("%.2f", R[s, r, "portcullis"] / R[s, r, "portcullis-base"])
+                    if (C[s, r, "portcullis-base"] > 0) bc = bc " " sprintf("%.2f", C[s, r, "portcullis"] / C[s, r, "portcullis-base"])
                 }
                 for (i = 1; i <= nt; i++) {
                     t = ts[i]
@@ -697,13 +717,14 @@ report=$RESULTS_DIR/report.txt
                     if (t != "nginx" && t != "direct") {
                         ratio = spread(rr[t], "%.2f"); cratio = sprintf("%.2f", median(cr[t]))
                         pratio = P[s, 1, t] > 0 ? sprintf("%.2f", median(pr[t])) : "—"
-                        m = t == "portcullis" ? pc_rss : t == "portcullis-json" ? pcj_rss : ha_rss
+                        m = t == "portcullis" ? pc_rss : t == "portcullis-json" ? pcj_rss : t == "portcullis-base" ? pcb_rss : ha_rss
                         mem = sprintf("%.1f MiB", m / 1024)
                     }
                     p99s = P[s, 1, t] > 0 ? sprintf("%.2f", median(p99[s, t])) : "—"
                     printf "| %s | %s | %s | %.2f | %s | %.1f | %s | %s | %s | %s |\n", s, t, spread(rps[s, t], "%.0f"), median(p50[s, t]), p99s, median(cpu[s, t]), ratio, pratio, cratio, mem
                 }
                 if (jo != "") jsonoff[s] = sprintf("%.3f (per round:%s)", median(jo), jo)
+                if (bo != "") vsbase[s] = sprintf("RPS %.2f (per round:%s), CPU per request %.2f (per round:%s)", median(bo), bo, median(bc), bc)
             }
             print ""
             print "Ratios are medians (min–max) of the per-round ratios (each proxy and nginx measured in the same round)."
@@ -711,6 +732,7 @@ report=$RESULTS_DIR/report.txt
             print "from /proc/PID/stat around each run; less sensitive than RPS to other load on the machine."
             print "Peak RSS is VmHWM after all runs; for nginx the sum over master and workers."
             for (s in jsonoff) printf "%s: RPS --access-log json / off = %s (goal: >= 0.90)\n", s, jsonoff[s]
+            for (s in vsbase) printf "%s: portcullis / portcullis-base: %s\n", s, vsbase[s]
         }' "$results"
 } | tee "$report"
 

@@ -643,3 +643,67 @@ async fn a_reset_on_a_fresh_connection_ejects_but_is_not_retried() {
     assert_eq!(retries(&proxy, "svc", "connect"), 0);
     assert_eq!(retries(&proxy, "svc", "stale_connection"), 0);
 }
+
+#[tokio::test]
+async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it() {
+    // The upstream answers at once and reads the request body afterwards, as servers
+    // that reject or accept an upload early do.
+    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Result<usize, String>>();
+    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
+        let got_tx = got_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let got = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().len())
+                    .map_err(|e| e.to_string());
+                let _ = got_tx.send(got);
+            });
+            http::Response::new(text_body("early"))
+        }
+    })
+    .await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+
+    // A raw HTTP/1.1 client: it reads the answer before it sends the rest of the body.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chunk = vec![b'x'; 16 * 1024];
+    let total = 4 * chunk.len();
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let head =
+        format!("POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: {total}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.expect("head");
+    conn.write_all(&chunk).await.expect("first chunk");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"early") {
+        let n = tokio::time::timeout(EVENTUALLY, conn.read(&mut buf))
+            .await
+            .expect("the answer comes while the upload goes on")
+            .expect("read");
+        assert!(n > 0, "connection closed before the answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+
+    // The rest of the upload, after the answer: it still reaches the upstream in full.
+    for _ in 1..4 {
+        conn.write_all(&chunk).await.expect("upload open");
+    }
+    let got = tokio::time::timeout(EVENTUALLY, got_rx.recv())
+        .await
+        .expect("the upstream read the whole body in time")
+        .expect("upstream handler ran");
+    assert_eq!(got, Ok(total));
+
+    let (status, _, body) = get(&proxy, "a.example", "/after").await;
+    assert_eq!((status, body.as_str()), (200, "early"));
+}
