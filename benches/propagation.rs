@@ -1,6 +1,8 @@
 //! Propagation: with 10,000 Ingresses (plus their Services and EndpointSlices) loaded,
 //! how long from a change until the published snapshot serves it. Three scenarios:
-//! - the test API server (Kubernetes mode): one EndpointSlice or one Ingress updated;
+//! - the test API server (Kubernetes mode): one EndpointSlice or one Ingress updated,
+//!   [`QUIET`] after the previous change was served (a single edit or pod move, not
+//!   continuous churn: that is the burst below);
 //! - manifest files (file mode): the same objects spread over files, one file rewritten
 //!   with a moved endpoint or a new path;
 //! - a burst: 1,000 EndpointSlices updated back to back through the API server, timed
@@ -30,6 +32,10 @@ use portcullis::k8s::Options;
 use portcullis::publish::Publisher;
 use serde_json::json;
 use tokio::sync::watch;
+
+/// Pause between single changes: longer than the publisher's minimum gap between two
+/// builds, so each change arrives after a quiet spell.
+const QUIET: Duration = Duration::from_millis(50);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -232,6 +238,7 @@ async fn api_server(n: usize, changes: usize, burst: usize, single: bool) {
             // An EndpointSlice change: the endpoint moves to a new address.
             let octet = 1000 + c;
             let want = endpoint(octet);
+            tokio::time::sleep(QUIET).await;
             let start = Instant::now();
             server.apply(slice(&ns, &name, octet));
             slice_times.push(
@@ -248,6 +255,7 @@ async fn api_server(n: usize, changes: usize, burst: usize, single: bool) {
                 .as_array_mut()
                 .expect("paths is an array")
                 .push(json!({"path": path, "pathType": "Exact", "backend": {"service": {"name": name, "port": {"number": 80}}}}));
+            tokio::time::sleep(QUIET).await;
             let start = Instant::now();
             server.apply(ing);
             ingress_times.push(

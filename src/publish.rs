@@ -1,8 +1,9 @@
 //! Publish: turn source updates into snapshots and swap them in atomically.
 //!
 //! Sources send the complete current set of objects ([`SourceUpdate`]) on a `watch`
-//! channel, which coalesces bursts by itself. The publisher waits briefly for more
-//! changes ([`Publisher::debounce`]), rebuilds the whole snapshot off the async runtime,
+//! channel, which coalesces bursts by itself. The publisher builds the first change
+//! after a quiet spell at once and keeps later builds [`Publisher::debounce`] apart,
+//! rebuilds the whole snapshot off the async runtime,
 //! stamps the next generation and stores it in the one `ArcSwap` that every request
 //! loads from. Requests in flight keep the snapshot they loaded; nothing is rebound or
 //! closed.
@@ -37,8 +38,10 @@ pub struct Publisher {
     /// True once the first snapshot is published.
     pub ready: Arc<AtomicBool>,
     pub options: Options,
-    /// Quiet time to wait for further changes before rebuilding. Zero for a source that
-    /// debounces its own changes (the manifest files).
+    /// The least time from the end of one build to the start of the next: a change
+    /// after a quiet spell is built at once, and while changes keep coming each build
+    /// takes all that arrived during this time and the build before. Zero for a source
+    /// that debounces its own changes (the manifest files).
     pub debounce: Duration,
     hooks: Vec<PublishHook>,
 }
@@ -114,18 +117,22 @@ impl Publisher {
         generation
     }
 
-    /// Publishes every update from `rx` until the channel closes. Bursts of updates
-    /// within `debounce` of each other make one snapshot. An update already in the channel
-    /// when this starts is published too.
+    /// Publishes every update from `rx` until the channel closes. The first change after
+    /// a quiet spell is built at once; further changes are built at least `debounce`
+    /// after the previous build ended, all of them in one snapshot. An update already in
+    /// the channel when this starts is published too.
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Option<Arc<SourceUpdate>>>) {
         // An update already in the channel counts as a change.
         rx.mark_changed();
+        let mut next_build_at: Option<tokio::time::Instant> = None;
         loop {
             if rx.changed().await.is_err() {
                 return;
             }
-            if !self.debounce.is_zero() {
-                tokio::time::sleep(self.debounce).await;
+            if let Some(at) = next_build_at
+                && at > tokio::time::Instant::now()
+            {
+                tokio::time::sleep_until(at).await;
             }
             let Some(update) = rx.borrow_and_update().clone() else {
                 continue;
@@ -136,6 +143,7 @@ impl Publisher {
             if let Err(e) = tokio::task::spawn_blocking(move || this.publish(&update)).await {
                 warn!(error = %e, "snapshot build failed; the previous snapshot stays in force");
             }
+            next_build_at = Some(tokio::time::Instant::now() + self.debounce);
         }
     }
 }
@@ -178,5 +186,49 @@ impl Counts {
                 .filter(|d| d.severity == Severity::Warning)
                 .count(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update() -> Option<Arc<SourceUpdate>> {
+        Some(Arc::new(SourceUpdate {
+            inputs: Inputs::default(),
+            diagnostics: Vec::new(),
+        }))
+    }
+
+    fn generation(p: &Publisher) -> u64 {
+        p.snapshots.load().generation
+    }
+
+    /// Waits (up to 20 s) until `p` has published generation `want`.
+    async fn published(p: &Publisher, want: u64) -> bool {
+        for _ in 0..2000 {
+            if generation(p) >= want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_change_after_a_quiet_spell_is_built_at_once_and_later_ones_wait_for_the_gap() {
+        let mut publisher = Publisher::new(Options::default());
+        // A gap no test run outlasts: the first build must not wait for it.
+        publisher.debounce = Duration::from_secs(3600);
+        let publisher = Arc::new(publisher);
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(publisher.clone().run(rx));
+        tx.send_replace(update());
+        assert!(published(&publisher, 1).await, "the first change is built at once");
+        // Changes right after a build wait for the gap, all of them for one build.
+        tx.send_replace(update());
+        tx.send_replace(update());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(generation(&publisher), 1);
     }
 }
