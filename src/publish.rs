@@ -224,7 +224,10 @@ mod tests {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(publisher.clone().run(rx));
         tx.send_replace(update());
-        assert!(published(&publisher, 1).await, "the first change is built at once");
+        assert!(
+            published(&publisher, 1).await,
+            "the first change is built at once"
+        );
         // Changes right after a build wait for the gap, all of them for one build.
         tx.send_replace(update());
         tx.send_replace(update());

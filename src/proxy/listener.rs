@@ -30,13 +30,14 @@ use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::Inner;
+use super::errors::BoxError;
 use super::handler::{ConnState, ListenerSeries, handle};
 use super::tls::TlsState;
 
@@ -209,7 +210,16 @@ pub(crate) async fn serve(
                 let task = async move {
                     let _guards = guards;
                     let state = ConnState::new(peer, local_port, "http", series);
-                    serve_one(inner, &builders.auto, stream, state, draining, closing).await;
+                    serve_one(
+                        inner,
+                        &builders.auto,
+                        stream,
+                        state,
+                        draining,
+                        closing,
+                        HandlerFuture::Inline,
+                    )
+                    .await;
                 };
                 tokio::spawn(task);
             }
@@ -284,10 +294,10 @@ async fn serve_tls(
     };
     match accepted {
         Ok((stream, info)) => {
-            let builder = if info.h2 {
-                &conn.builders.http2
+            let (builder, futures) = if info.h2 {
+                (&conn.builders.http2, HandlerFuture::Boxed)
             } else {
-                &conn.builders.http1
+                (&conn.builders.http1, HandlerFuture::Inline)
             };
             let state = ConnState::new(peer, local_port, "https", conn.series).with_tls(info);
             serve_one(
@@ -297,11 +307,24 @@ async fn serve_tls(
                 state,
                 conn.draining,
                 conn.closing,
+                futures,
             )
             .await;
         }
         Err(failure) => super::tls::log_handshake_failure(peer, &failure),
     }
+}
+
+/// How a connection's request handler futures are kept.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HandlerFuture {
+    /// In place. hyper's HTTP/1 dispatcher keeps one slot of the future's size per
+    /// connection and reuses it for every request.
+    Inline,
+    /// Boxed, for connections known to speak HTTP/2 (ALPN `h2`): hyper runs each
+    /// stream as a task of its own, and a boxed future is a pointer to move into it
+    /// instead of the whole handler state (~3.5 KB) for every request.
+    Boxed,
 }
 
 /// Serves one downstream connection until it ends: closes it when no request head
@@ -312,23 +335,48 @@ async fn serve_one<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     state: ConnState,
-    mut draining: watch::Receiver<bool>,
-    mut closing: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
+    futures: HandlerFuture,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = state.peer;
     let state = Arc::new(state);
     let head_limit = inner.cfg.header_read_timeout;
-    let svc = {
+    let handler = {
         let state = state.clone();
-        service_fn(move |req| {
+        move |req| {
             let inner = inner.clone();
             let state = state.clone();
             async move { Ok::<_, Infallible>(handle(&inner, state, req).await) }
-        })
+        }
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let io = TokioIo::new(io);
+    match futures {
+        HandlerFuture::Inline => {
+            let conn = builder.serve_connection_with_upgrades(io, service_fn(handler));
+            tokio::pin!(conn);
+            drive_connection(conn, &state, head_limit, draining, closing).await;
+        }
+        HandlerFuture::Boxed => {
+            let svc = service_fn(move |req| Box::pin(handler(req)));
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(conn);
+            drive_connection(conn, &state, head_limit, draining, closing).await;
+        }
+    }
+}
+
+/// Runs `conn` to its end, closing it when a request head is overdue and shutting it
+/// down gracefully when [`should_shut`] says so.
+async fn drive_connection(
+    mut conn: Pin<&mut ServedConnection<'_>>,
+    state: &ConnState,
+    head_limit: Duration,
+    mut draining: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let peer = state.peer;
     // One timer per connection, not per request: it wakes at the deadline of the head
     // awaited when it was set (or a `header_read_timeout` later while none is), and
     // ends only when a head is still awaited past its deadline.
@@ -342,11 +390,10 @@ async fn serve_one<I>(
             }
         }
     };
-    tokio::pin!(conn);
     // The connection task wakes several times per request; the deadline and the
     // shutdown signals are only polled again when they themselves woke it.
     let mut silent = Gated::new(silent);
-    let mut shut_signal = Gated::new(should_shut(&state, &mut draining, &mut closing));
+    let mut shut_signal = Gated::new(should_shut(state, &mut draining, &mut closing));
     let mut shut = false;
     loop {
         tokio::select! {
@@ -367,6 +414,11 @@ async fn serve_one<I>(
         }
     }
 }
+
+/// A downstream connection as [`drive_connection`] runs it, whichever service type it
+/// was built with.
+type ServedConnection<'a> =
+    dyn GracefulConnection<Error = BoxError, Output = Result<(), BoxError>> + Send + 'a;
 
 /// A future that is polled only when it woke its task itself (or on its first poll),
 /// not each time a future it is selected with wakes the task. Its own waker records the
