@@ -83,12 +83,13 @@ impl Publisher {
         let mut snapshot = build_snapshot(update, &self.options, &previous);
         snapshot.generation = previous.generation + 1;
         let generation = snapshot.generation;
-        let counts = Counts::of(&snapshot);
-        let before = Counts::of(&previous);
         let snapshot = Arc::new(snapshot);
         self.snapshots.store(snapshot.clone());
         self.ready.store(true, Ordering::Release);
         let took = started.elapsed();
+        // Counted after the swap: requests get the new snapshot without waiting for logs.
+        let counts = Counts::of(&snapshot);
+        let before = Counts::of(&previous);
         info!(
             generation,
             virtual_hosts = counts.vhosts,
