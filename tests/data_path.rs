@@ -707,3 +707,74 @@ async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it
     let (status, _, body) = get(&proxy, "a.example", "/after").await;
     assert_eq!((status, body.as_str()), (200, "early"));
 }
+
+#[tokio::test]
+async fn an_upload_goes_on_while_the_client_has_not_read_an_early_answer() {
+    // The upstream streams a large answer at once and reads the upload meanwhile; the
+    // client (half duplex, like most) reads nothing before its upload is done. Neither
+    // direction may wait for the other: the upload must not depend on the answer being
+    // read. The sizes are beyond what the sockets on the way can buffer.
+    const UPLOAD: usize = 48 << 20;
+    const ANSWER: usize = 16 << 20;
+    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Result<usize, String>>();
+    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
+        let got_tx = got_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let got = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().len())
+                    .map_err(|e| e.to_string());
+                let _ = got_tx.send(got);
+            });
+            http::Response::new(repeated_body(Bytes::from(vec![b'a'; 64 * 1024]), ANSWER))
+        }
+    })
+    .await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
+        .backend(NS, "svc", 80, &[up]);
+    let proxy = start_proxy(world.snapshot()).await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    // A small receive buffer, so the unread answer backs up into the proxy at once.
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let mut conn = socket.connect(proxy.addr).await.expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: {UPLOAD}\r\nConnection: close\r\n\r\n"
+    );
+    let chunk = vec![b'x'; 1 << 20];
+    let upload = async {
+        conn.write_all(head.as_bytes()).await?;
+        for _ in 0..UPLOAD / chunk.len() {
+            conn.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(EVENTUALLY, upload)
+        .await
+        .expect("the whole upload is taken while the answer is unread")
+        .expect("upload");
+    let got = tokio::time::timeout(EVENTUALLY, got_rx.recv())
+        .await
+        .expect("the upstream read the whole body in time")
+        .expect("upstream handler ran");
+    assert_eq!(got, Ok(UPLOAD));
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(EVENTUALLY, conn.read_to_end(&mut answer))
+        .await
+        .expect("the answer in time")
+        .expect("read");
+    let body_at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    // Chunked framing: the body holds at least the answer's bytes.
+    assert!(answer.len() - body_at > ANSWER, "{} bytes", answer.len());
+}

@@ -117,9 +117,17 @@ struct BodySource {
 pub struct BodyProgress {
     exceeded: AtomicBool,
     received: AtomicU64,
+    /// The body was read from downstream to its end.
+    complete: AtomicBool,
 }
 
 impl BodyProgress {
+    /// Whether the whole body has been read from downstream (always, for a request
+    /// without one).
+    pub fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
     /// Whether the body passed the limit (the forwarder answers 413 then, whatever the
     /// upstream client reports).
     pub fn exceeded(&self) -> bool {
@@ -136,6 +144,7 @@ impl BodyProgress {
 static EMPTY_PROGRESS: BodyProgress = BodyProgress {
     exceeded: AtomicBool::new(false),
     received: AtomicU64::new(0),
+    complete: AtomicBool::new(true),
 };
 
 /// The downstream request body on its way upstream: streamed, counted, and cut off with
@@ -231,7 +240,18 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        // hyper stops polling once `is_end_stream` says so, so the end is recorded with
+        // the last frame too, not only at `None`.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.progress_ref().complete.store(true, Ordering::Release);
+        }
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Downstream(e)))),

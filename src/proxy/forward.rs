@@ -358,16 +358,22 @@ impl UpstreamClient {
                     }
                     // After a protocol switch the connection belongs to the tunnel: its
                     // driver hands the socket over (in a task of its own) and ends.
-                    let back = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        conn.finish_detached();
-                        None
-                    } else {
-                        Some(PoolReturn {
-                            pool: self.pool.clone(),
-                            key: target.clone(),
-                            conn,
-                        })
-                    };
+                    // An upstream that answered before it had the whole request body
+                    // gets the rest of the upload from a task of its own too: here the
+                    // connection would only be driven while the response is read, and a
+                    // client that reads the answer only after its upload would wait for
+                    // ever. That connection closes after the exchange.
+                    let back =
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS || !body.complete() {
+                            conn.finish_detached();
+                            None
+                        } else {
+                            Some(PoolReturn {
+                                pool: self.pool.clone(),
+                                key: target.clone(),
+                                conn,
+                            })
+                        };
                     return Ok(resp.map(|inner| UpstreamBody::new(inner, back)));
                 }
                 // The pooled connection was closed before the request was written:
@@ -706,13 +712,20 @@ impl Body for UpstreamBody {
         }
         match polled {
             Poll::Ready(None) => self.finished = true,
-            Poll::Ready(Some(Ok(_))) => self.unflushed = true,
+            Poll::Ready(Some(Ok(ref frame))) => {
+                self.unflushed = true;
+                // Trailers are the last frame; hyper polls no further after them.
+                if frame.is_trailers() {
+                    self.finished = true;
+                }
+            }
             Poll::Ready(Some(Err(e))) => {
                 self.back = None;
-                // The data handed out just before is still in the downstream
+                // The data handed out just before may still be in the downstream
                 // connection's write buffer, which hyper drops on a body error: answer
-                // `Pending` once (and wake at once), so that it is flushed, and the
-                // client gets every byte the upstream sent before it broke off.
+                // `Pending` once (and wake at once) so that it gets a chance to be
+                // written first (HTTP/1 flushes it then; HTTP/2 sends what its flow
+                // control allows before the reset). Best effort, not a guarantee.
                 if std::mem::take(&mut self.unflushed) {
                     self.deferred = Some(e);
                     cx.waker().wake_by_ref();
@@ -820,15 +833,19 @@ impl Pool {
     /// any. Each idle connection is polled once, so a close by the upstream is noticed
     /// here even when no request comes for the endpoint.
     fn sweep(&self, now: Instant) {
+        let mut closed = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|_, list| {
-                list.retain_mut(|idle| {
-                    now.saturating_duration_since(idle.since) < self.idle_timeout
-                        && idle.conn.idle_and_ready()
-                });
+                closed.extend(list.extract_if(.., |idle| {
+                    now.saturating_duration_since(idle.since) >= self.idle_timeout
+                        || !idle.conn.idle_and_ready()
+                }));
                 !list.is_empty()
             });
+            drop(shard);
+            // Closed outside the lock.
+            closed.clear();
         }
     }
 
@@ -848,7 +865,10 @@ impl Pool {
             loop {
                 tick.tick().await;
                 let Some(pool) = pool.upgrade() else { return };
-                pool.sweep(Instant::now());
+                // Without a cooperative budget: each idle socket polled counts against
+                // it, and past it every further poll would answer `Pending` and keep
+                // closed connections in the pool until the next sweep.
+                tokio::task::coop::unconstrained(async { pool.sweep(Instant::now()) }).await;
             }
         });
     }
