@@ -23,8 +23,9 @@
 //! upstream is found by the next request sent on it (hyper then gives the request back
 //! unsent, and the next connection is tried) or by the sweep, which polls each idle
 //! connection once without a waker. A connection handed over to a tunnel (`101`), or one
-//! whose request body is still being written when the response ended, gets a task of its
-//! own until it finishes.
+//! whose request body was still arriving from downstream when the response head came
+//! (the rest of the upload must not wait for the response to be read), gets a task of its
+//! own until the exchange finishes, and is then closed.
 //!
 //! Clusters whose Service port has `appProtocol: kubernetes.io/h2c` get HTTP/2
 //! cleartext with prior knowledge instead (gRPC, trailers included), through
@@ -157,8 +158,8 @@ impl H1Conn {
     }
 
     /// Lets the connection finish what it is still doing (such as writing the rest of a
-    /// request body after the response ended) in a task of its own, then close: its
-    /// request handle is dropped, so hyper takes no further request on it.
+    /// request body) in a task of its own, then close: its request handle is dropped, so
+    /// hyper takes no further request on it.
     fn finish_detached(self) {
         let Some(driver) = self.driver else { return };
         drop(self.sender);
