@@ -143,18 +143,13 @@ impl H1Conn {
     }
 
     /// Whether the connection is open and waiting for its next request. Polls it once
-    /// without a waker: nobody waits on an idle connection, and the poll lets hyper
-    /// notice a close by the upstream and finish the previous exchange's bookkeeping.
+    /// without a waker: nobody waits on an idle connection, the poll lets hyper notice a
+    /// close by the upstream and finish the previous exchange's bookkeeping, and it
+    /// replaces the waker of the task that used the connection last, which would
+    /// otherwise be kept alive and woken by the next request sent on it.
     fn idle_and_ready(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         self.drive(&mut cx) && self.sender.is_ready()
-    }
-
-    /// Whether the connection can go back to the pool after its response body ended:
-    /// hyper usually finished the exchange in the poll that read the body's end, and
-    /// then needs no further poll.
-    fn reusable(&mut self) -> bool {
-        (self.driver.is_some() && self.sender.is_ready()) || self.idle_and_ready()
     }
 
     /// Lets the connection finish what it is still doing (such as writing the rest of a
@@ -756,7 +751,7 @@ impl Drop for UpstreamBody {
         if !(self.finished || self.inner.is_end_stream()) {
             return;
         }
-        if back.conn.reusable() {
+        if back.conn.idle_and_ready() {
             back.pool.put(back.key, back.conn, Instant::now());
         } else {
             back.conn.finish_detached();
