@@ -644,12 +644,17 @@ async fn a_reset_on_a_fresh_connection_ejects_but_is_not_retried() {
     assert_eq!(retries(&proxy, "svc", "stale_connection"), 0);
 }
 
-#[tokio::test]
-async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it() {
-    // The upstream answers at once and reads the request body afterwards, as servers
-    // that reject or accept an upload early do.
-    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Result<usize, String>>();
-    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
+/// An upstream that answers every request at once with `answer()` and reads the
+/// request body afterwards, reporting how many bytes it got (or why it failed).
+async fn start_early_answer(
+    answer: fn() -> TestBody,
+) -> (
+    std::net::SocketAddr,
+    Stopper,
+    mpsc::UnboundedReceiver<Result<usize, String>>,
+) {
+    let (got_tx, got_rx) = mpsc::unbounded_channel();
+    let (up, stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
         let got_tx = got_tx.clone();
         async move {
             tokio::spawn(async move {
@@ -662,10 +667,18 @@ async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it
                     .map_err(|e| e.to_string());
                 let _ = got_tx.send(got);
             });
-            http::Response::new(text_body("early"))
+            http::Response::new(answer())
         }
     })
     .await;
+    (up, stop, got_rx)
+}
+
+#[tokio::test]
+async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it() {
+    // The upstream answers at once and reads the request body afterwards, as servers
+    // that reject or accept an upload early do.
+    let (up, _stop, mut got_rx) = start_early_answer(|| text_body("early")).await;
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
         .backend(NS, "svc", 80, &[up]);
@@ -716,24 +729,8 @@ async fn an_upload_goes_on_while_the_client_has_not_read_an_early_answer() {
     // read. The sizes are beyond what the sockets on the way can buffer.
     const UPLOAD: usize = 48 << 20;
     const ANSWER: usize = 16 << 20;
-    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<Result<usize, String>>();
-    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
-        let got_tx = got_tx.clone();
-        async move {
-            tokio::spawn(async move {
-                use http_body_util::BodyExt;
-                let got = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes().len())
-                    .map_err(|e| e.to_string());
-                let _ = got_tx.send(got);
-            });
-            http::Response::new(repeated_body(Bytes::from(vec![b'a'; 64 * 1024]), ANSWER))
-        }
-    })
-    .await;
+    let (up, _stop, mut got_rx) =
+        start_early_answer(|| repeated_body(Bytes::from(vec![b'a'; 64 * 1024]), ANSWER)).await;
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
         .backend(NS, "svc", 80, &[up]);
