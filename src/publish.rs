@@ -1,11 +1,10 @@
 //! Publish: turn source updates into snapshots and swap them in atomically.
 //!
 //! Sources send the complete current set of objects ([`SourceUpdate`]) on a `watch`
-//! channel, which coalesces bursts by itself. The publisher builds the first change
-//! after a quiet spell at once and keeps later builds [`Publisher::debounce`] apart,
-//! rebuilds the whole snapshot off the async runtime,
-//! stamps the next generation and stores it in the one `ArcSwap` that every request
-//! loads from. Requests in flight keep the snapshot they loaded; nothing is rebound or
+//! channel, which coalesces bursts by itself. For each change the publisher rebuilds
+//! the whole snapshot off the async runtime (at once after a quiet spell, else
+//! [`Publisher::debounce`] after the previous build), stamps the next generation and
+//! stores it in the one `ArcSwap` that every request loads from. Requests in flight keep the snapshot they loaded; nothing is rebound or
 //! closed.
 
 use std::collections::HashSet;
