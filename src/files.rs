@@ -7,7 +7,7 @@
 //! field; the rest loads. [`watch`] re-reads the files that changed when one changes,
 //! and keeps the parsed objects (the same `Arc`s) of the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -256,7 +256,8 @@ impl FileCache {
             }
         }
         self.files.extend(fresh);
-        self.files.retain(|path, _| files.contains(path));
+        let listed: HashSet<&PathBuf> = files.iter().collect();
+        self.files.retain(|path, _| listed.contains(path));
         let mut loaded = finish(
             files
                 .iter()
@@ -537,7 +538,7 @@ fn dedup<'r, T: HasMeta + 'r>(
     diags: &mut Vec<Diagnostic>,
     count: &mut usize,
 ) -> Vec<Arc<T>> {
-    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut index: foldhash::HashMap<(&str, &str), usize> = Default::default();
     let mut out: Vec<Option<&(Origin, Arc<T>)>> = Vec::new();
     for entry in objs {
         let (origin, obj) = entry;
@@ -589,11 +590,46 @@ fn touches_manifests(paths: &[PathBuf], changed: &Path) -> bool {
     })
 }
 
-/// How long file events must be quiet before the manifests are re-read. Short, because
-/// a change should be served within tens of milliseconds; a file caught half-written
-/// either does not parse (and is read again when the writer's next event comes) or is
-/// replaced by its complete content at that next event.
+/// How long file events must be quiet before the manifests are re-read while a file may
+/// still be being written (it was created or modified, and its writer has not closed
+/// it), or after changes whose end cannot be seen (metadata). Short, because a change
+/// should be served within tens of milliseconds; a file caught half-written either does
+/// not parse (and is read again when the writer's next event comes) or is replaced by
+/// its complete content at that next event.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// How long file events must be quiet before the manifests are re-read when every file
+/// that changed is complete: closed by its writer, renamed into place (editors,
+/// `kubectl`-style tools, ConfigMap volumes) or removed. Only long enough to take a
+/// burst of such changes (a `git checkout`) in one reload.
+pub const RELOAD_SETTLE: Duration = Duration::from_millis(3);
+
+/// What a file event says about the content at its paths.
+#[derive(Debug)]
+enum FileEvent {
+    /// Complete: closed after writing, renamed into place, or removed.
+    Settled(Vec<PathBuf>),
+    /// Perhaps still being written: created, or modified while open.
+    Writing(Vec<PathBuf>),
+}
+
+impl FileEvent {
+    /// `None` for events that change nothing a load reads (reads, opens).
+    fn of(kind: &notify::EventKind, paths: Vec<PathBuf>) -> Option<FileEvent> {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, ModifyKind};
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                Some(FileEvent::Settled(paths))
+            }
+            EventKind::Access(_) => None,
+            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
+                Some(FileEvent::Settled(paths))
+            }
+            _ => Some(FileEvent::Writing(paths)),
+        }
+    }
+}
 
 /// Loads the manifests, then watches them and sends every good load to `tx`. A reload
 /// stats every file and parses only those whose content changed; the others keep their
@@ -606,14 +642,14 @@ pub async fn watch(
 ) -> Result<(), notify::Error> {
     use notify::{RecursiveMode, Watcher};
 
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<FileEvent>();
     let watched = paths.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
-            && !matches!(ev.kind, notify::EventKind::Access(_))
             && ev.paths.iter().any(|p| touches_manifests(&watched, p))
+            && let Some(event) = FileEvent::of(&ev.kind, ev.paths)
         {
-            let _ = event_tx.send(());
+            let _ = event_tx.send(event);
         }
     })?;
     // Folders are watched recursively; a file is watched through its parent folder, so
@@ -630,34 +666,71 @@ pub async fn watch(
         }
     }
 
-    let mut cache = FileCache::default();
-    let mut reload = |tx: &watch::Sender<Option<Arc<SourceUpdate>>>| match cache.load(&paths) {
-        Ok(loaded) => {
-            info!(
-                files = loaded.files.len(),
-                objects = loaded.objects,
-                "manifests loaded"
-            );
-            tx.send_replace(Some(Arc::new(loaded.into_update())));
-        }
-        Err(e) => {
-            error!(error = %e, "manifests not loaded; the last good configuration stays in force")
-        }
-    };
-    reload(&tx);
-    loop {
-        tokio::select! {
-            ev = event_rx.recv() => if ev.is_none() { return Ok(()) },
-            _ = tx.closed() => return Ok(()),
-        }
-        // Debounce: wait until events stop for a moment.
-        loop {
-            match tokio::time::timeout(RELOAD_DEBOUNCE, event_rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return Ok(()),
-                Err(_) => break,
+    // A reload stats every file and parses the changed ones: blocking work, kept off the
+    // request-serving threads. The cache moves to the blocking thread and back.
+    let paths = Arc::new(paths);
+    let mut cache = Some(FileCache::default());
+    let mut reload = async |tx: &watch::Sender<Option<Arc<SourceUpdate>>>| {
+        let (mut c, p) = (cache.take().unwrap_or_default(), paths.clone());
+        let (c, result) = match tokio::task::spawn_blocking(move || {
+            let result = c.load(&p);
+            (c, result)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                error!(error = %e, "manifests not loaded; the last good configuration stays in force");
+                return;
+            }
+        };
+        cache = Some(c);
+        match result {
+            Ok(loaded) => {
+                info!(
+                    files = loaded.files.len(),
+                    objects = loaded.objects,
+                    "manifests loaded"
+                );
+                tx.send_replace(Some(Arc::new(loaded.into_update())));
+            }
+            Err(e) => {
+                error!(error = %e, "manifests not loaded; the last good configuration stays in force")
             }
         }
-        reload(&tx);
+    };
+    reload(&tx).await;
+    // Paths created or modified and not yet closed, renamed or removed.
+    let mut writing: HashSet<PathBuf> = HashSet::new();
+    loop {
+        let first = tokio::select! {
+            ev = event_rx.recv() => match ev { Some(ev) => ev, None => return Ok(()) },
+            _ = tx.closed() => return Ok(()),
+        };
+        // Wait until events stop for a moment: briefly when every changed file is
+        // complete, longer while one may still be being written.
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            match event {
+                FileEvent::Settled(paths) => {
+                    for p in &paths {
+                        writing.remove(p);
+                    }
+                }
+                FileEvent::Writing(paths) => writing.extend(paths),
+            }
+            let quiet = if writing.is_empty() {
+                RELOAD_SETTLE
+            } else {
+                RELOAD_DEBOUNCE
+            };
+            match tokio::time::timeout(quiet, event_rx.recv()).await {
+                Ok(Some(event)) => next = Some(event),
+                Ok(None) => return Ok(()),
+                Err(_) => {}
+            }
+        }
+        writing.clear();
+        reload(&tx).await;
     }
 }

@@ -281,3 +281,100 @@ async fn a_reload_parses_only_changed_files_and_keeps_the_objects_of_the_others(
     drop(rx);
     task.abort();
 }
+
+/// Waits (up to 20 s) for an update for which `done` holds; earlier updates may be
+/// intermediate states.
+async fn update_where(
+    rx: &mut watch::Receiver<Option<Arc<SourceUpdate>>>,
+    done: impl Fn(&SourceUpdate) -> bool,
+) -> Arc<SourceUpdate> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let update = next_update(rx).await;
+            if done(&update) {
+                return update;
+            }
+        }
+    })
+    .await
+    .expect("the expected update within 20 s")
+}
+
+/// A ConfigMap volume as the kubelet updates it: the files are links through `..data`,
+/// which is swapped to a new hidden folder by a rename, then the old folder is removed.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_configmap_style_swap_of_the_data_link_is_read() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let two = format!(
+        "{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: two}}\nspec: {{ports: [{{port: 80}}]}}\n"
+    );
+    std::fs::create_dir(root.join("..v1")).unwrap();
+    std::fs::write(root.join("..v1/svc.yaml"), SERVICE).unwrap();
+    symlink("..v1", root.join("..data")).unwrap();
+    symlink("..data/svc.yaml", root.join("svc.yaml")).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![root.to_path_buf()], tx));
+    assert_eq!(next_update(&mut rx).await.inputs.services.len(), 1);
+
+    std::fs::create_dir(root.join("..v2")).unwrap();
+    std::fs::write(root.join("..v2/svc.yaml"), &two).unwrap();
+    symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..v1")).unwrap();
+    let swapped = update_where(&mut rx, |u| u.inputs.services.len() == 2).await;
+    assert!(swapped.diagnostics.is_empty(), "{:?}", swapped.diagnostics);
+
+    drop(rx);
+    task.abort();
+}
+
+/// Files replaced by a rename, as editors and deployment tools write them, several in a
+/// row: the last state of every file is what ends up loaded.
+#[tokio::test]
+async fn files_renamed_into_place_are_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+        )
+    };
+    for name in ["a", "b", "c"] {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), svc(name, 80)).unwrap();
+    }
+    let (tx, mut rx) = watch::channel(None);
+    let task = tokio::spawn(files::watch(vec![dir.path().to_path_buf()], tx));
+    assert_eq!(next_update(&mut rx).await.inputs.services.len(), 3);
+
+    for (round, name) in ["a", "b", "c", "a"].iter().enumerate() {
+        let tmp = dir.path().join(format!(".{name}.yaml.tmp"));
+        std::fs::write(&tmp, svc(name, 81 + round as u16)).unwrap();
+        std::fs::rename(&tmp, dir.path().join(format!("{name}.yaml"))).unwrap();
+    }
+    let ports = |u: &SourceUpdate| {
+        let mut p: Vec<(String, i32)> = u
+            .inputs
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.metadata.name.clone().unwrap_or_default(),
+                    s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+                )
+            })
+            .collect();
+        p.sort();
+        p
+    };
+    let want = vec![
+        ("a".to_string(), 84),
+        ("b".to_string(), 82),
+        ("c".to_string(), 83),
+    ];
+    update_where(&mut rx, |u| ports(u) == want).await;
+
+    drop(rx);
+    task.abort();
+}
