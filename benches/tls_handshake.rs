@@ -100,11 +100,11 @@ fn snapshot(chain: &Chain, provider: &CryptoProvider) -> Snapshot {
     let mut certs = HashMap::new();
     certs.insert(secret, Arc::new(entry));
     Snapshot {
-        tls: TlsTable {
+        tls: Arc::new(TlsTable {
             hosts,
             certs,
             ..Default::default()
-        },
+        }),
         ..Default::default()
     }
 }

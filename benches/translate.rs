@@ -1,5 +1,7 @@
-//! Translation cost: `k8s::build` over 10,000 Ingresses, 10,000 Services and 10,000
-//! EndpointSlices (a full rebuild, as the publisher does on every change).
+//! Translation cost over 10,000 Ingresses, 10,000 Services and 10,000 EndpointSlices:
+//! `k8s::build` (a full build, as at startup and after a Service or Secret change), and
+//! `translate::rebuild` after one Ingress or one EndpointSlice changed (what the
+//! publisher does for those).
 //!
 //! `cargo bench --bench translate -- --warm-up-time 1 --measurement-time 5`
 
@@ -14,6 +16,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 
+use portcullis::k8s::translate::{Rebuild, build_reusable, rebuild};
 use portcullis::k8s::{Inputs, Options, build};
 
 /// `n` Ingresses across 20 namespaces, each with one host, two Prefix paths and an Exact
@@ -131,6 +134,49 @@ fn translate(c: &mut Criterion) {
                     drop(black_box(snap));
                 }
                 spent
+            })
+        });
+    }
+
+    // One object replaced by a changed copy, the others the same `Arc`s, as a watch
+    // cache gives them.
+    let (previous, reuse) = build_reusable(&inputs, &Default::default(), &options);
+    let mut ingress_changed = inputs.clone();
+    let mut ing = (*inputs.ingresses[4321]).clone();
+    if let Some(rule) = ing
+        .spec
+        .as_mut()
+        .and_then(|s| s.rules.as_mut())
+        .and_then(|r| r.first_mut())
+        && let Some(http) = rule.http.as_mut()
+    {
+        let mut extra = http.paths[0].clone();
+        extra.path = Some("/new".into());
+        http.paths.push(extra);
+    }
+    ingress_changed.ingresses[4321] = Arc::new(ing);
+    let mut slice_changed = inputs.clone();
+    let mut slice = (*inputs.endpoint_slices[4321]).clone();
+    if let Some(eps) = slice.endpoints.as_mut() {
+        eps.pop();
+    }
+    slice_changed.endpoint_slices[4321] = Arc::new(slice);
+    for (name, next, how) in [
+        (
+            "rebuild/one-ingress-changed",
+            &ingress_changed,
+            Rebuild::Routes,
+        ),
+        (
+            "rebuild/one-endpointslice-changed",
+            &slice_changed,
+            Rebuild::Endpoints,
+        ),
+    ] {
+        assert_eq!(rebuild(&inputs, next, &previous, &reuse, &options).2, how);
+        group.bench_function(name, |b| {
+            b.iter_with_large_drop(|| {
+                rebuild(&inputs, black_box(next), &previous, &reuse, &options)
             })
         });
     }

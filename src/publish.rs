@@ -8,15 +8,16 @@
 //! closed.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::k8s::{Inputs, Options, build_with_certs};
+use crate::k8s::translate::{Rebuild, Reuse, build_reusable, rebuild};
+use crate::k8s::{Inputs, Options};
 use crate::model::{Diagnostic, IgnoredIngress, Severity, Snapshot, Upstream};
 
 /// Everything a source knows at one moment.
@@ -43,20 +44,33 @@ pub struct Publisher {
     /// that debounces its own changes (the manifest files).
     pub debounce: Duration,
     hooks: Vec<PublishHook>,
+    /// The last published snapshot, the update it was built from, and what lets the next
+    /// build reuse it when only EndpointSlices changed.
+    last: Mutex<Option<Built>>,
+}
+
+struct Built {
+    snapshot: Arc<Snapshot>,
+    update: Arc<SourceUpdate>,
+    reuse: Reuse,
 }
 
 /// Builds a snapshot from a source update: translation plus the source's diagnostics,
 /// with the certificates of `previous` as the last good ones. The inputs are read in
 /// place, not copied.
 pub fn build_snapshot(update: &SourceUpdate, options: &Options, previous: &Snapshot) -> Snapshot {
-    let mut snapshot = build_with_certs(&update.inputs, &previous.tls.certs, options);
+    let (mut snapshot, _) = build_reusable(&update.inputs, &previous.tls.certs, options);
+    add_source_diagnostics(&mut snapshot, update);
+    snapshot
+}
+
+fn add_source_diagnostics(snapshot: &mut Snapshot, update: &SourceUpdate) {
     if !update.diagnostics.is_empty() {
         snapshot
             .diagnostics
             .extend(update.diagnostics.iter().cloned());
         snapshot.diagnostics.sort();
     }
-    snapshot
 }
 
 impl Publisher {
@@ -67,6 +81,7 @@ impl Publisher {
             options,
             debounce: Duration::from_millis(10),
             hooks: Vec::new(),
+            last: Mutex::new(None),
         }
     }
 
@@ -75,17 +90,45 @@ impl Publisher {
         self.hooks.push(hook);
     }
 
-    /// Builds, stamps and stores one snapshot; returns its generation.
-    pub fn publish(&self, update: &SourceUpdate) -> u64 {
+    /// Builds, stamps and stores one snapshot; returns its generation. When the snapshot
+    /// in force is this publisher's last one, the build starts from it ([`rebuild`]):
+    /// after an EndpointSlice change only the clusters of its Service are resolved again.
+    pub fn publish(&self, update: &Arc<SourceUpdate>) -> u64 {
         let started = Instant::now();
         let previous = self.snapshots.load_full();
-        let mut snapshot = build_snapshot(update, &self.options, &previous);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut snapshot, reuse, how) = match last
+            .as_ref()
+            .filter(|b| Arc::ptr_eq(&b.snapshot, &previous))
+        {
+            Some(b) => rebuild(
+                &b.update.inputs,
+                &update.inputs,
+                &previous,
+                &b.reuse,
+                &self.options,
+            ),
+            None => {
+                let (snapshot, reuse) =
+                    build_reusable(&update.inputs, &previous.tls.certs, &self.options);
+                (snapshot, reuse, Rebuild::Full)
+            }
+        };
+        add_source_diagnostics(&mut snapshot, update);
         snapshot.generation = previous.generation + 1;
         let generation = snapshot.generation;
         let snapshot = Arc::new(snapshot);
         self.snapshots.store(snapshot.clone());
         self.ready.store(true, Ordering::Release);
         let took = started.elapsed();
+        // The replaced state is dropped after this lock is released, off the swap's path.
+        let replaced = last.replace(Built {
+            snapshot: snapshot.clone(),
+            update: update.clone(),
+            reuse,
+        });
+        drop(last);
+        drop(replaced);
         // Counted after the swap: requests get the new snapshot without waiting for logs.
         let counts = Counts::of(&snapshot);
         let before = Counts::of(&previous);
@@ -101,6 +144,7 @@ impl Publisher {
             errors = counts.errors,
             warnings = counts.warnings,
             took_ms = took.as_secs_f64() * 1000.0,
+            build = how.as_str(),
             "snapshot published"
         );
         let known: HashSet<&Diagnostic> = previous.diagnostics.iter().collect();

@@ -487,7 +487,7 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         };
         let publisher = new_publisher(options, &metrics);
         // Published before the curl lines are printed, so that they work at once.
-        publisher.publish(&loaded.into_update());
+        publisher.publish(&Arc::new(loaded.into_update()));
         let (_tx, rx) = watch::channel(None);
         let bound = listeners.addrs();
         let http = bound.http_addr;

@@ -187,7 +187,8 @@ pub enum Decision<'a> {
 pub struct Snapshot {
     /// Set by the publisher; 0 until published.
     pub generation: u64,
-    pub routes: RouteTable,
+    /// Shared with the next snapshot when only EndpointSlices changed.
+    pub routes: Arc<RouteTable>,
     pub clusters: Vec<Arc<Cluster>>,
     pub default_backend: Option<ClusterId>,
     /// Where the default backend came from: an Ingress, or `None` for the flag.
@@ -195,7 +196,8 @@ pub struct Snapshot {
     /// The request body limit of the Ingress the default backend came from; `None`
     /// leaves the proxy's global limit in force.
     pub default_backend_max_body_size: Option<u64>,
-    pub tls: TlsTable,
+    /// Shared with the next snapshot when only EndpointSlices changed.
+    pub tls: Arc<TlsTable>,
     pub ignored: Vec<IgnoredIngress>,
     /// Every Ingress classified as ours (by IngressClass, the legacy annotation or the
     /// default class), sorted, whether or not any of its rules could be routed. These

@@ -5,8 +5,10 @@
 //! the rest of the table from building. The output is the same whatever the order of
 //! the inputs.
 
+mod incremental;
 mod tls;
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +26,7 @@ use crate::model::{
     PathRule, PathType, PortRef, Route, RouteTable, Severity, Snapshot, TlsTable, Upstream,
 };
 
+pub use incremental::{Rebuild, rebuild};
 pub use tls::{SecretError, parse_tls_secret};
 
 /// The annotation that names a class on Ingresses without `spec.ingressClassName`.
@@ -134,17 +137,32 @@ struct PathField {
     pi: usize,
 }
 
-impl PathField {
-    /// The path's `backend` field.
-    fn backend(self) -> impl fmt::Display {
-        struct Backend(PathField);
-        impl fmt::Display for Backend {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}.backend", self.0)
-            }
+/// Where an Ingress names a backend.
+#[derive(Debug, Clone, Copy)]
+enum BackendField {
+    /// `spec.rules[ri].http.paths[pi].backend`
+    Path(PathField),
+    /// `spec.defaultBackend`
+    Default,
+}
+
+impl fmt::Display for BackendField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendField::Path(p) => write!(f, "{p}.backend"),
+            BackendField::Default => f.write_str("spec.defaultBackend"),
         }
-        Backend(self)
     }
+}
+
+/// An Ingress backend that resolved to pod endpoints: it gets a warning whenever the
+/// cluster has no ready or serving endpoint.
+#[derive(Debug, Clone, Copy)]
+struct Use {
+    cluster: ClusterId,
+    /// Index in [`Inputs::ingresses`].
+    ingress: u32,
+    field: BackendField,
 }
 
 impl fmt::Display for PathField {
@@ -202,6 +220,21 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     build_with_certs(inputs, &inputs.last_good_certs, options)
 }
 
+/// What a build keeps so that a later build whose inputs differ only in EndpointSlices
+/// can redo just the clusters of the Services whose slices changed
+/// ([`rebuild_endpoints`]).
+#[derive(Debug, Default)]
+pub struct Reuse {
+    /// Diagnostics that no EndpointSlice affects.
+    fixed: Vec<Diagnostic>,
+    /// Every backend that resolved to pod endpoints.
+    uses: Vec<Use>,
+    /// Per cluster, the endpoint addresses refused: (EndpointSlice, reason).
+    refused: Vec<Vec<(ObjectRef, String)>>,
+    /// EndpointSlices labelled with a Service that does not exist, by that Service.
+    orphans: Vec<(ObjectRef, Diagnostic)>,
+}
+
 /// [`build`], with the last good certificates given apart from the inputs (and
 /// `inputs.last_good_certs` unread), so that a caller holding them elsewhere need not
 /// copy the inputs to set them.
@@ -210,6 +243,27 @@ pub fn build_with_certs(
     last_good_certs: &HashMap<ObjectRef, Arc<CertEntry>>,
     options: &Options,
 ) -> Snapshot {
+    build_reusable(inputs, last_good_certs, options).0
+}
+
+/// [`build_with_certs`], and what [`rebuild`] needs to update the result.
+pub fn build_reusable(
+    inputs: &Inputs,
+    last_good_certs: &HashMap<ObjectRef, Arc<CertEntry>>,
+    options: &Options,
+) -> (Snapshot, Reuse) {
+    build_from(inputs, last_good_certs, options, None)
+}
+
+/// The full build. With `prior`, an earlier snapshot (and its [`Reuse`]) built with the
+/// same options from the same Services and EndpointSlices, whose clusters are taken
+/// instead of resolved again.
+fn build_from<'a>(
+    inputs: &'a Inputs,
+    last_good_certs: &HashMap<ObjectRef, Arc<CertEntry>>,
+    options: &'a Options,
+    prior: Option<(&'a Snapshot, &'a Reuse)>,
+) -> (Snapshot, Reuse) {
     let mut diags = Diags(Vec::new());
 
     // Which IngressClasses are ours, and whether one of ours is the default.
@@ -237,11 +291,11 @@ pub fn build_with_certs(
     }
 
     // Our Ingresses, oldest first; the others with the reason.
-    let mut ours: Vec<&Ingress> = Vec::new();
+    let mut ours: Vec<(u32, &Ingress)> = Vec::new();
     let mut ignored = Vec::new();
-    for ing in &inputs.ingresses {
+    for (index, ing) in inputs.ingresses.iter().enumerate() {
         match classify(ing, &classes, default_ours, options) {
-            Ok(()) => ours.push(ing),
+            Ok(()) => ours.push((index as u32, ing)),
             Err(reason) => {
                 let id = object_ref(&ing.metadata);
                 ignored.push(IgnoredIngress {
@@ -252,18 +306,18 @@ pub fn build_with_certs(
             }
         }
     }
-    ours.sort_by_cached_key(|i| age_key(i));
+    ours.sort_by_cached_key(|(_, i)| age_key(i));
     let mut served_ingresses: Vec<ObjectRef> =
-        ours.iter().map(|i| object_ref(&i.metadata)).collect();
+        ours.iter().map(|(_, i)| object_ref(&i.metadata)).collect();
     served_ingresses.sort();
     ignored.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
-    let mut resolver = Resolver::new(inputs, options);
+    let mut resolver = Resolver::new(inputs, options, prior.map(|(s, r)| Prior::new(s, r)));
 
     // Routes, conflicts, default backends and TLS hosts, in age order.
     let paths_hint: usize = ours
         .iter()
-        .filter_map(|i| i.spec.as_ref()?.rules.as_ref())
+        .filter_map(|(_, i)| i.spec.as_ref()?.rules.as_ref())
         .flatten()
         .filter_map(|r| Some(r.http.as_ref()?.paths.len()))
         .sum();
@@ -280,7 +334,7 @@ pub fn build_with_certs(
     let mut tls_hosts: BTreeMap<HostPattern, TlsHost> = BTreeMap::new();
     let mut tls_secrets: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut tls_policies: BTreeMap<ObjectRef, IngressTls> = BTreeMap::new();
-    for (ii, ing) in ours.iter().enumerate() {
+    for (ii, &(input_index, ing)) in ours.iter().enumerate() {
         let id = object_ref(&ing.metadata);
         let namespace = ns_name(&ing.metadata).0;
         if let Some(policy) = ingress_tls(ing, &id, &mut diags) {
@@ -302,8 +356,13 @@ pub fn build_with_certs(
             );
         }
         if let Some(backend) = &spec.default_backend
-            && let Some(cluster) =
-                resolver.backend(backend, namespace, &id, &"spec.defaultBackend", &mut diags)
+            && let Some(cluster) = resolver.backend(
+                backend,
+                namespace,
+                (&id, input_index),
+                BackendField::Default,
+                &mut diags,
+            )
         {
             match &default_backend {
                 None => {
@@ -411,7 +470,7 @@ pub fn build_with_certs(
                 };
                 let key = (host_id, match_key, path_type.is_exact());
                 if let Some(&(winner, winner_field)) = taken.get(&key) {
-                    let winner = object_ref(&ours[winner].metadata);
+                    let winner = object_ref(&ours[winner].1.metadata);
                     // The same Ingress repeating a path is a slip, not a conflict between
                     // owners: name the earlier path rather than the Ingress itself.
                     let (severity, reason) = if winner == id {
@@ -432,9 +491,13 @@ pub fn build_with_certs(
                     diags.push(severity, "Ingress", &id, field.to_string(), reason);
                     continue;
                 }
-                let Some(cluster) =
-                    resolver.backend(&p.backend, namespace, &id, &field.backend(), &mut diags)
-                else {
+                let Some(cluster) = resolver.backend(
+                    &p.backend,
+                    namespace,
+                    (&id, input_index),
+                    BackendField::Path(field),
+                    &mut diags,
+                ) else {
                     continue;
                 };
                 taken.insert(key, (ii, field));
@@ -591,7 +654,11 @@ pub fn build_with_certs(
         }
     }
 
-    resolver.orphan_slices(&mut diags);
+    // Orphans depend on Services and EndpointSlices only: a prior build's still hold.
+    let orphans = match prior {
+        Some((_, reuse)) => reuse.orphans.clone(),
+        None => resolver.orphan_slices(),
+    };
 
     let (table, failed) = RouteTable::build(routes);
     for (route, reason) in failed {
@@ -607,24 +674,73 @@ pub fn build_with_certs(
         );
     }
 
-    let mut diagnostics = diags.0;
-    diagnostics.sort();
-    diagnostics.dedup();
-    Snapshot {
+    let clusters = resolver.clusters;
+    let reuse = Reuse {
+        fixed: diags.0,
+        uses: resolver.uses,
+        refused: resolver.refused,
+        orphans,
+    };
+    let diagnostics = reuse.diagnostics(&clusters, &inputs.ingresses);
+    let snapshot = Snapshot {
         generation: 0,
-        routes: table,
-        clusters: resolver.clusters.into_iter().map(Arc::new).collect(),
+        routes: Arc::new(table),
+        clusters,
         default_backend_source: default_backend.as_ref().and_then(|(_, src)| src.clone()),
         default_backend_max_body_size,
         default_backend: default_backend.map(|(c, _)| c),
-        tls: TlsTable {
+        tls: Arc::new(TlsTable {
             hosts: tls_hosts,
             certs,
             policies: tls_policies,
-        },
+        }),
         ignored,
         served_ingresses,
         diagnostics,
+    };
+    (snapshot, reuse)
+}
+
+impl Reuse {
+    /// All diagnostics of a build: the fixed ones and those the clusters' endpoints
+    /// cause, sorted, without duplicates.
+    fn diagnostics(
+        &self,
+        clusters: &[Arc<Cluster>],
+        ingresses: &[Arc<Ingress>],
+    ) -> Vec<Diagnostic> {
+        let mut diags = Diags(self.fixed.clone());
+        for u in &self.uses {
+            let cluster = &clusters[u.cluster as usize];
+            if matches!(cluster.upstream, Upstream::Endpoints { .. })
+                && cluster.active_endpoints().is_empty()
+            {
+                diags.push(
+                    Severity::Warning,
+                    "Ingress",
+                    &object_ref(&ingresses[u.ingress as usize].metadata),
+                    format!("{}.service", u.field),
+                    format!(
+                        "Service {} port {} has no ready or serving endpoints; the route answers 503",
+                        cluster.service, cluster.port
+                    ),
+                );
+            }
+        }
+        for (slice, reason) in self.refused.iter().flatten() {
+            diags.push(
+                Severity::Warning,
+                "EndpointSlice",
+                slice,
+                "endpoints",
+                format!("endpoint refused: {reason}"),
+            );
+        }
+        diags.0.extend(self.orphans.iter().map(|(_, d)| d.clone()));
+        let mut diagnostics = diags.0;
+        diagnostics.sort();
+        diagnostics.dedup();
+        diagnostics
     }
 }
 
@@ -741,38 +857,31 @@ fn classify(
     }
 }
 
-/// Resolves backends to clusters, once per Service port.
-struct Resolver<'a> {
-    options: &'a Options,
+/// Services, and EndpointSlices by the Service they are labelled with.
+struct Index<'a> {
     /// By (namespace, name), borrowed from the inputs.
     services: FastMap<(&'a str, &'a str), &'a Service>,
     /// By the (namespace, name) of the Service they are labelled with, sorted by name.
     slices: FastMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
-    /// Service (namespace, name) → the clusters made for its ports.
-    ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
-    clusters: Vec<Cluster>,
-    /// Endpoint addresses refused for safety, reported once per slice.
-    refused: BTreeSet<(ObjectRef, String)>,
 }
 
-impl<'a> Resolver<'a> {
-    fn new(inputs: &'a Inputs, options: &'a Options) -> Self {
+impl<'a> Index<'a> {
+    /// The Services (and the EndpointSlices labelled with them) whose `(namespace, name)`
+    /// `keep` accepts; `capacity` is how many to expect.
+    fn new(inputs: &'a Inputs, capacity: usize, keep: impl Fn(&(&str, &str)) -> bool) -> Self {
         let services = inputs
             .services
             .iter()
             .map(|s| (ns_name(&s.metadata), s.as_ref()))
+            .filter(|(key, _)| keep(key))
             .collect();
         let mut slices: FastMap<(&str, &str), Vec<&EndpointSlice>> =
-            FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default());
+            FastMap::with_capacity_and_hasher(capacity, Default::default());
         for s in &inputs.endpoint_slices {
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            if let Some(key) = slice_service(s)
+                && keep(&key)
             {
-                let ns = ns_name(&s.metadata).0;
-                slices.entry((ns, svc.as_str())).or_default().push(s);
+                slices.entry(key).or_default().push(s);
             }
         }
         for list in slices.values_mut() {
@@ -780,24 +889,96 @@ impl<'a> Resolver<'a> {
                 list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
             }
         }
+        Index { services, slices }
+    }
+}
+
+/// The clusters of an earlier build from the same Services, EndpointSlices and options:
+/// a cluster found here is taken as it is instead of being resolved again.
+struct Prior<'a> {
+    /// Service (namespace, name) → its clusters in `clusters`.
+    ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
+    clusters: &'a [Arc<Cluster>],
+    refused: &'a [Vec<(ObjectRef, String)>],
+}
+
+impl<'a> Prior<'a> {
+    fn new(snapshot: &'a Snapshot, reuse: &'a Reuse) -> Self {
+        let mut ids: FastMap<(&str, &str), Vec<(PortKey, ClusterId)>> =
+            FastMap::with_capacity_and_hasher(snapshot.clusters.len(), Default::default());
+        for (id, c) in snapshot.clusters.iter().enumerate() {
+            let port = match &c.port {
+                PortRef::Number(n) => PortKey::Number(*n),
+                PortRef::Name(name) => PortKey::Name(name),
+            };
+            ids.entry((c.service.namespace.as_str(), c.service.name.as_str()))
+                .or_default()
+                .push((port, id as ClusterId));
+        }
+        Prior {
+            ids,
+            clusters: &snapshot.clusters,
+            refused: &reuse.refused,
+        }
+    }
+}
+
+/// Resolves backends to clusters, once per Service port.
+struct Resolver<'a> {
+    options: &'a Options,
+    inputs: &'a Inputs,
+    /// Built when a cluster is first resolved.
+    index: OnceCell<Index<'a>>,
+    prior: Option<Prior<'a>>,
+    /// Service (namespace, name) → the clusters made for its ports.
+    ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
+    clusters: Vec<Arc<Cluster>>,
+    /// Per cluster, the endpoint addresses refused for safety: (EndpointSlice, reason).
+    refused: Vec<Vec<(ObjectRef, String)>>,
+    /// Every backend that resolved to pod endpoints.
+    uses: Vec<Use>,
+}
+
+impl<'a> Resolver<'a> {
+    /// A resolver over all of `inputs`; with `prior`, clusters of an earlier build from
+    /// the same Services and EndpointSlices are taken from there.
+    fn new(inputs: &'a Inputs, options: &'a Options, prior: Option<Prior<'a>>) -> Self {
+        let capacity = inputs.services.len();
         Resolver {
             options,
-            services,
-            slices,
-            ids: FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default()),
-            clusters: Vec::with_capacity(inputs.services.len()),
-            refused: BTreeSet::new(),
+            inputs,
+            index: OnceCell::new(),
+            prior,
+            ids: FastMap::with_capacity_and_hasher(capacity, Default::default()),
+            clusters: Vec::with_capacity(capacity),
+            refused: Vec::with_capacity(capacity),
+            uses: Vec::new(),
         }
     }
 
-    /// The cluster of an Ingress backend, with a diagnostic when it is unusable. `None`
-    /// when the backend itself is malformed (no route is made for it).
+    /// A resolver that knows only what `index` holds.
+    fn with_index(inputs: &'a Inputs, options: &'a Options, index: Index<'a>) -> Self {
+        Resolver {
+            index: OnceCell::from(index),
+            ..Resolver::new(inputs, options, None)
+        }
+    }
+
+    fn index(&self) -> &Index<'a> {
+        self.index
+            .get_or_init(|| Index::new(self.inputs, self.inputs.services.len(), |_| true))
+    }
+
+    /// The cluster of an Ingress backend, with a diagnostic when it is unresolved. `None`
+    /// when the backend itself is malformed (no route is made for it). `ingress` is the
+    /// Ingress and its index in [`Inputs::ingresses`]; a backend with pod endpoints is
+    /// recorded in `uses`, so that it is warned about while they are empty.
     fn backend(
         &mut self,
         backend: &'a IngressBackend,
         namespace: &'a str,
-        ingress: &ObjectRef,
-        field: &dyn fmt::Display,
+        (ingress, ingress_index): (&ObjectRef, u32),
+        field: BackendField,
         diags: &mut Diags,
     ) -> Option<ClusterId> {
         let Some(svc) = &backend.service else {
@@ -838,23 +1019,15 @@ impl<'a> Resolver<'a> {
                 format!("{field}.service"),
                 format!("{reason}; the route answers 503 until it is fixed"),
             );
-        } else if self.clusters[id as usize].active_endpoints().is_empty()
-            && matches!(
-                self.clusters[id as usize].upstream,
-                Upstream::Endpoints { .. }
-            )
-        {
-            let cluster = &self.clusters[id as usize];
-            diags.push(
-                Severity::Warning,
-                "Ingress",
-                ingress,
-                format!("{field}.service"),
-                format!(
-                    "Service {} port {} has no ready or serving endpoints; the route answers 503",
-                    cluster.service, cluster.port
-                ),
-            );
+        } else if matches!(
+            self.clusters[id as usize].upstream,
+            Upstream::Endpoints { .. }
+        ) {
+            self.uses.push(Use {
+                cluster: id,
+                ingress: ingress_index,
+                field,
+            });
         }
         Some(id)
     }
@@ -874,18 +1047,45 @@ impl<'a> Resolver<'a> {
         {
             return id;
         }
-        let port_ref = match port {
-            PortKey::Number(n) => PortRef::Number(n),
-            PortKey::Name(name) => PortRef::Name(name.to_string()),
+        let prior = self.prior.as_ref().and_then(|prior| {
+            let ports = prior.ids.get(&service)?;
+            let &(_, old) = ports.iter().find(|(p, _)| *p == port)?;
+            Some((
+                prior.clusters[old as usize].clone(),
+                prior.refused[old as usize].clone(),
+            ))
+        });
+        let (cluster, refused) = match prior {
+            Some(found) => found,
+            None => {
+                let port_ref = match port {
+                    PortKey::Number(n) => PortRef::Number(n),
+                    PortKey::Name(name) => PortRef::Name(name.to_string()),
+                };
+                let mut refused = Vec::new();
+                let cluster = self.resolve(
+                    &ObjectRef::new(service.0, service.1),
+                    &port_ref,
+                    &mut refused,
+                );
+                (Arc::new(cluster), refused)
+            }
         };
-        let cluster = self.resolve(&ObjectRef::new(service.0, service.1), &port_ref);
         let id = self.clusters.len() as ClusterId;
         self.clusters.push(cluster);
+        self.refused.push(refused);
         self.ids.entry(service).or_default().push((port, id));
         id
     }
 
-    fn resolve(&mut self, service: &ObjectRef, port: &PortRef) -> Cluster {
+    /// The cluster of a Service port; endpoint addresses refused for safety are added to
+    /// `refused` as (EndpointSlice, reason).
+    fn resolve(
+        &self,
+        service: &ObjectRef,
+        port: &PortRef,
+        refused: &mut Vec<(ObjectRef, String)>,
+    ) -> Cluster {
         let mut cluster = Cluster {
             service: service.clone(),
             port: port.clone(),
@@ -897,7 +1097,8 @@ impl<'a> Resolver<'a> {
         };
         let unresolved = |reason: String| Upstream::Unresolved { reason };
         let key = (service.namespace.as_str(), service.name.as_str());
-        let Some(svc) = self.services.get(&key).copied() else {
+        let index = self.index();
+        let Some(svc) = index.services.get(&key).copied() else {
             cluster.upstream = unresolved(format!("Service {service} not found"));
             return cluster;
         };
@@ -948,7 +1149,11 @@ impl<'a> Resolver<'a> {
         cluster.service_port = Some(sp.port);
         cluster.app_protocol = sp.app_protocol.clone();
 
-        let slices = self.slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let slices = index
+            .slices
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let mut all: Vec<Endpoint> = Vec::with_capacity(
             slices
                 .iter()
@@ -968,8 +1173,7 @@ impl<'a> Resolver<'a> {
                 };
                 let addr = SocketAddr::new(ip, target);
                 if let Some(reason) = endpoint_problem(addr, self.options) {
-                    self.refused
-                        .insert((object_ref(&slice.metadata), format!("{addr}: {reason}")));
+                    refused.push((object_ref(&slice.metadata), format!("{addr}: {reason}")));
                     continue;
                 }
                 let c = ep.conditions.as_ref();
@@ -1008,32 +1212,37 @@ impl<'a> Resolver<'a> {
         cluster
     }
 
-    /// Diagnostics for refused endpoints and for EndpointSlices whose Service is missing.
-    fn orphan_slices(&self, diags: &mut Diags) {
-        for (slice, reason) in &self.refused {
-            diags.push(
-                Severity::Warning,
-                "EndpointSlice",
-                slice,
-                "endpoints",
-                format!("endpoint refused: {reason}"),
-            );
-        }
-        for (service, slices) in &self.slices {
-            if !self.services.contains_key(service) {
+    /// Diagnostics for EndpointSlices whose Service is missing, by that Service.
+    fn orphan_slices(&self) -> Vec<(ObjectRef, Diagnostic)> {
+        let mut out = Vec::new();
+        let index = self.index();
+        for (service, slices) in &index.slices {
+            if !index.services.contains_key(service) {
                 let service = ObjectRef::new(service.0, service.1);
                 for s in slices {
-                    diags.push(
-                        Severity::Warning,
-                        "EndpointSlice",
-                        &object_ref(&s.metadata),
-                        format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
-                        format!("Service {service} not found"),
-                    );
+                    let slice = object_ref(&s.metadata);
+                    out.push((
+                        service.clone(),
+                        Diagnostic {
+                            severity: Severity::Warning,
+                            kind: "EndpointSlice".into(),
+                            namespace: slice.namespace,
+                            name: slice.name,
+                            field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                            reason: format!("Service {service} not found"),
+                        },
+                    ));
                 }
             }
         }
+        out
     }
+}
+
+/// The `(namespace, name)` of the Service an EndpointSlice is labelled with, if any.
+fn slice_service(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let svc = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((ns_name(&slice.metadata).0, svc.as_str()))
 }
 
 /// The EndpointSlice port that carries a Service port: matched by port name (as the
