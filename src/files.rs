@@ -607,7 +607,8 @@ pub const RELOAD_SETTLE: Duration = Duration::from_millis(3);
 /// What a file event says about the content at its paths.
 #[derive(Debug)]
 enum FileEvent {
-    /// Complete: closed after writing, renamed into place, or removed.
+    /// Complete: closed after writing, renamed into place, removed, or with only its
+    /// metadata changed.
     Settled(Vec<PathBuf>),
     /// Perhaps still being written: created, or modified while open.
     Writing(Vec<PathBuf>),
@@ -623,9 +624,8 @@ impl FileEvent {
                 Some(FileEvent::Settled(paths))
             }
             EventKind::Access(_) => None,
-            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
-                Some(FileEvent::Settled(paths))
-            }
+            EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Metadata(_))
+            | EventKind::Remove(_) => Some(FileEvent::Settled(paths)),
             _ => Some(FileEvent::Writing(paths)),
         }
     }
