@@ -590,43 +590,43 @@ fn touches_manifests(paths: &[PathBuf], changed: &Path) -> bool {
     })
 }
 
-/// How long file events must be quiet before the manifests are re-read while a file may
-/// still be being written (it was created or modified, and its writer has not closed
-/// it), or after changes whose end cannot be seen (metadata). Short, because a change
-/// should be served within tens of milliseconds; a file caught half-written either does
-/// not parse (and is read again when the writer's next event comes) or is replaced by
-/// its complete content at that next event.
+/// How long file events must be quiet before the manifests are re-read after a file was
+/// written in place (created, modified, truncated). Short, because a change should be
+/// served within tens of milliseconds; a file caught half-written (a writer that pauses,
+/// or opens the file more than once) either does not parse (and is read again when the
+/// writer's next event comes) or is replaced by its complete content at that next
+/// event.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// How long file events must be quiet before the manifests are re-read when every file
-/// that changed is complete: closed by its writer, renamed into place (editors,
-/// `kubectl`-style tools, ConfigMap volumes) or removed. Only long enough to take a
-/// burst of such changes (a `git checkout`) in one reload.
+/// How long file events must be quiet before the manifests are re-read when every event
+/// was a rename, a removal or a metadata change: files replaced whole, as editors and
+/// deployment tools write them (write a temporary file, rename it into place), so nothing
+/// can be caught half-written. Only long enough to take a burst of them in one reload.
 pub const RELOAD_SETTLE: Duration = Duration::from_millis(3);
 
 /// What a file event says about the content at its paths.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FileEvent {
-    /// Complete: closed after writing, renamed into place, removed, or with only its
-    /// metadata changed.
-    Settled(Vec<PathBuf>),
-    /// Perhaps still being written: created, or modified while open.
-    Writing(Vec<PathBuf>),
+    /// Replaced whole (renamed into place), removed, or only its metadata changed.
+    Replaced,
+    /// Written in place, or anything else (including a lost event queue): perhaps not
+    /// complete yet.
+    Written,
 }
 
 impl FileEvent {
-    /// `None` for events that change nothing a load reads (reads, opens).
-    fn of(kind: &notify::EventKind, paths: Vec<PathBuf>) -> Option<FileEvent> {
+    /// `None` for events that change nothing a load reads (opens, reads, closes).
+    fn of(event: &notify::Event) -> Option<FileEvent> {
         use notify::EventKind;
-        use notify::event::{AccessKind, AccessMode, ModifyKind};
-        match kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                Some(FileEvent::Settled(paths))
-            }
+        use notify::event::ModifyKind;
+        if event.need_rescan() {
+            return Some(FileEvent::Written);
+        }
+        match event.kind {
             EventKind::Access(_) => None,
             EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Metadata(_))
-            | EventKind::Remove(_) => Some(FileEvent::Settled(paths)),
-            _ => Some(FileEvent::Writing(paths)),
+            | EventKind::Remove(_) => Some(FileEvent::Replaced),
+            _ => Some(FileEvent::Written),
         }
     }
 }
@@ -645,9 +645,10 @@ pub async fn watch(
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<FileEvent>();
     let watched = paths.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // A lost event queue (inotify overflow) names no path: everything may have changed.
         if let Ok(ev) = res
-            && ev.paths.iter().any(|p| touches_manifests(&watched, p))
-            && let Some(event) = FileEvent::of(&ev.kind, ev.paths)
+            && (ev.need_rescan() || ev.paths.iter().any(|p| touches_manifests(&watched, p)))
+            && let Some(event) = FileEvent::of(&ev)
         {
             let _ = event_tx.send(event);
         }
@@ -700,37 +701,81 @@ pub async fn watch(
         }
     };
     reload(&tx).await;
-    // Paths created or modified and not yet closed, renamed or removed.
-    let mut writing: HashSet<PathBuf> = HashSet::new();
     loop {
         let first = tokio::select! {
             ev = event_rx.recv() => match ev { Some(ev) => ev, None => return Ok(()) },
             _ = tx.closed() => return Ok(()),
         };
-        // Wait until events stop for a moment: briefly when every changed file is
-        // complete, longer while one may still be being written.
+        // Wait until events stop for a moment: briefly while every file was replaced
+        // whole, longer once one was written in place.
+        let mut quiet = RELOAD_SETTLE;
         let mut next = Some(first);
         while let Some(event) = next.take() {
-            match event {
-                FileEvent::Settled(paths) => {
-                    for p in &paths {
-                        writing.remove(p);
-                    }
-                }
-                FileEvent::Writing(paths) => writing.extend(paths),
+            if event == FileEvent::Written {
+                quiet = RELOAD_DEBOUNCE;
             }
-            let quiet = if writing.is_empty() {
-                RELOAD_SETTLE
-            } else {
-                RELOAD_DEBOUNCE
-            };
             match tokio::time::timeout(quiet, event_rx.recv()).await {
                 Ok(Some(event)) => next = Some(event),
                 Ok(None) => return Ok(()),
                 Err(_) => {}
             }
         }
-        writing.clear();
         reload(&tx).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, Flag, MetadataKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+    use notify::{Event, EventKind};
+
+    use super::*;
+
+    fn of(kind: EventKind) -> Option<FileEvent> {
+        FileEvent::of(&Event::new(kind).add_path(PathBuf::from("/m/app.yaml")))
+    }
+
+    /// Only a burst of renames, removals and metadata changes is read after the short
+    /// settle time: an in-place write, even one its writer closed, may be followed by
+    /// another open that appends the rest.
+    #[test]
+    fn only_whole_replacements_settle_quickly() {
+        use FileEvent::{Replaced, Written};
+        for (kind, want) in [
+            (
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                Some(Replaced),
+            ),
+            (
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+                Some(Replaced),
+            ),
+            (EventKind::Remove(RemoveKind::File), Some(Replaced)),
+            (
+                EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+                Some(Replaced),
+            ),
+            (EventKind::Create(CreateKind::File), Some(Written)),
+            (EventKind::Create(CreateKind::Folder), Some(Written)),
+            (
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                Some(Written),
+            ),
+            (EventKind::Modify(ModifyKind::Any), Some(Written)),
+            (EventKind::Any, Some(Written)),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                None,
+            ),
+            (EventKind::Access(AccessKind::Open(AccessMode::Any)), None),
+        ] {
+            assert_eq!(of(kind), want, "{kind:?}");
+        }
+        // A lost event queue names no file and may hide any change.
+        let overflow = Event::new(EventKind::Other).set_flag(Flag::Rescan);
+        assert_eq!(FileEvent::of(&overflow), Some(Written));
     }
 }

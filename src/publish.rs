@@ -95,8 +95,10 @@ impl Publisher {
     /// after an EndpointSlice change only the clusters of its Service are resolved again.
     pub fn publish(&self, update: &Arc<SourceUpdate>) -> u64 {
         let started = Instant::now();
-        let previous = self.snapshots.load_full();
+        // Under the lock, so that the snapshot built on is the latest even if two calls
+        // overlapped.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.snapshots.load_full();
         let (mut snapshot, reuse, how) = match last
             .as_ref()
             .filter(|b| Arc::ptr_eq(&b.snapshot, &previous))
