@@ -622,6 +622,7 @@ impl RouteSeries {
 
     /// Records one answered request: `portcullis_requests_total` (with method) and
     /// `portcullis_request_duration_seconds` (without).
+    #[inline]
     pub fn observe_request(
         &self,
         metrics: &Metrics,
@@ -656,6 +657,7 @@ impl RouteSeries {
     }
 
     /// Records the body sizes of one finished exchange.
+    #[inline]
     pub fn observe_sizes(&self, metrics: &Metrics, request_bytes: u64, response_bytes: u64) {
         let labels = self.route_labels();
         self.request_size

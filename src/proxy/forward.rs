@@ -439,6 +439,7 @@ pin_project_lite::pin_project! {
 impl<F: Future> Future for Deadline<'_, F> {
     type Output = Option<F::Output>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(out) = this.exchange.poll(cx) {
@@ -744,6 +745,7 @@ impl Body for UpstreamBody {
 }
 
 impl Drop for UpstreamBody {
+    #[inline]
     fn drop(&mut self) {
         let Some(mut back) = self.back.take() else {
             return;
@@ -800,6 +802,7 @@ impl Pool {
     /// as ended, hyper sees that before writing and gives the request back (see
     /// [`UpstreamClient::send_http1`]); a close that crosses the request on the wire is
     /// the stale-connection case the handler retries.
+    #[inline]
     fn checkout(&self, key: &Target, now: Instant) -> Option<H1Conn> {
         let mut shard = self.shard(key);
         let list = shard.get_mut(key)?;

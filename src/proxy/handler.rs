@@ -352,6 +352,7 @@ struct Routed {
 
 /// Routes with the snapshot in force: one `load()`, and nothing borrowed from it
 /// survives this function. The TLS rules (421, redirect, HSTS) use the same snapshot.
+#[inline]
 fn route(
     inner: &Inner,
     conn: &ConnState,

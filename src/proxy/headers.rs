@@ -85,6 +85,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The request id for a request: the incoming `X-Request-ID` when it is 1 to 128
 /// visible ASCII characters (0x21–0x7e), else a new one.
+#[inline]
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&X_REQUEST_ID) {
         Some(v) if is_valid_request_id(v.as_bytes()) => v.clone(),

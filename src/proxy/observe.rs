@@ -145,6 +145,7 @@ pub(crate) struct Observer {
 
 /// Wraps `resp`'s body so that the exchange is recorded when the body ends, fails or
 /// is dropped. Upgrades (101) are recorded at once: their bytes flow in the tunnel.
+#[inline]
 pub(crate) fn finish_with(
     resp: Response<Answer>,
     exchange: Exchange,

@@ -25,6 +25,7 @@ pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
         .flatten()
 }
 
+#[inline]
 fn connection_has_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get_all(CONNECTION)
