@@ -447,13 +447,14 @@ async fn proxy(
     // RFC 9112 3.2: more than one Host is a 400; proxies disagreeing on which one
     // counts is a known way to smuggle requests past host-based rules.
     let mut hosts = parts.headers.get_all(HOST).iter();
-    if hosts.next().is_some() && hosts.next().is_some() {
+    let host_value = hosts.next();
+    if host_value.is_some() && hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_REQUEST_TARGET {
         return Err(ProxyError::UriTooLong);
     }
-    let host_header = match parts.headers.get(HOST) {
+    let host_header = match host_value {
         Some(v) => Some(
             v.to_str()
                 .map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?,
@@ -504,7 +505,7 @@ async fn proxy(
     );
 
     // The host as received, for X-Forwarded-Host and for a synthesised Host.
-    let received_host: Option<HeaderValue> = match parts.headers.get(HOST) {
+    let received_host: Option<HeaderValue> = match host_value {
         Some(v) => Some(v.clone()),
         None => authority.and_then(|a| HeaderValue::from_str(a).ok()),
     };

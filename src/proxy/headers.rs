@@ -34,13 +34,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &TRANSFER_ENCODING,
         &UPGRADE,
     ];
-    // One pass over the names (standard names compare as tags, without hashing) finds
-    // which of the fixed ones are present; most messages carry none, or only Connection.
+    // One pass over the names, without hashing, finds which of the fixed ones are
+    // present; most messages carry none, or only Connection.
     let mut present = [false; 7];
     for name in headers.keys() {
-        if let Some(i) = fixed.iter().position(|h| *h == name) {
-            present[i] = true;
-        }
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "te" => 3,
+            "trailer" => 4,
+            "transfer-encoding" => 5,
+            "upgrade" => 6,
+            _ => continue,
+        };
+        present[i] = true;
     }
     if !present.contains(&true) {
         return;
