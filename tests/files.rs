@@ -224,14 +224,16 @@ fn a_file_with_thousands_of_documents_loads() {
     assert_eq!(loaded.objects, 3_000);
 }
 
+/// A Service `name` with one port, as a manifest file.
+fn svc(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+    )
+}
+
 #[tokio::test]
 async fn a_reload_parses_only_changed_files_and_keeps_the_objects_of_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let svc = |name: &str, port: u16| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
-        )
-    };
     std::fs::write(dir.path().join("a.yaml"), svc("a", 80)).unwrap();
     std::fs::write(dir.path().join("b.yaml"), svc("b", 80)).unwrap();
     let (tx, mut rx) = watch::channel(None);
@@ -336,11 +338,6 @@ async fn a_configmap_style_swap_of_the_data_link_is_read() {
 #[tokio::test]
 async fn files_renamed_into_place_are_read_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let svc = |name: &str, port: u16| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
-        )
-    };
     for name in ["a", "b", "c"] {
         std::fs::write(dir.path().join(format!("{name}.yaml")), svc(name, 80)).unwrap();
     }
