@@ -4,7 +4,7 @@
 //! multi-document YAML and `kind: List` supported. A file that does not parse fails the
 //! whole load (so nothing is half-applied): the caller keeps what it had. An object that
 //! parses as YAML but not as its kind is skipped with a diagnostic naming file, line and
-//! field; the rest loads. [`watch`] re-reads the files that changed when one changes,
+//! field; the rest loads. [`watch()`] re-reads the files that changed when one changes,
 //! and keeps the parsed objects (the same `Arc`s) of the others.
 
 use std::collections::{HashMap, HashSet};

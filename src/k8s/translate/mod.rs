@@ -178,6 +178,15 @@ enum PortKey<'a> {
     Name(&'a str),
 }
 
+impl<'a> From<&'a PortRef> for PortKey<'a> {
+    fn from(port: &'a PortRef) -> Self {
+        match port {
+            PortRef::Number(n) => PortKey::Number(*n),
+            PortRef::Name(name) => PortKey::Name(name),
+        }
+    }
+}
+
 /// `(namespace, name)` borrowed from object metadata; namespace `default` when unset.
 fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
     (
@@ -220,9 +229,9 @@ pub fn build(inputs: &Inputs, options: &Options) -> Snapshot {
     build_with_certs(inputs, &inputs.last_good_certs, options)
 }
 
-/// What a build keeps so that a later build whose inputs differ only in EndpointSlices
-/// can redo just the clusters of the Services whose slices changed
-/// ([`rebuild_endpoints`]).
+/// What a build keeps so that a later build can start from its snapshot ([`rebuild`]):
+/// after an EndpointSlice change only the clusters of its Services are resolved again,
+/// and the diagnostics their endpoints cause are redone from this.
 #[derive(Debug, Default)]
 pub struct Reuse {
     /// Diagnostics that no EndpointSlice affects.
@@ -577,10 +586,7 @@ fn build_from<'a>(
     if default_backend.is_none()
         && let Some(flag) = &options.default_backend_service
     {
-        let port = match &flag.port {
-            PortRef::Number(n) => PortKey::Number(*n),
-            PortRef::Name(name) => PortKey::Name(name),
-        };
+        let port = PortKey::from(&flag.port);
         let cluster = resolver.cluster(
             (flag.service.namespace.as_str(), flag.service.name.as_str()),
             port,
@@ -907,10 +913,7 @@ impl<'a> Prior<'a> {
         let mut ids: FastMap<(&str, &str), Vec<(PortKey, ClusterId)>> =
             FastMap::with_capacity_and_hasher(snapshot.clusters.len(), Default::default());
         for (id, c) in snapshot.clusters.iter().enumerate() {
-            let port = match &c.port {
-                PortRef::Number(n) => PortKey::Number(*n),
-                PortRef::Name(name) => PortKey::Name(name),
-            };
+            let port = PortKey::from(&c.port);
             ids.entry((c.service.namespace.as_str(), c.service.name.as_str()))
                 .or_default()
                 .push((port, id as ClusterId));
