@@ -946,24 +946,36 @@ impl<'a> Resolver<'a> {
     /// A resolver over all of `inputs`; with `prior`, clusters of an earlier build from
     /// the same Services and EndpointSlices are taken from there.
     fn new(inputs: &'a Inputs, options: &'a Options, prior: Option<Prior<'a>>) -> Self {
-        let capacity = inputs.services.len();
+        Self::with(
+            inputs,
+            options,
+            OnceCell::new(),
+            prior,
+            inputs.services.len(),
+        )
+    }
+
+    /// A resolver that knows only what `index` holds, for a few clusters.
+    fn with_index(inputs: &'a Inputs, options: &'a Options, index: Index<'a>) -> Self {
+        Self::with(inputs, options, OnceCell::from(index), None, 0)
+    }
+
+    fn with(
+        inputs: &'a Inputs,
+        options: &'a Options,
+        index: OnceCell<Index<'a>>,
+        prior: Option<Prior<'a>>,
+        capacity: usize,
+    ) -> Self {
         Resolver {
             options,
             inputs,
-            index: OnceCell::new(),
+            index,
             prior,
             ids: FastMap::with_capacity_and_hasher(capacity, Default::default()),
             clusters: Vec::with_capacity(capacity),
             refused: Vec::with_capacity(capacity),
             uses: Vec::new(),
-        }
-    }
-
-    /// A resolver that knows only what `index` holds.
-    fn with_index(inputs: &'a Inputs, options: &'a Options, index: Index<'a>) -> Self {
-        Resolver {
-            index: OnceCell::from(index),
-            ..Resolver::new(inputs, options, None)
         }
     }
 
