@@ -5,16 +5,16 @@
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
+#[path = "support/child.rs"]
+mod child;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use apiserver::{ApiRequest, ApiServer, Kubeconfig, eventually};
+use child::LoggedChild;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,9 +26,7 @@ const LEASE: &str = "portcullis-leader";
 
 /// A `portcullis run` child process; killed on drop.
 struct Replica {
-    name: String,
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    proc: LoggedChild,
     _kubeconfig: Kubeconfig,
 }
 
@@ -56,64 +54,26 @@ impl Replica {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(&args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.args(&args)
             .env("POD_NAME", name)
             .env("POD_NAMESPACE", NS)
             .env("RUST_LOG", "info")
             .env_remove("POD_IP")
-            .env_remove("KUBECONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portcullis");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        let who = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("PORTCULLIS_TEST_LOGS").is_some() {
-                    eprintln!("[{who}] {line}");
-                }
-                sink.lock().expect("log lock").push(line);
-            }
-        });
+            .env_remove("KUBECONFIG");
         Replica {
-            name: name.into(),
-            child,
-            logs,
+            proc: LoggedChild::spawn(name, cmd),
             _kubeconfig: kubeconfig,
         }
     }
 
     fn logs(&self) -> String {
-        self.logs.lock().expect("log lock").join("\n")
-    }
-
-    /// The admin listener's address, from the "portcullis listening" log line.
-    async fn admin_addr(&self) -> SocketAddr {
-        let mut found = None;
-        let ok = eventually(SLACK, || {
-            found = self.logs.lock().expect("log lock").iter().find_map(|l| {
-                let rest = l.split("admin=").nth(1)?;
-                rest.split_whitespace().next()?.parse().ok()
-            });
-            found.is_some()
-        })
-        .await;
-        assert!(
-            ok,
-            "{} never logged its admin address:\n{}",
-            self.name,
-            self.logs()
-        );
-        found.expect("checked above")
+        self.proc.logs()
     }
 
     /// The value of `portcullis_leader` on this replica's /metrics.
     async fn leader_metric(&self) -> Option<i64> {
-        let addr = self.admin_addr().await;
+        let addr = self.proc.admin_addr(SLACK).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
@@ -127,33 +87,12 @@ impl Replica {
     }
 
     fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        self.proc.terminate();
     }
 
     /// Waits for the process to exit; its exit code.
     async fn wait_exit(&mut self) -> Option<i32> {
-        let mut code = None;
-        let exited = eventually(SLACK * 2, || match self.child.try_wait() {
-            Ok(Some(status)) => {
-                code = status.code();
-                true
-            }
-            _ => false,
-        })
-        .await;
-        assert!(exited, "{} did not exit:\n{}", self.name, self.logs());
-        code
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.wait_exit(SLACK * 2).await
     }
 }
 
@@ -230,7 +169,7 @@ async fn wait_leader_metric(replica: &Replica, want: i64) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{}: portcullis_leader is {got:?}, not {want}",
-            replica.name
+            replica.proc.name
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -310,7 +249,11 @@ async fn two_replicas_started_together_elect_one_writer() {
     wait_status(&server, "apps", "shop", &want).await;
     let holder = lease_holder(&server).expect("a leader");
     assert_eq!(writers(&server), BTreeSet::from([holder.clone()]));
-    let (leader, standby) = if holder == a.name { (&a, &b) } else { (&b, &a) };
+    let (leader, standby) = if holder == a.proc.name {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
     wait_leader_metric(leader, 1).await;
     assert_eq!(standby.leader_metric().await, Some(0));
     // Both tried to create the Lease or read it; exactly one create succeeded.
@@ -336,7 +279,7 @@ async fn a_crashed_leaders_lease_expires_and_the_standby_takes_over() {
     wait_status(&server, "apps", "web", &want).await;
 
     // SIGKILL: no release; the lease still names A until it expires.
-    a.child.kill().expect("kill replica-a");
+    a.proc.child.kill().expect("kill replica-a");
     let _ = a.wait_exit().await;
     assert_eq!(lease_holder(&server).as_deref(), Some("replica-a"));
     wait_holder(&server, "replica-b").await;
