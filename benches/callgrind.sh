@@ -43,12 +43,7 @@ command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
-if ((${#need_apt[@]})); then
-    echo "Installing ${need_apt[*]} (apt-get)…" >&2
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-        "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
@@ -63,36 +58,10 @@ else
 fi
 [[ -x $PORTCULLIS ]] || die "no Portcullis binary at $PORTCULLIS"
 
-read -r p_up p_nginx p_pc p_admin p_dash p_tls < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(6)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-')
+read -r p_up p_nginx p_pc p_admin p_dash p_tls < <(free_ports 6)
 [[ -n ${p_tls:-} ]] || die "could not pick free ports (python3)"
 
-cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 1;
-pid $RESULTS_DIR/nginx-upstream.pid;
-error_log $RESULTS_DIR/nginx-upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $RESULTS_DIR/ut-body;
-    proxy_temp_path $RESULTS_DIR/ut-proxy;
-    fastcgi_temp_path $RESULTS_DIR/ut-fastcgi;
-    uwsgi_temp_path $RESULTS_DIR/ut-uwsgi;
-    scgi_temp_path $RESULTS_DIR/ut-scgi;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$p_up backlog=4096;
-        location / { default_type text/plain; return 200 "ok\n"; }
-    }
-}
-EOF
+write_upstream_conf "$p_up"
 
 # The same proxy settings as benches/compare.sh, one process (no master) so that
 # callgrind sees the worker.
@@ -135,49 +104,10 @@ http {
 EOF
 
 mkdir -p "$RESULTS_DIR/manifests"
-cat >"$RESULTS_DIR/manifests/bench.yaml" <<EOF
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata:
-  name: bench
-  namespace: default
-spec:
-  rules:
-    - host: bench.local
-      http:
-        paths:
-          - path: /
-            pathType: Prefix
-            backend:
-              service:
-                name: upstream
-                port:
-                  number: 80
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: upstream
-  namespace: default
-spec:
-  ports:
-    - port: 80
-      targetPort: $p_up
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: upstream-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: upstream
-addressType: IPv4
-ports:
-  - port: $p_up
-endpoints:
-  - addresses: ["127.0.0.1"]
-    conditions: {ready: true}
-EOF
+{
+    ingress_yaml bench / upstream
+    backend_yaml upstream "$p_up"
+} >"$RESULTS_DIR/manifests/bench.yaml"
 
 
 

@@ -41,6 +41,8 @@
 #   LOAD_BALANCE [p2c]  Portcullis --load-balance
 #   RESULTS_DIR [a new temp dir]  results, generated configs and logs are kept here
 #   NO_BUILD [0]  1: use the existing release binary (PORTCULLIS_BIN or target/release)
+#   PGO [0]   1: measure the profile-guided build, target/pgo/portcullis, built first
+#             with benches/pgo.sh (about 15 minutes) unless NO_BUILD=1
 #   BASELINE_BIN []  another Portcullis binary (say, main's, before a change), measured
 #             as the target `portcullis-base` in the same interleaved rounds; the report
 #             adds its ratio to Portcullis (plain HTTP scenarios only)
@@ -62,6 +64,7 @@ UPSTREAM=${UPSTREAM:-nginx}
 PIN=${PIN:-1}
 LOAD_BALANCE=${LOAD_BALANCE:-p2c}
 NO_BUILD=${NO_BUILD:-0}
+PGO=${PGO:-0}
 
 bench_name=compare
 # shellcheck source=benches/lib.sh
@@ -105,12 +108,7 @@ done
 [[ $UPSTREAM == echo && " $SCENARIOS " == *" 1mib "* ]] && die "the 1mib scenario needs UPSTREAM=nginx (it serves the file)"
 [[ " $PEERS " == *" nginx "* ]] || die "PEERS must include nginx: the ratios are taken against it"
 ((want_haproxy)) && ! command -v haproxy >/dev/null && ! [[ -x /usr/sbin/haproxy ]] && need_apt+=(haproxy)
-if ((${#need_apt[@]})); then
-    echo "Installing ${need_apt[*]} (apt-get)…" >&2
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-        "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 # The Debian package may have started a system nginx on port 80; it does not matter
@@ -120,10 +118,18 @@ if [[ -n ${PORTCULLIS_BIN:-} ]]; then
     PORTCULLIS=$PORTCULLIS_BIN
 else
     target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
-    PORTCULLIS=$target_dir/release/portcullis
-    if [[ $NO_BUILD != 1 ]]; then
-        echo "Building Portcullis (cargo build --release)…" >&2
-        (cd "$repo_root" && env -u OUT_DIR cargo build --release --quiet)
+    if [[ $PGO == 1 ]]; then
+        PORTCULLIS=$target_dir/pgo/portcullis
+        if [[ $NO_BUILD != 1 ]]; then
+            echo "Building Portcullis with PGO (benches/pgo.sh)…" >&2
+            env -u RESULTS_DIR bash "$repo_root/benches/pgo.sh" >&2
+        fi
+    else
+        PORTCULLIS=$target_dir/release/portcullis
+        if [[ $NO_BUILD != 1 ]]; then
+            echo "Building Portcullis (cargo build --release)…" >&2
+            (cd "$repo_root" && env -u OUT_DIR cargo build --release --quiet)
+        fi
     fi
 fi
 [[ -x $PORTCULLIS ]] || die "no Portcullis binary at $PORTCULLIS"
@@ -164,13 +170,7 @@ fi
 
 # ---------------------------------------------------------------- ports
 # Bind port 0 for every listener at once (so they differ), print, release.
-read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls p_ha p_ha_tls p_pcb p_pcb_admin p_pcb_dash p_pcb_tls < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(17)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-')
+read -r p_up p_nginx p_pc p_admin p_dash p_nginx_tls p_pc_tls p_pcj p_pcj_admin p_pcj_dash p_pcj_tls p_ha p_ha_tls p_pcb p_pcb_admin p_pcb_dash p_pcb_tls < <(free_ports 17)
 [[ -n ${p_pcb_tls:-} ]] || die "could not pick free ports (python3)"
 
 # ---------------------------------------------------------------- TLS
@@ -178,7 +178,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 # (ECDSA P-256, chained to a development CA), served by nginx from the PEM files and by
 # Portcullis from the generated kubernetes.io/tls Secret (default/bench-local-tls).
 nginx_tls_server=""
-ingress_tls=""
+tls_secret=""
 haproxy_tls_bind=""
 haproxy_tls_global=""
 mkdir -p "$RESULTS_DIR/manifests"
@@ -190,9 +190,7 @@ if ((want_tls)); then
     # HAProxy takes the chain and the key in one file.
     cat "$RESULTS_DIR/certs/bench.local.pem" "$RESULTS_DIR/certs/bench.local-key.pem" \
         >"$RESULTS_DIR/certs/bench.local-haproxy.pem"
-    ingress_tls="  tls:
-    - hosts: [bench.local]
-      secretName: bench-local-tls"
+    tls_secret=bench-local-tls
     if [[ $TLS_RESUME == 1 ]]; then
         # nginx's defaults are tickets on, no server-side cache; a shared cache as well
         # makes it resume TLS 1.2 session ids too, as rustls' server does by default.
@@ -241,32 +239,7 @@ if ((want_tls)); then
 fi
 
 # ---------------------------------------------------------------- configs
-cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
-# The upstream: a static 200 from one nginx worker.
-daemon off;
-master_process on;
-worker_processes 1;
-pid $RESULTS_DIR/nginx-upstream.pid;
-error_log $RESULTS_DIR/nginx-upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $RESULTS_DIR/ut-body;
-    proxy_temp_path $RESULTS_DIR/ut-proxy;
-    fastcgi_temp_path $RESULTS_DIR/ut-fastcgi;
-    uwsgi_temp_path $RESULTS_DIR/ut-uwsgi;
-    scgi_temp_path $RESULTS_DIR/ut-scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
-    server {
-        listen 127.0.0.1:$p_up reuseport backlog=4096;
-        location / { default_type text/plain; return 200 "ok\n"; }
-        location = /1mib { default_type application/octet-stream; alias $RESULTS_DIR/1mib.bin; }
-    }
-}
-EOF
-head -c 1048576 /dev/urandom >"$RESULTS_DIR/1mib.bin"
-chmod 644 "$RESULTS_DIR/1mib.bin"
+write_upstream_conf "$p_up"
 
 cat >"$RESULTS_DIR/nginx-proxy.conf" <<EOF
 # nginx as the reverse proxy under test; as many workers as Portcullis has tokio
@@ -346,50 +319,10 @@ backend upstream
     server up 127.0.0.1:$p_up maxconn 1000
 EOF
 
-cat >"$RESULTS_DIR/manifests/bench.yaml" <<EOF
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata:
-  name: bench
-  namespace: default
-spec:
-$ingress_tls
-  rules:
-    - host: bench.local
-      http:
-        paths:
-          - path: /
-            pathType: Prefix
-            backend:
-              service:
-                name: upstream
-                port:
-                  number: 80
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: upstream
-  namespace: default
-spec:
-  ports:
-    - port: 80
-      targetPort: $p_up
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: upstream-1
-  namespace: default
-  labels:
-    kubernetes.io/service-name: upstream
-addressType: IPv4
-ports:
-  - port: $p_up
-endpoints:
-  - addresses: ["127.0.0.1"]
-    conditions: {ready: true}
-EOF
+{
+    ingress_yaml bench / upstream "$tls_secret"
+    backend_yaml upstream "$p_up"
+} >"$RESULTS_DIR/manifests/bench.yaml"
 
 # ---------------------------------------------------------------- start
 case $UPSTREAM in

@@ -30,12 +30,7 @@ need_apt=()
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
-if ((${#need_apt[@]})); then
-    echo "Installing ${need_apt[*]} (apt-get)…" >&2
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-        "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [[ -n ${PORTCULLIS_BIN:-} ]]; then
@@ -55,35 +50,10 @@ want_fds=$((CONNS + 1024))
 ulimit -n "$want_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 (($(ulimit -n) >= want_fds)) || die "ulimit -n is $(ulimit -n); $want_fds needed for CONNS=$CONNS"
 
-read -r p_up p_nginx p_pc p_admin p_dash p_pc2 p_admin2 p_dash2 p_tls p_tls2 < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(10)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-')
+read -r p_up p_nginx p_pc p_admin p_dash p_pc2 p_admin2 p_dash2 p_tls p_tls2 < <(free_ports 10)
 [[ -n ${p_tls2:-} ]] || die "could not pick free ports (python3)"
 
-cat >"$RESULTS_DIR/nginx-upstream.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 1;
-pid $RESULTS_DIR/nginx-upstream.pid;
-error_log $RESULTS_DIR/nginx-upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $RESULTS_DIR/ut-body;
-    proxy_temp_path $RESULTS_DIR/ut-proxy;
-    fastcgi_temp_path $RESULTS_DIR/ut-fastcgi;
-    uwsgi_temp_path $RESULTS_DIR/ut-uwsgi;
-    scgi_temp_path $RESULTS_DIR/ut-scgi;
-    server {
-        listen 127.0.0.1:$p_up backlog=4096;
-        location / { default_type text/plain; return 200 "ok\n"; }
-    }
-}
-EOF
+write_upstream_conf "$p_up"
 
 cat >"$RESULTS_DIR/nginx-proxy.conf" <<EOF
 daemon off;
