@@ -12,9 +12,12 @@ ENV PORTCULLIS_GIT_SHA=${PORTCULLIS_GIT_SHA}
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 # Declared bench targets must exist for cargo to read the manifest; benches/pgo.sh is
-# the profile-guided build, and tests/pgo_training.rs its Kubernetes-mode training.
+# the profile-guided build, and tests/pgo_training.rs (with its support files) its
+# Kubernetes-mode training. The PGO path has run on the project's machines as
+# `bash benches/pgo.sh`, not yet inside this container build.
 COPY benches ./benches
-COPY tests ./tests
+COPY tests/pgo_training.rs ./tests/
+COPY tests/support ./tests/support
 # PGO=1 (the default): benches/pgo.sh builds an instrumented binary, trains it on
 # loopback traffic in this build container (it installs wrk, nghttp2-client,
 # nginx-light and llvm-19 with apt-get), and builds the release binary with the

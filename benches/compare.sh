@@ -42,7 +42,8 @@
 #   RESULTS_DIR [a new temp dir]  results, generated configs and logs are kept here
 #   NO_BUILD [0]  1: use the existing release binary (PORTCULLIS_BIN or target/release)
 #   PGO [0]   1: measure the profile-guided build, target/pgo/portcullis, built first
-#             with benches/pgo.sh (about 15 minutes) unless NO_BUILD=1
+#             with benches/pgo.sh (about 15 minutes) unless NO_BUILD=1; PORTCULLIS_BIN,
+#             when set, is measured instead
 #   BASELINE_BIN []  another Portcullis binary (say, main's, before a change), measured
 #             as the target `portcullis-base` in the same interleaved rounds; the report
 #             adds its ratio to Portcullis (plain HTTP scenarios only)

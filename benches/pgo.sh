@@ -92,7 +92,7 @@ mkdir -p "$raw_dir" "$use_dir"
 # dependencies are instrumented (and later optimised with the profile).
 build() {
     local dir=$1 flags=$2
-    (cd "$repo_root" && env -u OUT_DIR CARGO_TARGET_DIR="$dir" RUSTFLAGS="$flags" \
+    (cd "$repo_root" && env -u OUT_DIR -u CARGO_ENCODED_RUSTFLAGS CARGO_TARGET_DIR="$dir" RUSTFLAGS="$flags" \
         cargo build --release --locked --quiet --bin portcullis --target "$host")
 }
 
@@ -105,8 +105,8 @@ instrumented=$gen_dir/$host/release/portcullis
 [[ -x $instrumented ]] || die "no instrumented binary at $instrumented"
 
 # ---------------------------------------------------------------- 2. training run
-# Every process of the instrumented binary writes its profile here when it exits.
-export LLVM_PROFILE_FILE="$raw_dir/portcullis-%p-%m.profraw"
+# Every process of the instrumented binary writes its profile into $raw_dir when it exits.
+profile_env=(LLVM_PROFILE_FILE="$raw_dir/portcullis-%p-%m.profraw")
 read -r p_up p_http p_https p_admin p_dash < <(free_ports 5)
 [[ -n ${p_dash:-} ]] || die "could not pick free ports (python3)"
 
@@ -115,8 +115,9 @@ head -c 65536 /dev/urandom >"$RESULTS_DIR/64kib.bin"
 write_upstream_conf "$p_up" "client_max_body_size 2m;"
 
 manifests=$RESULTS_DIR/manifests
+rm -rf "$manifests"
 mkdir -p "$manifests"
-"$instrumented" certs --hosts bench.local --out "$RESULTS_DIR/certs" >"$RESULTS_DIR/certs.out" 2>&1 ||
+env "${profile_env[@]}" "$instrumented" certs --hosts bench.local --out "$RESULTS_DIR/certs" >"$RESULTS_DIR/certs.out" 2>&1 ||
     die "portcullis certs failed (see $RESULTS_DIR/certs.out)"
 cp "$RESULTS_DIR/certs/bench.local-secret.yaml" "$manifests/"
 # Two Services with an EndpointSlice each (one endpoint), a TLS host, and a path split
@@ -130,11 +131,12 @@ cp "$RESULTS_DIR/certs/bench.local-secret.yaml" "$manifests/"
 
 start "$RESULTS_DIR/nginx-upstream.out" "$NGINX" -p "$RESULTS_DIR" \
     -e "$RESULTS_DIR/nginx-upstream-error.log" -c "$RESULTS_DIR/nginx-upstream.conf"
-wait_ready upstream "$started" "http://127.0.0.1:$p_up/"
+upstream=$started
+wait_ready upstream "$upstream" "http://127.0.0.1:$p_up/"
 
 # train LOG ACCESS_LOG: runs the instrumented proxy; its pid lands in $trainee.
 train() {
-    start "$1" env RUST_LOG=info "$instrumented" run --manifests "$manifests" \
+    start "$1" env RUST_LOG=info "${profile_env[@]}" "$instrumented" run --manifests "$manifests" \
         --http-addr "127.0.0.1:$p_http" --https-addr "127.0.0.1:$p_https" \
         --admin-addr "127.0.0.1:$p_admin" --dashboard-addr "127.0.0.1:$p_dash" \
         --access-log "$2" --shutdown-delay 0s --shutdown-grace 2s
@@ -142,10 +144,29 @@ train() {
     wait_ready portcullis "$trainee" "http://127.0.0.1:$p_http/"
 }
 
+# forget PID: the process has been waited for; the exit cleanup must not signal its
+# number again (it may belong to another process by then).
+forget() {
+    local keep=() p
+    for p in "${pids[@]}"; do
+        [[ $p == "$1" ]] || keep+=("$p")
+    done
+    pids=("${keep[@]}")
+}
+
 # stop PID: SIGTERM and wait; the profile is written when the process exits normally.
 stop() {
     kill -TERM "$1"
     wait "$1" || die "the instrumented proxy exited with an error (logs in $RESULTS_DIR)"
+    forget "$1"
+}
+
+# expect_profiles N: at least N raw profiles written so far (a process that cannot write
+# its profile only says so on stderr and still exits 0).
+expect_profiles() {
+    local raws=("$raw_dir"/*.profraw)
+    [[ -e ${raws[0]} && ${#raws[@]} -ge $1 ]] ||
+        die "expected $1 raw profiles in $raw_dir, found $(find "$raw_dir" -name '*.profraw' | wc -l)"
 }
 
 plain=http://127.0.0.1:$p_http
@@ -153,21 +174,24 @@ plain=http://127.0.0.1:$p_http
 # and SNI over TLS).
 h2c_url=http://bench.local:$p_http
 tls_url=https://bench.local:$p_https
-quiet() { "$@" >>"$RESULTS_DIR/load.out" 2>&1 || die "training load failed: $* (see $RESULTS_DIR/load.out)"; }
-# wk ARGS...: wrk; fails when an answer was not 2xx or 3xx.
+quiet() { timeout 120 "$@" >>"$RESULTS_DIR/load.out" 2>&1 || die "training load failed: $* (see $RESULTS_DIR/load.out)"; }
+# wk ARGS...: wrk; fails when no request completed, a connect failed, or an answer was
+# not 2xx or 3xx.
 wk() {
     local out
-    out=$(wrk "$@" 2>&1) || die "wrk $* failed: $out"
+    out=$(timeout 120 wrk "$@" 2>&1) || die "wrk $* failed: $out"
     echo "$out" >>"$RESULTS_DIR/load.out"
-    ! grep -q 'Non-2xx' <<<"$out" || die "wrk $* got errors: $out"
+    grep -Eq '^ *[1-9][0-9]* requests in' <<<"$out" || die "wrk $* completed no request: $out"
+    ! grep -Eq 'Non-2xx|Socket errors: connect [1-9]' <<<"$out" || die "wrk $* got errors: $out"
 }
 # h2 PORT ARGS...: h2load to 127.0.0.1:PORT; fails unless some answers were 2xx.
 h2() {
     local port=$1 out
     shift
-    out=$(h2load --connect-to="127.0.0.1:$port" "$@" 2>&1) || die "h2load $* failed: $out"
+    out=$(timeout 120 h2load --connect-to="127.0.0.1:$port" "$@" 2>&1) || die "h2load $* failed: $out"
     echo "$out" >>"$RESULTS_DIR/load.out"
-    grep -q 'status codes: [1-9][0-9]* 2xx' <<<"$out" || die "h2load $* got no 2xx answer: $out"
+    grep -q 'status codes: [1-9][0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx' <<<"$out" ||
+        die "h2load $* got no answers or not only 2xx: $out"
 }
 
 echo "pgo: 2/3 training run (about a minute)…" >&2
@@ -185,7 +209,7 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
 done
 h2 "$p_http" --h1 -c8 -n4000 -d "$RESULTS_DIR/64kib.bin" "$h2c_url/upload"
 h2 "$p_https" -c4 -m4 -n2000 -d "$RESULTS_DIR/64kib.bin" "$tls_url/upload"
-# Reloads while traffic runs: an Ingress file rewritten five times.
+# Reloads: an Ingress file rewritten five times, each followed by a second of load.
 for i in 1 2 3 4 5; do
     cat >"$manifests/extra.yaml" <<EOF
 apiVersion: networking.k8s.io/v1
@@ -208,13 +232,17 @@ spec:
 EOF
     wk -t1 -c8 -d1s -H 'Host: bench.local' "$plain/"
 done
+generation=$(curl -sf -m 10 "http://127.0.0.1:$p_admin/metrics" |
+    sed -n 's/^portcullis_snapshot_generation //p')
+((${generation:-0} >= 3)) || die "the rewritten Ingress files were not reloaded (snapshot generation ${generation:-unknown})"
 for path in /metrics /healthz /readyz; do
-    quiet curl -sf -o /dev/null "http://127.0.0.1:$p_admin$path"
+    quiet curl -sf -m 10 -o /dev/null "http://127.0.0.1:$p_admin$path"
 done
 for path in /debug/snapshot /api/v1/state /; do
-    quiet curl -sf -o /dev/null "http://127.0.0.1:$p_dash$path"
+    quiet curl -sf -m 10 -o /dev/null "http://127.0.0.1:$p_dash$path"
 done
 stop "$trainee"
+expect_profiles 2 # certs, and the run above
 
 # The access logs: JSON (in clusters) and text (the local default), written to files.
 for format in json text; do
@@ -229,9 +257,13 @@ done
 # test itself is a plain debug build.
 echo "pgo: Kubernetes mode training (tests/pgo_training.rs)…" >&2
 (cd "$repo_root" && env -u OUT_DIR -u RUSTFLAGS PORTCULLIS_PGO_BIN="$instrumented" \
-    cargo test --locked --quiet --test pgo_training -- --ignored) \
+    "${profile_env[@]}" timeout 900 cargo test --locked --quiet --test pgo_training -- --ignored) \
     >"$RESULTS_DIR/kube-training.out" 2>&1 ||
     die "the Kubernetes mode training failed (see $RESULTS_DIR/kube-training.out)"
+expect_profiles 5
+kill -TERM "$upstream"
+wait "$upstream" || true
+forget "$upstream"
 
 shopt -s nullglob
 raws=("$raw_dir"/*.profraw)

@@ -2,8 +2,9 @@
 //! (`#[ignore]`): it runs the binary named by `PORTCULLIS_PGO_BIN` (an instrumented
 //! build) in Kubernetes mode against the test API server, so the profile covers the
 //! kube-rs list/watch path, JSON decoding of every kind, the publisher's rebuilds and
-//! the Ingress status writer. It fails when a change is not published or the process
-//! does not exit cleanly, so a broken training run cannot pass unnoticed.
+//! the Ingress status writer. It fails when the initial sync is not published, when a
+//! batch of ten changes does not move the snapshot generation, or when the process does
+//! not exit cleanly, so a broken training run cannot pass unnoticed.
 //!
 //! ```sh
 //! PORTCULLIS_PGO_BIN=target/pgo-gen/<host>/release/portcullis \
@@ -160,9 +161,11 @@ async fn kubernetes_mode_training_load() {
     for n in 0..CHANGES {
         let i = n % APPS;
         match n % 3 {
-            0 => server.apply(slice(i, &[1 + (n % 7) as u8, 9], 8080)),
-            1 => server.apply(ingress(i, 1 + n % 3)),
-            _ => server.apply(service(i, 8080 + (n % 2) as u16)),
+            // Each change differs from the object's previous state: round `n / 3`
+            // of each kind moves an endpoint, the path count or the target port.
+            0 => server.apply(slice(i, &[1 + (n / 3 % 7) as u8, 9], 8080)),
+            1 => server.apply(ingress(i, 2 + n / 3 % 2)),
+            _ => server.apply(service(i, 8081 + (n / 3 % 2) as u16)),
         };
         if n % 10 == 9 {
             let now = generation_above(admin, last).await;
