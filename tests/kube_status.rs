@@ -14,10 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use apiserver::{ApiRequest, ApiServer, Kubeconfig, eventually};
-use child::LoggedChild;
+use child::{LOOPBACK_LISTENERS, LoggedChild, admin_metric};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Generous limit for everything that should happen within a few seconds.
 const SLACK: Duration = Duration::from_secs(30);
@@ -39,20 +38,13 @@ impl Replica {
             "run",
             "--kubeconfig",
             &kubeconfig.path.display().to_string(),
-            "--http-addr",
-            "127.0.0.1:0",
-            "--https-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--dashboard-addr",
-            "127.0.0.1:0",
             "--election-lease-duration",
             lease,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(LOOPBACK_LISTENERS.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.args(&args)
@@ -73,17 +65,7 @@ impl Replica {
 
     /// The value of `portcullis_leader` on this replica's /metrics.
     async fn leader_metric(&self) -> Option<i64> {
-        let addr = self.proc.admin_addr(SLACK).await;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix("portcullis_leader "))
-            .and_then(|v| v.trim().parse().ok())
+        admin_metric(self.proc.admin_addr(SLACK).await, "portcullis_leader").await
     }
 
     fn terminate(&self) {

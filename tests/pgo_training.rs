@@ -24,9 +24,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use apiserver::ApiServer;
-use child::LoggedChild;
+use child::{LOOPBACK_LISTENERS, LoggedChild, admin_metric};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SLACK: Duration = Duration::from_secs(60);
 /// Services, each with an Ingress and an EndpointSlice.
@@ -70,25 +69,11 @@ fn slice(i: usize, hosts: &[u8], port: u16) -> Value {
         "endpoints": endpoints})
 }
 
-/// The value of `portcullis_snapshot_generation` on the admin listener.
-async fn generation(admin: SocketAddr) -> Option<u64> {
-    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("portcullis_snapshot_generation "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Waits (up to `SLACK`) for a snapshot generation above `last`.
 async fn generation_above(admin: SocketAddr, last: u64) -> Option<u64> {
     let deadline = tokio::time::Instant::now() + SLACK;
     while tokio::time::Instant::now() < deadline {
-        if let Some(g) = generation(admin).await
+        if let Some(g) = admin_metric(admin, "portcullis_snapshot_generation").await
             && g > last
         {
             return Some(g);
@@ -119,20 +104,8 @@ async fn kubernetes_mode_training_load() {
     let mut cmd = Command::new(&bin);
     cmd.args(["run", "--kubeconfig"])
         .arg(&kubeconfig.path)
-        .args([
-            "--http-addr",
-            "127.0.0.1:0",
-            "--https-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--dashboard-addr",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--shutdown-delay",
-            "0s",
-        ])
+        .args(LOOPBACK_LISTENERS)
+        .args(["--access-log", "off", "--shutdown-delay", "0s"])
         .env("POD_NAME", "trainee")
         .env("POD_NAMESPACE", "portcullis")
         .env("RUST_LOG", "info")
@@ -155,7 +128,7 @@ async fn kubernetes_mode_training_load() {
         trainee.logs()
     );
 
-    let mut last = generation(admin)
+    let mut last = admin_metric(admin, "portcullis_snapshot_generation")
         .await
         .expect("snapshot generation on /metrics");
     for n in 0..CHANGES {

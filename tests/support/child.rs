@@ -10,6 +10,35 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The four listener flags of `portcullis run`, each on 127.0.0.1:0.
+pub const LOOPBACK_LISTENERS: [&str; 8] = [
+    "--http-addr",
+    "127.0.0.1:0",
+    "--https-addr",
+    "127.0.0.1:0",
+    "--admin-addr",
+    "127.0.0.1:0",
+    "--dashboard-addr",
+    "127.0.0.1:0",
+];
+
+/// The value of the unlabelled metric `name` on the admin listener at `admin`
+/// (`GET /metrics`); `None` when the listener does not answer or has no such line.
+pub async fn admin_metric<T: std::str::FromStr>(admin: SocketAddr, name: &str) -> Option<T> {
+    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub struct LoggedChild {
     pub name: String,
     pub child: Child,
