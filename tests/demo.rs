@@ -1,6 +1,9 @@
 //! `portcullis demo`: the newcomer's command prints curl lines that work exactly as
 //! printed. Runs the real binary on ports chosen by the OS and the real curl.
 
+#[path = "support/child.rs"]
+mod child;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -16,17 +19,8 @@ impl Drop for Demo {
 #[test]
 fn printed_curl_lines_work_as_printed() {
     let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args([
-            "demo",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--https-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--dashboard-addr",
-            "127.0.0.1:0",
-        ])
+        .arg("demo")
+        .args(child::LOOPBACK_LISTENERS)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -560,9 +560,12 @@ async fn watch_namespace_limits_what_is_read() {
     );
 }
 
+/// Runs the binary with `args` and every listener on 127.0.0.1:0; its exit code and
+/// stderr.
 fn portcullis_bin(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(args)
+        .args(support::child::LOOPBACK_LISTENERS)
         .env_remove("KUBECONFIG")
         .output()
         .expect("run portcullis");
@@ -574,19 +577,7 @@ fn portcullis_bin(args: &[&str]) -> (i32, String) {
 
 #[tokio::test]
 async fn a_kubeconfig_that_does_not_work_is_one_line_and_exit_2() {
-    let (code, err) = portcullis_bin(&[
-        "run",
-        "--kubeconfig",
-        "/nonexistent/kubeconfig",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--https-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--dashboard-addr",
-        "127.0.0.1:0",
-    ]);
+    let (code, err) = portcullis_bin(&["run", "--kubeconfig", "/nonexistent/kubeconfig"]);
     assert_eq!(code, 2, "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
@@ -601,19 +592,7 @@ async fn a_kubeconfig_that_does_not_work_is_one_line_and_exit_2() {
     let kubeconfig = server.kubeconfig();
     server.stop().await;
     let path = kubeconfig.path.display().to_string();
-    let (code, err) = portcullis_bin(&[
-        "run",
-        "--kubeconfig",
-        &path,
-        "--http-addr",
-        "127.0.0.1:0",
-        "--https-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--dashboard-addr",
-        "127.0.0.1:0",
-    ]);
+    let (code, err) = portcullis_bin(&["run", "--kubeconfig", &path]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.lines()

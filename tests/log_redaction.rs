@@ -48,20 +48,8 @@ impl Logged {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["run", "--manifests"])
             .arg(dir)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--https-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--dashboard-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                log_format,
-                "--access-log",
-                access_log,
-            ])
+            .args(support::child::LOOPBACK_LISTENERS)
+            .args(["--log-format", log_format, "--access-log", access_log])
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

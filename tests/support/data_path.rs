@@ -302,18 +302,8 @@ impl Binary {
             .arg("run")
             .arg("--manifests")
             .arg(dir)
-            .args([
-                "--http-addr",
-                "127.0.0.1:0",
-                "--https-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--dashboard-addr",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
+            .args(super::child::LOOPBACK_LISTENERS)
+            .args(["--log-format", "json"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -3,6 +3,7 @@
 //! helpers for what HTTP clients refuse to send.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod data_path;
 
 use std::net::SocketAddr;
