@@ -55,3 +55,8 @@ fn routing_corpus() {
 fn headers_corpus() {
     replay("headers", checks::headers);
 }
+
+#[test]
+fn paths_corpus() {
+    replay("paths", checks::paths);
+}

@@ -401,3 +401,135 @@ pub fn headers(data: &[u8]) {
         assert_eq!(before, after, "set_forwarded changed {s}");
     }
 }
+
+// ---------------------------------------------------------------------------------
+// paths: request paths → `model::path::normalize`, against a reference.
+
+/// Pieces that paths are made of: separators, dot segments plain and encoded, escapes of
+/// unreserved and reserved characters, refused escapes, broken escapes and backslashes.
+const PATH_PIECES: &[&str] = &[
+    "/", "/", "/", "//", ".", "..", "a", "b", "~", "-", "%2e", "%2E", "%2e%2e", "%61", "%7E",
+    "%2f", "%2F", "%5c", "%5C", "%00", "%20", "%3f", "%zz", "%4", "%", "\\", ";", "%25",
+];
+
+/// A request path from the input: pieces of [`PATH_PIECES`], or raw visible ASCII.
+pub fn path_of(data: &[u8]) -> String {
+    let mut c = Cursor { data };
+    let mut path = String::from("/");
+    while !c.is_empty() && path.len() < 256 {
+        let b = c.byte();
+        if b < 128 {
+            path.push_str(PATH_PIECES[b as usize % PATH_PIECES.len()]);
+        } else {
+            let raw = (b - 128) % 94 + 33;
+            path.push(raw as char);
+        }
+    }
+    path
+}
+
+/// A plain reference for [`portcullis::model::path::normalize`], written from the
+/// contract rather than for speed: decode unreserved escapes (refusing encoded `/`, `\`
+/// and NUL and broken escapes, upper-casing the rest), merge slashes by repeated replacement, then RFC 3986
+/// section 5.2.4's buffer algorithm, refusing a `..` that has nothing left to remove.
+pub fn reference_normalize(path: &str) -> Result<String, &'static str> {
+    if !path.starts_with('/') {
+        return Ok(path.to_string());
+    }
+    if path.contains('\\') {
+        return Err("backslash");
+    }
+    let chars: Vec<char> = path.chars().collect();
+    let mut decoded = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let escape: String = chars[i..chars.len().min(i + 3)].iter().collect();
+        let value = (chars[i] == '%' && escape.len() == 3)
+            .then(|| u8::from_str_radix(&escape[1..], 16).ok())
+            .flatten()
+            .filter(|_| escape[1..].chars().all(|c| c.is_ascii_hexdigit()));
+        match value {
+            Some(b'/' | b'\\') => return Err("encoded slash"),
+            Some(0) => return Err("nul"),
+            Some(v) if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => {
+                decoded.push(v as char);
+                i += 3;
+            }
+            Some(_) => {
+                decoded.push_str(&escape.to_ascii_uppercase());
+                i += 3;
+            }
+            None if chars[i] == '%' => return Err("bad escape"),
+            None => {
+                decoded.push(chars[i]);
+                i += 1;
+            }
+        }
+    }
+    while decoded.contains("//") {
+        decoded = decoded.replace("//", "/");
+    }
+    let mut input = decoded;
+    let mut output = String::new();
+    while !input.is_empty() {
+        if input.starts_with("/./") {
+            input.replace_range(..3, "/");
+        } else if input == "/." {
+            input = "/".into();
+        } else if input.starts_with("/../") || input == "/.." {
+            let cut = if input == "/.." { 3 } else { 4 };
+            input.replace_range(..cut, "/");
+            let Some(last) = output.rfind('/') else {
+                return Err("above root");
+            };
+            output.truncate(last);
+        } else {
+            let end = input[1..].find('/').map_or(input.len(), |p| p + 1);
+            output.push_str(&input[..end]);
+            input.replace_range(..end, "");
+        }
+    }
+    Ok(output)
+}
+
+/// Any path through `normalize`: it never panics; it agrees with
+/// [`reference_normalize`] on the result and on whether it refuses; and a normalised
+/// path is a fixed point (normalising it again changes nothing) that starts with `/` and
+/// holds no empty, `.` or `..` segment.
+pub fn paths(data: &[u8]) {
+    let path = path_of(data);
+    // Only what a request target can carry reaches the proxy.
+    let Ok(target) = http::uri::PathAndQuery::try_from(path.as_str()) else {
+        return;
+    };
+    check_path(target.path());
+}
+
+/// The checks of [`paths`] on one path.
+pub fn check_path(path: &str) {
+    let got = portcullis::model::path::normalize(path);
+    let want = reference_normalize(path);
+    match (&got, &want) {
+        (Ok(g), Ok(w)) => assert_eq!(g, w, "normalising {path:?}"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("normalising {path:?}: got {got:?}, the reference says {want:?}"),
+    }
+    let Ok(normal) = got else { return };
+    if !path.starts_with('/') {
+        return;
+    }
+    assert!(normal.starts_with('/'), "{path:?} → {normal:?}");
+    let again = portcullis::model::path::normalize(&normal);
+    assert_eq!(
+        again.as_deref(),
+        Ok(&*normal),
+        "not a fixed point: {path:?}"
+    );
+    let inner = normal.strip_suffix('/').unwrap_or(&normal);
+    for segment in inner.split('/').skip(1) {
+        assert!(
+            !matches!(segment, "" | "." | ".."),
+            "{path:?} → {normal:?} keeps the segment {segment:?}"
+        );
+    }
+}

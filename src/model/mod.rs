@@ -5,6 +5,7 @@
 //! made it. Nothing in this module knows about Kubernetes object types or does I/O.
 
 pub mod matching;
+pub mod path;
 pub mod router;
 pub mod size;
 pub mod tls;
@@ -207,8 +208,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Routes a request: `host` normalised as [`request_host`] does, `path` as received
-    /// without the query.
+    /// Routes a request: `host` normalised as [`request_host`] does, `path` without the
+    /// query, as [`path::normalize`] gives it (or as received, when normalisation is
+    /// off).
     pub fn decide(&self, host: Option<&str>, path: &str) -> Decision<'_> {
         if let Some(m) = self.routes.lookup(host, path) {
             return Decision::Route(m, &self.clusters[m.route.cluster as usize]);
