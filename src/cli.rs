@@ -240,6 +240,16 @@ pub struct RunArgs {
     /// Limit for reading request headers; also closes a connection that sends nothing.
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// A request body, a response body or an upgraded tunnel (WebSocket) that moves no
+    /// byte for this long is aborted: a request body before the response with 408, else
+    /// both connections closed (HTTP/1) or the stream reset (HTTP/2).
+    #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+    /// `on`: route, apply policies to and forward the normalised path (unreserved
+    /// percent-escapes decoded, dot segments removed, slashes merged; 400 for a path
+    /// climbing above `/`, an encoded `/` or `\`, a NUL). `off`: the path as received.
+    #[arg(long, value_enum, env = "PORTCULLIS_PATH_NORMALIZATION", default_value_t = OnOff::On)]
+    pub path_normalization: OnOff,
     /// Largest request head: HTTP/1 headers and the HTTP/2 header list alike (431
     /// beyond it). Sizes: bytes, or with a unit K, KB, Ki, KiB, M, Mi, G, Gi (any case).
     #[arg(long, env = "PORTCULLIS_MAX_HEADER_SIZE", default_value = "32KiB", value_parser = parse_size)]
@@ -287,6 +297,19 @@ pub struct RunArgs {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub status: StatusArgs,
+}
+
+/// A switch written `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    pub fn is_on(self) -> bool {
+        self == OnOff::On
+    }
 }
 
 /// Ingress status and leader election (Kubernetes mode only).

@@ -264,7 +264,12 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
         .map_err(|e| ExplainError::BadUrl(url.into(), e.to_string()))?
         .map(|h| h.into_owned())
         .unwrap_or_default();
-    let path = uri.path().to_string();
+    let received = uri.path();
+    let normalised = crate::model::path::normalize(received);
+    let path = match &normalised {
+        Ok(p) => p.to_string(),
+        Err(_) => received.to_string(),
+    };
     let host_opt = (!host.is_empty()).then_some(host.as_str());
 
     let mut ex = Explanation {
@@ -280,6 +285,20 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
         endpoints: Vec::new(),
         reason: String::new(),
         also_matched: Vec::new(),
+    };
+    // As the proxy does with `--path-normalization on` (the default): a path it refuses
+    // is a 400 before any rule is looked at; any other is routed normalised.
+    if let Err(e) = normalised {
+        ex.status = 400;
+        ex.reason = format!(
+            "The path {received} is refused before routing: 400 `bad request: {e}` (--path-normalization on)."
+        );
+        return Ok(ex);
+    }
+    let note = if path == received {
+        String::new()
+    } else {
+        format!(" (the path {received}, normalised)")
     };
     let decision = snapshot.decide(host_opt, &path);
     let winner = match decision {
@@ -339,7 +358,7 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
                 t => t.to_string(),
             };
             ex.reason = format!(
-                "Matched {host_part}, path {kind} {} (length {}) of Ingress {} rule {} path {}{}.",
+                "Matched {host_part}, path {kind} {} (length {}) of Ingress {} rule {} path {}{}{note}.",
                 r.path.path,
                 r.path.length(),
                 r.ingress,

@@ -120,6 +120,18 @@ pub struct Metrics {
     /// upstream body failed (the upstream closed, reset or broke framing) after the head
     /// had been sent downstream, so the downstream connection or stream was aborted.
     pub upstream_body_errors_total: IntCounterVec,
+    /// `portcullis_retry_budget_exhausted_total{namespace,service}`: failed attempts that
+    /// could have been retried, answered instead because the Service's retry budget was
+    /// spent.
+    pub retry_budget_exhausted_total: IntCounterVec,
+    /// `portcullis_stream_idle_timeouts_total{direction}`: streams aborted after moving no
+    /// byte for `--stream-idle-timeout`; direction `request` (the request body from
+    /// downstream), `response` (the response body from upstream) or `tunnel` (an
+    /// upgraded connection, both ways).
+    pub stream_idle_timeouts_total: IntCounterVec,
+    /// `portcullis_path_normalization_rejected_total`: requests answered 400 because
+    /// their path could not be normalised.
+    pub path_normalization_rejected_total: IntCounter,
     /// `portcullis_leader`: 1 while this replica holds the leader Lease and so writes
     /// Ingress status, else 0.
     pub leader: IntGauge,
@@ -294,7 +306,7 @@ impl Metrics {
         let upstream_retries_total = IntCounterVec::new(
             Opts::new(
                 "portcullis_upstream_retries_total",
-                "Requests retried upstream, by reason (connect, stale_connection).",
+                "Requests retried upstream, by reason (connect, stale_connection, reset_before_response).",
             ),
             &["namespace", "service", "reason"],
         )
@@ -305,6 +317,27 @@ impl Metrics {
                 "Responses cut short because the upstream body failed after the head was sent.",
             ),
             &["namespace", "ingress", "service"],
+        )
+        .expect("static metric definition is valid");
+        let retry_budget_exhausted_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_retry_budget_exhausted_total",
+                "Retryable upstream failures answered because the Service's retry budget was spent.",
+            ),
+            &["namespace", "service"],
+        )
+        .expect("static metric definition is valid");
+        let stream_idle_timeouts_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_stream_idle_timeouts_total",
+                "Streams aborted after moving no byte for the stream idle timeout, by direction (request, response, tunnel).",
+            ),
+            &["direction"],
+        )
+        .expect("static metric definition is valid");
+        let path_normalization_rejected_total = IntCounter::new(
+            "portcullis_path_normalization_rejected_total",
+            "Requests answered 400 because their path could not be normalised.",
         )
         .expect("static metric definition is valid");
         let tls_handshakes_total = IntCounterVec::new(
@@ -353,6 +386,9 @@ impl Metrics {
             Box::new(endpoint_ejections_total.clone()),
             Box::new(upstream_retries_total.clone()),
             Box::new(upstream_body_errors_total.clone()),
+            Box::new(retry_budget_exhausted_total.clone()),
+            Box::new(stream_idle_timeouts_total.clone()),
+            Box::new(path_normalization_rejected_total.clone()),
             Box::new(leader.clone()),
             Box::new(tls_handshakes_total.clone()),
             Box::new(tls_handshake_errors_total.clone()),
@@ -385,6 +421,9 @@ impl Metrics {
             endpoint_ejections_total,
             upstream_retries_total,
             upstream_body_errors_total,
+            retry_budget_exhausted_total,
+            stream_idle_timeouts_total,
+            path_normalization_rejected_total,
             leader,
             tls_handshakes_total,
             tls_handshake_errors_total,

@@ -60,6 +60,8 @@ impl RunArgs {
             response_timeout: self.upstream_response_timeout,
             idle_timeout: self.upstream_idle_timeout,
             header_read_timeout: self.header_read_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
+            path_normalization: self.path_normalization.is_on(),
             max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
             max_body_size: self.max_body_size,
             max_connections: self.max_connections,

@@ -65,11 +65,7 @@ fn is_normal(b: &[u8]) -> Result<bool, PathError> {
         match c {
             b'%' => normal = false,
             b'\\' => return Err(PathError::Backslash),
-            b'/' => {
-                if is_dot_segment(b, i + 1) || b.get(i + 1) == Some(&b'/') {
-                    normal = false;
-                }
-            }
+            b'/' if is_dot_segment(b, i + 1) || b.get(i + 1) == Some(&b'/') => normal = false,
             _ => {}
         }
     }

@@ -401,6 +401,20 @@ impl Balancer {
             .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
     }
 
+    /// Requests in flight across `cluster`'s active endpoints: the load the retry budget
+    /// measures against. Scans the cluster, so it is for the retry path only.
+    pub fn cluster_in_flight(&self, cluster: &Cluster) -> usize {
+        let Upstream::Endpoints { active, .. } = &cluster.upstream else {
+            return 0;
+        };
+        let read = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        active
+            .iter()
+            .filter_map(|a| read.get(a))
+            .map(|s| s.in_flight.load(Ordering::Acquire))
+            .sum()
+    }
+
     /// Whether `addr` is ejected now.
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
         let now = self.now();

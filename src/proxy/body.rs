@@ -8,11 +8,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus::IntCounter;
+use tokio::time::Sleep;
 
 use super::balance::InFlight;
 use super::errors::BoxError;
@@ -35,15 +38,21 @@ pub(crate) enum Answer {
     Upstream {
         body: UpstreamBody,
         guard: Option<InFlight>,
+        idle: IdleTimer,
     },
     /// A generated answer, or an upgrade's empty body.
     Own(ProxyBody),
 }
 
 impl Answer {
-    /// A proxied upstream body, streamed; see [`Answer::Upstream`].
-    pub fn streamed(body: UpstreamBody, guard: Option<InFlight>) -> Answer {
-        Answer::Upstream { body, guard }
+    /// A proxied upstream body, streamed; see [`Answer::Upstream`]. It fails with
+    /// [`StreamIdle`] once the upstream sends nothing for `idle`.
+    pub fn streamed(body: UpstreamBody, guard: Option<InFlight>, idle: Duration) -> Answer {
+        Answer::Upstream {
+            body,
+            guard,
+            idle: IdleTimer::new(idle),
+        }
     }
 }
 
@@ -56,11 +65,20 @@ impl Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Answer::Upstream { body, guard } => {
+            Answer::Upstream { body, guard, idle } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match polled {
-                    Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        idle.progressed();
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Pending => {
+                        if idle.expired(cx) {
+                            guard.take();
+                            return Poll::Ready(Some(Err(Box::new(StreamIdle))));
+                        }
+                        Poll::Pending
+                    }
                     Poll::Ready(None) => {
                         guard.take();
                         Poll::Ready(None)
@@ -90,12 +108,75 @@ impl Body for Answer {
     }
 }
 
+/// A response body from upstream, or a request body from downstream, that moved no
+/// byte for the stream idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle timeout")]
+pub struct StreamIdle;
+
+/// The stream idle deadline of one body: armed when a poll finds nothing to read, and
+/// disarmed by the next frame, so it fires only after `limit` without any. The timer is
+/// made the first time it is armed: a body whose frames are always ready costs none.
+pub(crate) struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    pub fn new(limit: Duration) -> IdleTimer {
+        IdleTimer {
+            limit,
+            sleep: None,
+            armed: false,
+        }
+    }
+
+    /// A frame arrived.
+    #[inline]
+    pub fn progressed(&mut self) {
+        self.armed = false;
+    }
+
+    /// Called when the body had nothing to read: arms the deadline (`limit` from now)
+    /// unless it is armed already, and tells whether it has passed; until then `cx` is
+    /// woken when it does.
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            self.armed = true;
+            let now = tokio::time::Instant::now();
+            // A limit too large to add never fires (about 30 years out).
+            let deadline = now
+                .checked_add(self.limit)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+            match self.sleep.as_mut() {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// The stream idle limit of request bodies and where their timeouts are counted.
+#[derive(Debug, Clone)]
+pub struct RequestIdle {
+    pub limit: Duration,
+    /// `stream_idle_timeouts_total{direction="request"}`.
+    pub timeouts: IntCounter,
+}
+
 /// Why the request body stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestBodyError {
     /// More bytes than `max_body_size` arrived.
     #[error("request body too large")]
     TooLarge,
+    /// The client sent no byte of its body for the stream idle timeout.
+    #[error("request body idle timeout")]
+    Idle(#[source] StreamIdle),
     /// Reading from downstream failed (the client went away, or sent bad framing).
     #[error("reading the request body failed")]
     Downstream(#[source] hyper::Error),
@@ -108,6 +189,7 @@ pub enum RequestBodyError {
 struct BodySource {
     slot: Mutex<Option<Incoming>>,
     progress: Arc<BodyProgress>,
+    idle: RequestIdle,
 }
 
 /// How far a request body got: bytes read from downstream across attempts (for metrics
@@ -158,14 +240,19 @@ pub struct RequestBody {
     taken: bool,
     limit: Option<u64>,
     seen: u64,
+    /// Made when this attempt takes the body from its source.
+    idle: Option<IdleTimer>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+    /// `inner` limited to `limit` bytes, failing with [`RequestBodyError::Idle`] when
+    /// the client sends nothing for `idle.limit`.
+    pub fn new(inner: Incoming, limit: Option<u64>, idle: &RequestIdle) -> RequestBody {
         let source = (!inner.is_end_stream()).then(|| {
             Arc::new(BodySource {
                 slot: Mutex::new(Some(inner)),
                 progress: Arc::default(),
+                idle: idle.clone(),
             })
         });
         RequestBody {
@@ -174,6 +261,7 @@ impl RequestBody {
             taken: false,
             limit,
             seen: 0,
+            idle: None,
         }
     }
 
@@ -212,6 +300,7 @@ impl RequestBody {
             taken: false,
             limit: self.limit,
             seen: 0,
+            idle: None,
         })
     }
 
@@ -236,11 +325,31 @@ impl Body for RequestBody {
             this.taken = true;
             let taken = this.slot().and_then(|mut slot| slot.take());
             this.inner = taken;
+            this.idle = this.source.as_ref().map(|s| IdleTimer::new(s.idle.limit));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
+        if let Some(idle) = this.idle.as_mut() {
+            if polled.is_pending() {
+                if idle.expired(cx) {
+                    // Counted and logged here, once: the error ends this body, and no
+                    // other attempt can take it (it was read from).
+                    if let Some(source) = &this.source {
+                        source.idle.timeouts.inc();
+                    }
+                    tracing::info!(
+                        limit = ?idle.limit,
+                        "request body idle: no byte from the client for the stream idle timeout; aborting"
+                    );
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(RequestBodyError::Idle(StreamIdle))));
+                }
+            } else {
+                idle.progressed();
+            }
+        }
         // hyper stops polling once `is_end_stream` says so, so the end is recorded with
         // the last frame too, not only at `None`.
         let ended = match &polled {

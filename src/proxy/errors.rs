@@ -38,6 +38,9 @@ pub enum ProxyError {
     /// The request cannot be forwarded as sent (such as a non-ASCII `Host`).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The path cannot be normalised (`--path-normalization on`).
+    #[error("bad request: {0}")]
+    Path(#[source] crate::model::path::PathError),
     /// The request target (path and query) is longer than the proxy accepts.
     #[error("request target too long")]
     UriTooLong,
@@ -60,6 +63,10 @@ pub enum ProxyError {
     /// Reading the request body from downstream failed.
     #[error("request body error")]
     DownstreamBody(#[source] BoxError),
+    /// The client sent no byte of its request body for the stream idle timeout, before
+    /// the upstream answered.
+    #[error("request body idle timeout")]
+    RequestBodyIdle,
     /// Connecting or waiting for the response headers took too long.
     #[error("upstream timeout")]
     UpstreamTimeout,
@@ -78,10 +85,12 @@ impl ProxyError {
     /// The status code of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Host(_) | ProxyError::BadRequest(_) | ProxyError::DownstreamBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::Host(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::Path(_)
+            | ProxyError::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::RequestBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::HttpsRedirect(_) => StatusCode::PERMANENT_REDIRECT,
@@ -100,8 +109,10 @@ impl ProxyError {
             self,
             ProxyError::Host(_)
                 | ProxyError::BadRequest(_)
+                | ProxyError::Path(_)
                 | ProxyError::UriTooLong
                 | ProxyError::DownstreamBody(_)
+                | ProxyError::RequestBodyIdle
         )
     }
 
@@ -110,10 +121,12 @@ impl ProxyError {
         match self {
             ProxyError::Host(_)
             | ProxyError::BadRequest(_)
+            | ProxyError::Path(_)
             | ProxyError::UriTooLong
             | ProxyError::BodyTooLarge
             | ProxyError::Misdirected
-            | ProxyError::DownstreamBody(_) => Origin::Downstream,
+            | ProxyError::DownstreamBody(_)
+            | ProxyError::RequestBodyIdle => Origin::Downstream,
             ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoints(_)
             | ProxyError::HttpsRedirect(_) => Origin::Internal,

@@ -77,6 +77,9 @@ pub enum FailureKind {
     StaleConnection,
     /// A fresh connection was reset before a response: the endpoint is to be ejected.
     Reset,
+    /// A fresh connection was closed by the upstream after the request was written and
+    /// before a complete response head.
+    Closed,
     /// Anything else: never retried.
     Other,
 }
@@ -520,15 +523,16 @@ fn classify_http1(err: hyper::Error, reused: bool, body: &BodyProgress) -> Failu
             kind: FailureKind::Other,
         };
     }
+    let err = match downstream_failure(err) {
+        Ok(error) => {
+            return Failure {
+                error,
+                kind: FailureKind::Other,
+            };
+        }
+        Err(err) => err,
+    };
     let root: &(dyn std::error::Error + 'static) = &err;
-    if let Some(super::body::RequestBodyError::Downstream(_)) =
-        find_in_chain::<super::body::RequestBodyError>(root)
-    {
-        return Failure {
-            error: ProxyError::DownstreamBody(Box::new(err)),
-            kind: FailureKind::Other,
-        };
-    }
     let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
     match exchange_failure(&err, io_kind, reused) {
         Exchange::Timeout => Failure {
@@ -543,6 +547,23 @@ fn classify_http1(err: hyper::Error, reused: bool, body: &BodyProgress) -> Failu
             },
             kind,
         },
+    }
+}
+
+/// The answer to an exchange that failed because of the request body from downstream:
+/// its framing broke or the client went away (400, with `err` as the cause), or it went
+/// idle (408).
+fn downstream_failure<E>(err: E) -> Result<ProxyError, E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let root: &(dyn std::error::Error + 'static) = &err;
+    match find_in_chain::<super::body::RequestBodyError>(root) {
+        Some(super::body::RequestBodyError::Downstream(_)) => {
+            Ok(ProxyError::DownstreamBody(Box::new(err)))
+        }
+        Some(super::body::RequestBodyError::Idle(_)) => Ok(ProxyError::RequestBodyIdle),
+        _ => Err(err),
     }
 }
 
@@ -565,7 +586,7 @@ fn exchange_failure(h: &hyper::Error, io_kind: Option<io::ErrorKind>, reused: bo
         let kind = if reused {
             FailureKind::StaleConnection
         } else {
-            FailureKind::Other
+            FailureKind::Closed
         };
         Exchange::Failed("connection closed before response", kind)
     } else if h.is_timeout() {
@@ -607,14 +628,16 @@ fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) 
             kind: FailureKind::Connect,
         };
     }
-    if let Some(super::body::RequestBodyError::Downstream(_)) =
-        find_in_chain::<super::body::RequestBodyError>(root)
-    {
-        return Failure {
-            error: ProxyError::DownstreamBody(Box::new(err)),
-            kind: FailureKind::Other,
-        };
-    }
+    let err = match downstream_failure(err) {
+        Ok(error) => {
+            return Failure {
+                error,
+                kind: FailureKind::Other,
+            };
+        }
+        Err(err) => err,
+    };
+    let root: &(dyn std::error::Error + 'static) = &err;
     let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
     let (reason, kind) = if err.is_connect() {
         match io_kind {

@@ -4,15 +4,23 @@
 //! [`handle`] is the outer handler: it always produces a response. The inner
 //! [`proxy`] uses `?` with [`ProxyError`], which knows its status and body.
 //!
-//! One request is retried at most once for each of two reasons: after a failed connect,
-//! on another endpoint; after a pooled connection turned out closed before any response
-//! byte, on a fresh connection — both only while the request body can still be sent in
-//! full (and, for the second, when the method is idempotent or none of the body was
-//! read). So an endpoint that died with idle pooled connections costs no request: the
-//! fresh connection is refused, and the request moves on to another endpoint. Refused
-//! connects and resets are reported to passive health. A `101 Switching Protocols`
-//! answer to an upgrade request hands both sockets to a tunnel.
+//! One request is retried at most once for each of three reasons:
+//! - after a failed connect, on another endpoint (nothing was sent);
+//! - after a pooled connection turned out closed before any response byte, on a fresh
+//!   connection to the same endpoint (the keep-alive race);
+//! - after a connection, fresh or pooled, was reset or closed after the request was
+//!   written and before a response head: on another endpoint (the same one when it is
+//!   the only one), only for an idempotent method without a body, and only within the
+//!   Service's retry budget ([`super::retry`]).
+//!
+//! The first two only while the request body can still be sent in full (and, for the
+//! second, when the method is idempotent or none of the body was read). So an endpoint
+//! that dies, with idle pooled connections or mid-request, costs no GET: the fresh
+//! connection is refused or the request reset, and it moves on to another endpoint.
+//! Refused connects and resets are reported to passive health. A `101 Switching
+//! Protocols` answer to an upgrade request hands both sockets to a tunnel.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,6 +47,7 @@ use super::headers::{self, ConnForwarded, X_REQUEST_ID};
 use super::observe::{Exchange, Observer, RequestHead, finish_with};
 use super::upgrade;
 use crate::metrics::RouteSeries;
+use crate::model::path::normalize;
 use crate::model::{Cluster, Decision, request_host};
 
 /// The longest path and query accepted (414 beyond), as nginx's default
@@ -350,19 +359,20 @@ struct Routed {
     max_body_size: Option<u64>,
 }
 
-/// Routes with the snapshot in force: one `load()`, and nothing borrowed from it
-/// survives this function. The TLS rules (421, redirect, HSTS) use the same snapshot.
+/// Routes `path` (normalised, unless normalisation is off) with the snapshot in force:
+/// one `load()`, and nothing borrowed from it survives this function. The TLS rules
+/// (421, redirect, HSTS) use the same snapshot; a redirect keeps the target as received.
 #[inline]
 fn route(
     inner: &Inner,
     conn: &ConnState,
     host: Option<&str>,
     uri: &Uri,
+    path: &str,
     route_series: &mut Option<Arc<RouteSeries>>,
     hsts: &mut Option<HeaderValue>,
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
-    let path = uri.path();
     let decision = snapshot.decide(host, path);
     if let Some(tls) = inner.tls.get() {
         let ingress = match &decision {
@@ -462,14 +472,33 @@ async fn proxy(
         None => None,
     };
     let authority = parts.uri.authority().map(|a| a.as_str());
+    // RFC 9112 3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 may omit it);
+    // HTTP/2 names its host in `:authority` or, failing that, Host (RFC 9113 8.3.1).
+    let host_required = match parts.version {
+        Version::HTTP_11 => host_value.is_none(),
+        Version::HTTP_2 => host_value.is_none() && authority.is_none(),
+        _ => false,
+    };
+    if host_required {
+        return Err(ProxyError::BadRequest("missing Host"));
+    }
     let host = request_host(authority, host_header).map_err(ProxyError::Host)?;
-    let path = parts.uri.path();
+    let path = if inner.cfg.path_normalization {
+        normalize(parts.uri.path()).map_err(|e| {
+            inner.metrics.path_normalization_rejected_total.inc();
+            ProxyError::Path(e)
+        })?
+    } else {
+        Cow::Borrowed(parts.uri.path())
+    };
+    let path = &*path;
 
     let routed = route(
         inner,
         conn,
         host.as_deref(),
         &parts.uri,
+        path,
         &mut obs.series,
         hsts,
     )?;
@@ -510,11 +539,21 @@ async fn proxy(
         None => authority.and_then(|a| HeaderValue::from_str(a).ok()),
     };
 
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path_and_query = if path == parts.uri.path() {
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    } else {
+        // The normalised path with the query as received.
+        let target = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        };
+        PathAndQuery::try_from(target)
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?
+    };
     drop(host);
 
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -535,7 +574,7 @@ async fn proxy(
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
 
-    let body = RequestBody::new(body, routed.max_body_size);
+    let body = RequestBody::new(body, routed.max_body_size, &inner.request_idle);
     obs.request_bytes = body.progress();
     let upstream_start = Instant::now();
     let mut lease = TimerLease::new(
@@ -545,9 +584,12 @@ async fn proxy(
     let mut attempt_start = upstream_start;
     let mut via = Via { h2c, fresh: false };
     let mut tried: Vec<SocketAddr> = Vec::new();
-    // Each retry reason is used at most once, so a request makes at most three attempts.
+    // Each retry reason is used at most once, so a request makes at most four attempts.
     let mut moved_on = false;
     let mut refreshed = false;
+    let mut reset_retried = false;
+    // Held while a retry of a request that may have reached an upstream is in flight.
+    let mut _permit = None;
     let resp = loop {
         // HTTP/1 sends the origin form; HTTP/2 needs the scheme and authority.
         let Some(authority) = &picked.authority else {
@@ -578,9 +620,9 @@ async fn proxy(
         } else {
             Version::HTTP_11
         };
-        // The headers stay while another attempt is possible; once both retry reasons
-        // are used up, this attempt is the last and takes them.
-        *upstream_req.headers_mut() = if moved_on && refreshed {
+        // The headers stay while another attempt is possible; once every retry reason
+        // is used up, this attempt is the last and takes them.
+        *upstream_req.headers_mut() = if moved_on && refreshed && reset_retried {
             std::mem::take(&mut parts.headers)
         } else {
             parts.headers.clone()
@@ -611,7 +653,7 @@ async fn proxy(
                 .report_failure(addr, &cluster.service, &inner.metrics);
         }
         let reason = match failure.kind {
-            // An ExternalName has no other endpoint to try.
+            // Nothing was sent: another endpoint (an ExternalName has no other).
             FailureKind::Connect if !moved_on && body.untouched() && addr.is_some() => {
                 moved_on = true;
                 tried.extend(addr);
@@ -624,6 +666,7 @@ async fn proxy(
                     None => return Err(failure.error),
                 }
             }
+            // The keep-alive race: the same endpoint, on a new connection.
             FailureKind::StaleConnection
                 if !refreshed
                     && body.untouched()
@@ -632,6 +675,47 @@ async fn proxy(
                 refreshed = true;
                 via.fresh = true;
                 "stale_connection"
+            }
+            // The request may have reached the endpoint, which then reset or closed the
+            // connection before answering (it died mid-request): an idempotent request
+            // without a body goes to another endpoint, within the retry budget.
+            FailureKind::StaleConnection | FailureKind::Reset | FailureKind::Closed
+                if !reset_retried && idempotent(&parts.method) && body.is_empty() =>
+            {
+                reset_retried = true;
+                let active = inner.balancer.cluster_in_flight(&cluster);
+                let Some(permit) = inner.retry_budget.try_acquire(&cluster.service, active) else {
+                    inner
+                        .metrics
+                        .retry_budget_exhausted_total
+                        .with_label_values(&[
+                            cluster.service.namespace.as_str(),
+                            cluster.service.name.as_str(),
+                        ])
+                        .inc();
+                    debug!(
+                        request_id = ?request_id,
+                        service = %cluster.service,
+                        error = %failure.error,
+                        "retry budget exhausted"
+                    );
+                    return Err(failure.error);
+                };
+                _permit = Some(permit);
+                tried.extend(addr);
+                // Another endpoint; the same one when it is the only one left.
+                match inner
+                    .balancer
+                    .pick(&cluster, &tried)
+                    .or_else(|| inner.balancer.pick(&cluster, &[]))
+                {
+                    Some(next) => {
+                        picked = next;
+                        via.fresh = false;
+                        "reset_before_response"
+                    }
+                    None => return Err(failure.error),
+                }
             }
             _ => return Err(failure.error),
         };
@@ -669,9 +753,13 @@ async fn proxy(
         if let Some(protocol) = protocol {
             upgrade::restore_headers(&mut parts.headers, protocol);
         }
-        inner
-            .tunnels
-            .spawn(downstream, upstream, picked.guard.take());
+        inner.tunnels.spawn(
+            downstream,
+            upstream,
+            picked.guard.take(),
+            inner.cfg.stream_idle_timeout,
+            inner.tunnel_idle_timeouts.clone(),
+        );
         return Ok(Response::from_parts(parts, Answer::Own(empty())));
     }
 
@@ -680,7 +768,7 @@ async fn proxy(
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,
-        Answer::streamed(body, picked.guard.take()),
+        Answer::streamed(body, picked.guard.take(), inner.cfg.stream_idle_timeout),
     ))
 }
 

@@ -26,6 +26,7 @@ mod handler;
 pub mod headers;
 pub(crate) mod listener;
 mod observe;
+pub mod retry;
 pub mod tls;
 mod upgrade;
 
@@ -58,6 +59,12 @@ pub struct ProxyConfig {
     /// Limit for receiving a request's headers; also closes a connection that sends
     /// nothing at all.
     pub header_read_timeout: Duration,
+    /// A request body, a response body or an upgraded tunnel that moves no byte for this
+    /// long is aborted (and counted in `stream_idle_timeouts_total{direction}`).
+    pub stream_idle_timeout: Duration,
+    /// Route and forward the normalised path ([`crate::model::path::normalize`]); off:
+    /// the path as received.
+    pub path_normalization: bool,
     /// Limit on the HTTP/1 request head and on the HTTP/2 header list, in bytes. The
     /// HTTP/1 read buffer cannot be smaller than 8 KiB, so smaller values act as 8 KiB
     /// there.
@@ -88,6 +95,8 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(4),
             header_read_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(300),
+            path_normalization: true,
             max_header_size: 32 * 1024,
             max_body_size: None,
             max_connections: None,
@@ -123,6 +132,12 @@ pub(crate) struct Inner {
     pub(crate) access_log: AccessLog,
     /// Permits for `max_connections`, shared by all listeners of this proxy.
     pub(crate) connection_limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// Retries in flight by Service.
+    pub(crate) retry_budget: retry::RetryBudget,
+    /// The stream idle limit of request bodies, and their timeout counter.
+    pub(crate) request_idle: body::RequestIdle,
+    /// `stream_idle_timeouts_total{direction="tunnel"}`.
+    pub(crate) tunnel_idle_timeouts: prometheus::IntCounter,
 }
 
 impl Proxy {
@@ -149,9 +164,26 @@ impl Proxy {
         let cfg_limit = cfg
             .max_connections
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        let request_idle = body::RequestIdle {
+            limit: cfg.stream_idle_timeout,
+            timeouts: metrics
+                .stream_idle_timeouts_total
+                .with_label_values(&["request"]),
+        };
+        // The response direction is counted where the response body fails; made here so
+        // that all three series exist from the start.
+        metrics
+            .stream_idle_timeouts_total
+            .with_label_values(&["response"]);
+        let tunnel_idle_timeouts = metrics
+            .stream_idle_timeouts_total
+            .with_label_values(&["tunnel"]);
         Proxy {
             inner: Arc::new(Inner {
                 balancer: balance::Balancer::new(cfg.load_balance, cfg.ejection),
+                retry_budget: retry::RetryBudget::default(),
+                request_idle,
+                tunnel_idle_timeouts,
                 cfg,
                 snapshots,
                 metrics,

@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::balance::Target;
-use super::body::{Answer, BodyProgress, ProxyBody};
+use super::body::{Answer, BodyProgress, ProxyBody, StreamIdle};
 use super::errors::BoxError;
 use super::handler::ConnState;
 use crate::accesslog::{AccessLog, Entry, UpstreamAddr};
@@ -205,15 +205,33 @@ impl Body for Counted {
                     f.done(this.sent);
                 }
             }
-            // Generated answers never fail: an error is the upstream body breaking off.
-            Poll::Ready(Some(Err(_))) => {
+            // Generated answers never fail: an error is the upstream body breaking off,
+            // or going idle for the stream idle timeout.
+            Poll::Ready(Some(Err(e))) => {
                 if let Some(f) = this.finish.take() {
+                    let idle = e.is::<StreamIdle>();
+                    if idle {
+                        f.metrics
+                            .stream_idle_timeouts_total
+                            .with_label_values(&["response"])
+                            .inc();
+                    }
                     if let Some(series) = &f.exchange.series {
                         let l = &series.labels;
-                        f.metrics
-                            .upstream_body_errors_total
-                            .with_label_values(&[&l.namespace, &l.ingress, &l.service])
-                            .inc();
+                        if idle {
+                            tracing::info!(
+                                namespace = %l.namespace,
+                                ingress = %l.ingress,
+                                service = %l.service,
+                                request_id = ?f.request_id,
+                                "response body idle: no byte from the upstream for the stream idle timeout; aborting"
+                            );
+                        } else {
+                            f.metrics
+                                .upstream_body_errors_total
+                                .with_label_values(&[&l.namespace, &l.ingress, &l.service])
+                                .inc();
+                        }
                     }
                     f.done(this.sent);
                 }

@@ -3,12 +3,21 @@
 //! once the upstream answered `101 Switching Protocols`.
 //!
 //! A tunnel outlives the downstream connection's HTTP state (hyper hands the socket
-//! over), so open tunnels are counted in [`Tunnels`] for the shutdown grace period.
+//! over), so open tunnels are counted in [`Tunnels`] for the shutdown grace period. A
+//! tunnel that moves no byte either way for the stream idle timeout is closed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HeaderMap, HeaderValue, UPGRADE};
 use http::{Request, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -70,8 +79,17 @@ impl Tunnels {
     }
 
     /// Spawns the tunnel between the downstream and upstream upgraded connections.
-    /// `in_flight` keeps the endpoint's in-flight count until the tunnel closes.
-    pub fn spawn(&self, downstream: OnUpgrade, upstream: OnUpgrade, in_flight: Option<InFlight>) {
+    /// `in_flight` keeps the endpoint's in-flight count until the tunnel closes. A tunnel
+    /// that carries no byte either way for `idle` is closed on both sides and counted in
+    /// `timeouts`.
+    pub fn spawn(
+        &self,
+        downstream: OnUpgrade,
+        upstream: OnUpgrade,
+        in_flight: Option<InFlight>,
+        idle: Duration,
+        timeouts: IntCounter,
+    ) {
         let guard = self.enter();
         tokio::spawn(async move {
             let _guard = guard;
@@ -83,15 +101,123 @@ impl Tunnels {
                     return;
                 }
             };
-            let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
-            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                Ok((from_down, from_up)) => {
-                    debug!(from_down, from_up, "upgrade tunnel closed");
+            let activity = Activity::new();
+            let mut down = Watched {
+                inner: TokioIo::new(down),
+                activity: activity.clone(),
+            };
+            let mut up = Watched {
+                inner: TokioIo::new(up),
+                activity: activity.clone(),
+            };
+            let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+            tokio::pin!(copy);
+            loop {
+                let deadline = activity.last().checked_add(idle);
+                let expiry = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    copied = &mut copy => {
+                        match copied {
+                            Ok((from_down, from_up)) => {
+                                debug!(from_down, from_up, "upgrade tunnel closed");
+                            }
+                            Err(e) => debug!(error = %e, "upgrade tunnel ended with an error"),
+                        }
+                        return;
+                    }
+                    () = expiry => {
+                        if activity.last().elapsed() >= idle {
+                            timeouts.inc();
+                            tracing::info!(
+                                limit = ?idle,
+                                "upgrade tunnel idle: no byte either way for the stream idle timeout; closing both sides"
+                            );
+                            // Dropping the copy and both sockets closes the tunnel.
+                            return;
+                        }
+                    }
                 }
-                Err(e) => debug!(error = %e, "upgrade tunnel ended with an error"),
             }
         });
+    }
+}
+
+/// When a tunnel last moved a byte, shared by both of its sockets.
+#[derive(Clone)]
+struct Activity {
+    epoch: Instant,
+    /// Nanoseconds after `epoch`.
+    last: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket of a tunnel that notes every byte it moves in its [`Activity`].
+    struct Watched<T> {
+        #[pin]
+        inner: T,
+        activity: Activity,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
