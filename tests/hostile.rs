@@ -976,6 +976,7 @@ mod h2raw {
     #[derive(Debug)]
     pub struct Frame {
         pub ty: u8,
+        pub flags: u8,
         pub stream: u32,
         pub payload: Vec<u8>,
     }
@@ -1002,6 +1003,7 @@ mod h2raw {
         r.read_exact(&mut payload).await.ok()?;
         Some(Frame {
             ty: head[3],
+            flags: head[4],
             stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
             payload,
         })
@@ -1959,4 +1961,190 @@ async fn an_http2_client_that_opens_its_windows_and_never_reads_holds_bounded_me
     );
     assert!(last < 128 * (64 << 20), "everything was produced");
     assert_bounded("HTTP/2 reader that never reads", before, after, 10.0);
+}
+
+// ---------------------------------------------------------------------------------
+// Requests without a host (RFC 9112 3.2, RFC 9113 8.3.1)
+
+#[tokio::test]
+async fn an_http1_1_request_without_host_is_a_400_that_closes_the_connection() {
+    let rec = start_recorder().await;
+    let proxy = start_proxy(recorder_world(&rec, |w| w).snapshot()).await;
+    for request in [
+        &b"GET /HOSTILE HTTP/1.1\r\n\r\n"[..],
+        b"GET http://a.example/HOSTILE HTTP/1.1\r\n\r\n",
+        b"GET /HOSTILE HTTP/1.1\r\nUser-Agent: x\r\n\r\nGET /HOSTILE2 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    ] {
+        // `raw` reads until the proxy closes the connection (and fails if it does not).
+        let answer = raw(proxy.addr, request).await;
+        assert_eq!(raw_status(&answer), 400, "{answer}");
+        assert_eq!(raw_body(&answer), "bad request: missing Host", "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer: {answer}");
+    }
+    assert_eq!(rec.total_bytes(), 0, "{:?}", rec.connections());
+
+    // HTTP/1.0 may omit Host, and an empty Host names no host: both go to host-less
+    // rules, as before.
+    for request in [
+        &b"GET /ten HTTP/1.0\r\n\r\n"[..],
+        b"GET /empty HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw(proxy.addr, request).await;
+        assert_eq!(raw_status(&answer), 200, "{answer}");
+    }
+    assert!(rec.contains(b"GET /ten ") && rec.contains(b"GET /empty "));
+}
+
+/// The first response HEADERS and DATA of stream `id`: the HPACK-encoded head (its
+/// first byte tells the status when it is a static-table entry) and the body.
+async fn h2_answer(s: &mut TcpStream, id: u32) -> (Vec<u8>, Vec<u8>) {
+    let read = async {
+        let mut head = None;
+        let mut body = Vec::new();
+        loop {
+            let f = h2raw::read_frame(s)
+                .await
+                .expect("the connection stays open");
+            match f.ty {
+                HEADERS if f.stream == id => head = Some(f.payload),
+                DATA if f.stream == id => {
+                    body.extend_from_slice(&f.payload);
+                    if f.flags & END_STREAM != 0 {
+                        return (head.expect("HEADERS before DATA"), body);
+                    }
+                }
+                RST_STREAM | GOAWAY if f.stream == id || f.ty == GOAWAY => {
+                    panic!("stream {id} was not answered: {f:?}")
+                }
+                _ => {}
+            }
+        }
+    };
+    timeout(EVENTUALLY, read).await.expect("answered in time")
+}
+
+#[tokio::test]
+async fn an_http2_request_without_authority_or_host_is_a_400_on_its_stream_only() {
+    let rec = start_recorder().await;
+    let proxy = start_proxy(recorder_world(&rec, |w| w).snapshot()).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut out = h2raw::handshake();
+    let block = h2raw::block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/HOSTILE"),
+    ]);
+    out.extend(h2raw::frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
+    s.write_all(&out).await.expect("write");
+    let (head, body) = h2_answer(&mut s, 1).await;
+    // 0x8c: the static table's `:status: 400` (RFC 7541 appendix A, index 12).
+    assert_eq!(head.first(), Some(&0x8c), "{head:?}");
+    assert_eq!(body, b"bad request: missing Host");
+    assert_eq!(rec.total_bytes(), 0);
+
+    // The connection carries on: a request that names its host is served.
+    s.write_all(&h2raw::frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &h2raw::get("/NORMAL"),
+    ))
+    .await
+    .expect("write");
+    let (head, _) = h2_answer(&mut s, 3).await;
+    // 0x88: `:status: 200`.
+    assert_eq!(head.first(), Some(&0x88), "{head:?}");
+    assert!(rec.contains(b"/NORMAL"));
+}
+
+// ---------------------------------------------------------------------------------
+// Which path a request names (--path-normalization)
+
+/// Ingress `paths`: `/public` → echo `public`, `/admin` → echo `admin`, host-less.
+async fn public_and_admin(cfg: ProxyConfig) -> (TestProxy, Echo, Echo) {
+    let public = start_echo("public").await;
+    let admin = start_echo("admin").await;
+    let world = World::new()
+        .ingress(
+            ingress(NS, "paths")
+                .prefix("/public", "public", 80)
+                .prefix("/admin", "admin", 80),
+        )
+        .backend(NS, "public", 80, &[public.addr])
+        .backend(NS, "admin", 80, &[admin.addr]);
+    (start_proxy_with(world.snapshot(), cfg).await, public, admin)
+}
+
+/// Which echo answered a raw `GET target`, and the request target it saw.
+async fn served(proxy: &TestProxy, target: &str) -> (u16, String, String) {
+    let request = format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+    let answer = raw(proxy.addr, request.as_bytes()).await;
+    let status = raw_status(&answer);
+    let body = raw_body(&answer);
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => (
+            status,
+            v["name"].as_str().unwrap_or_default().to_string(),
+            v["uri"].as_str().unwrap_or_default().to_string(),
+        ),
+        Err(_) => (status, String::new(), body.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn routing_and_the_upstream_see_the_normalised_path() {
+    let (proxy, _public, _admin) = public_and_admin(ProxyConfig::default()).await;
+    for (target, want_name, want_uri) in [
+        ("/public/../admin", "admin", "/admin"),
+        ("/public/%2e%2E/admin/x?q=%2e.", "admin", "/admin/x?q=%2e."),
+        ("//admin", "admin", "/admin"),
+        ("/%61dmin", "admin", "/admin"),
+        ("/public/./a//b", "public", "/public/a/b"),
+        ("/public/a%3fb", "public", "/public/a%3Fb"),
+        ("/public", "public", "/public"),
+    ] {
+        let (status, name, uri) = served(&proxy, target).await;
+        assert_eq!(
+            (status, name.as_str(), uri.as_str()),
+            (200, want_name, want_uri),
+            "{target}"
+        );
+    }
+    for (target, reason) in [
+        ("/public/../../admin", "path climbs above /"),
+        ("/public/..%2Fadmin", "encoded slash or backslash in path"),
+        (
+            "/public/%5C..%5Cadmin",
+            "encoded slash or backslash in path",
+        ),
+        ("/public/a%00", "encoded NUL in path"),
+        ("/public/100%", "invalid percent-encoding in path"),
+        ("/public\\..\\admin", "backslash in path"),
+    ] {
+        let (status, name, body) = served(&proxy, target).await;
+        assert_eq!(status, 400, "{target}: {name} {body}");
+        assert_eq!(body, format!("bad request: {reason}"), "{target}");
+    }
+    assert_eq!(proxy.metrics.path_normalization_rejected_total.get(), 6);
+}
+
+#[tokio::test]
+async fn with_normalisation_off_the_path_is_routed_and_forwarded_as_received() {
+    let cfg = ProxyConfig {
+        path_normalization: false,
+        ..ProxyConfig::default()
+    };
+    let (proxy, _public, _admin) = public_and_admin(cfg).await;
+    for (target, want_name) in [
+        ("/public/../admin", "public"),
+        ("/public/%2e%2e/admin", "public"),
+        ("/public/..%2Fadmin", "public"),
+    ] {
+        let (status, name, uri) = served(&proxy, target).await;
+        assert_eq!(
+            (status, name.as_str(), uri.as_str()),
+            (200, want_name, target)
+        );
+    }
+    assert_eq!(proxy.metrics.path_normalization_rejected_total.get(), 0);
 }
