@@ -388,10 +388,20 @@ pub fn parse_header_value(s: &str) -> Result<http::HeaderValue, String> {
     http::HeaderValue::from_str(s).map_err(|e| format!("`{s}`: {e}"))
 }
 
-/// Parses a duration written with a unit: `500ms`, `10s`, `2m`.
+/// The longest duration any flag accepts: 365 days. Every duration flag becomes a
+/// deadline (`Instant` + duration) somewhere, and a bound this size keeps that sum far
+/// from overflowing on every platform.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Parses a duration written with a unit: `500ms`, `10s`, `2m`; at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}`: {e} (write it with a unit: 500ms, 10s, 2m)"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (write it with a unit: 500ms, 10s, 2m)"))?;
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is longer than the maximum of 365d"));
+    }
+    Ok(d)
 }
 
 /// Parses a size: see [`crate::model::size`] for the grammar (`1048576`, `512k`, `32KiB`,
@@ -442,6 +452,20 @@ mod tests {
         assert_eq!(cfg.load_balance, LoadBalance::P2c);
         assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("365d"), Ok(MAX_DURATION));
+        for absurd in ["366d", "100000000y", "18446744073709551615s"] {
+            assert!(parse_duration(absurd).is_err(), "{absurd}");
+        }
+        assert!(
+            std::time::Instant::now()
+                .checked_add(MAX_DURATION)
+                .is_some()
+        );
     }
 
     #[test]

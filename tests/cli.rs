@@ -202,3 +202,64 @@ fn explain_refuses_a_bad_url() {
     assert_eq!(code, 2);
     assert!(err.contains("is not a URL"), "{err}");
 }
+
+/// Every duration flag of `run`, with the environment variable it also reads.
+const DURATION_FLAGS: &[(&str, &str)] = &[
+    (
+        "--upstream-connect-timeout",
+        "PORTCULLIS_UPSTREAM_CONNECT_TIMEOUT",
+    ),
+    (
+        "--upstream-response-timeout",
+        "PORTCULLIS_UPSTREAM_RESPONSE_TIMEOUT",
+    ),
+    (
+        "--upstream-idle-timeout",
+        "PORTCULLIS_UPSTREAM_IDLE_TIMEOUT",
+    ),
+    ("--header-read-timeout", "PORTCULLIS_HEADER_READ_TIMEOUT"),
+    ("--shutdown-delay", "PORTCULLIS_SHUTDOWN_DELAY"),
+    ("--shutdown-grace", "PORTCULLIS_SHUTDOWN_GRACE"),
+    (
+        "--tls-handshake-timeout",
+        "PORTCULLIS_TLS_HANDSHAKE_TIMEOUT",
+    ),
+    (
+        "--election-lease-duration",
+        "PORTCULLIS_ELECTION_LEASE_DURATION",
+    ),
+];
+
+/// Asserts a startup error: exit 2, no panic, and exactly one `error:` line, which
+/// names `flag`.
+fn assert_one_line_error(code: i32, err: &str, flag: &str) {
+    assert_eq!(code, 2, "{flag}: {err}");
+    assert!(!err.contains("panicked"), "{flag}: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{flag}: {err}");
+    assert!(errors[0].contains(flag), "{flag}: {err}");
+    assert!(errors[0].contains("maximum"), "{flag}: {err}");
+}
+
+/// An absurd duration is refused at startup with one line naming the flag, whether it
+/// comes from the flag or from its environment variable. The manifests path does not
+/// exist, so a binary that accepted the duration would fail on that path instead, and
+/// never starts serving.
+#[test]
+fn absurd_durations_are_one_startup_error_naming_the_flag() {
+    for (flag, env) in DURATION_FLAGS {
+        for value in ["100000000y", "366d"] {
+            let (code, _, err) =
+                portcullis(&["run", "--manifests", "/nonexistent/portcullis", flag, value]);
+            assert_one_line_error(code, &err, flag);
+
+            let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["run", "--manifests", "/nonexistent/portcullis"])
+                .env(env, value)
+                .output()
+                .expect("run portcullis");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_one_line_error(out.status.code().unwrap_or(-1), &err, flag);
+        }
+    }
+}
