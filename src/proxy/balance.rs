@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -108,16 +108,61 @@ impl Target {
     }
 }
 
+/// Passive health of one endpoint in one word, so that a failure and a success never
+/// interleave half-applied: consecutive failures in the top [`Health::FAILURE_BITS`]
+/// bits, the end of the ejection (microseconds after the balancer's epoch; 0 =
+/// admitted) in the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Health(u64);
+
+impl Health {
+    const FAILURE_BITS: u32 = 6;
+    const UNTIL_BITS: u32 = 64 - Health::FAILURE_BITS;
+    const UNTIL_MASK: u64 = (1 << Health::UNTIL_BITS) - 1;
+    /// Failures are counted up to this many; the backoff is capped far below it.
+    const MAX_FAILURES: u32 = (1 << Health::FAILURE_BITS) - 1;
+    const ADMITTED: Health = Health(0);
+
+    fn new(failures: u32, until: u64) -> Health {
+        let failures = u64::from(failures.min(Health::MAX_FAILURES));
+        Health(failures << Health::UNTIL_BITS | until.min(Health::UNTIL_MASK))
+    }
+
+    /// Consecutive ejections without a success in between.
+    fn failures(self) -> u32 {
+        // The shift leaves FAILURE_BITS bits, which fit a u32.
+        (self.0 >> Health::UNTIL_BITS) as u32
+    }
+
+    /// Ejected until this many microseconds after the epoch; 0 = admitted.
+    fn until(self) -> u64 {
+        self.0 & Health::UNTIL_MASK
+    }
+
+    /// The state after a failure at `now`: one more failure, ejected for the backoff
+    /// window that the failures before it earn. Returns the window too.
+    fn after_failure(self, now: u64, ejection: Ejection) -> (Health, Duration) {
+        let n = self.failures().min(16);
+        let window = ejection.base.saturating_mul(1u32 << n).min(ejection.max);
+        let until = now.saturating_add(micros(window)).max(1);
+        (Health::new(self.failures() + 1, until), window)
+    }
+
+    /// The state a success moves to from `seen`, the state it read: admitted with no
+    /// failures. `None` when there is nothing to clear.
+    fn after_success(seen: Health) -> Option<Health> {
+        (seen != Health::ADMITTED).then_some(Health::ADMITTED)
+    }
+}
+
 /// Long-lived state of one endpoint address.
 #[derive(Debug)]
 struct EndpointState {
     /// The address as a URI authority, formatted once.
     authority: Authority,
     in_flight: AtomicUsize,
-    /// Consecutive ejections without a success in between.
-    failures: AtomicU32,
-    /// Ejected until this many nanoseconds after the balancer's epoch; 0 = admitted.
-    ejected_until: AtomicU64,
+    /// Failures and ejection, as a [`Health`] word.
+    health: AtomicU64,
 }
 
 impl EndpointState {
@@ -125,22 +170,50 @@ impl EndpointState {
         EndpointState {
             authority: authority_of(addr),
             in_flight: AtomicUsize::new(0),
-            failures: AtomicU32::new(0),
-            ejected_until: AtomicU64::new(0),
+            health: AtomicU64::new(Health::ADMITTED.0),
         }
     }
 
-    /// Not ejected at `now` (nanoseconds after the epoch).
+    fn health(&self) -> Health {
+        Health(self.health.load(Ordering::Acquire))
+    }
+
     /// A response came back: the failure count and any ejection end.
     fn succeeded(&self) {
-        if self.failures.load(Ordering::Acquire) != 0 {
-            self.failures.store(0, Ordering::Release);
-            self.ejected_until.store(0, Ordering::Release);
+        self.succeeded_from(self.health());
+    }
+
+    /// Clears the failures of `seen`, the state this success read, only if the state is
+    /// still `seen`: a failure reported since then is newer than this success and
+    /// stands (its ejection is not erased).
+    fn succeeded_from(&self, seen: Health) {
+        if let Some(next) = Health::after_success(seen) {
+            let _ =
+                self.health
+                    .compare_exchange(seen.0, next.0, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
+    /// Records a failure at `now`; returns the ejection window it earned.
+    fn failed(&self, now: u64, ejection: Ejection) -> Duration {
+        let mut seen = self.health();
+        loop {
+            let (next, window) = seen.after_failure(now, ejection);
+            match self.health.compare_exchange_weak(
+                seen.0,
+                next.0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return window,
+                Err(actual) => seen = Health(actual),
+            }
+        }
+    }
+
+    /// Not ejected at `now` (microseconds after the epoch).
     fn admitted(&self, now: u64) -> bool {
-        self.ejected_until.load(Ordering::Acquire) <= now
+        self.health().until() <= now
     }
 }
 
@@ -372,15 +445,7 @@ impl Balancer {
     /// Records that `addr` refused or reset a connection: it is ejected for the next
     /// backoff window, counted under `service` in `endpoint_ejections_total`.
     pub fn report_failure(&self, addr: SocketAddr, service: &ObjectRef, metrics: &Metrics) {
-        let state = self.state(addr);
-        let n = state.failures.fetch_add(1, Ordering::AcqRel).min(16);
-        let window = self
-            .ejection
-            .base
-            .saturating_mul(1u32 << n)
-            .min(self.ejection.max);
-        let until = self.now().saturating_add(nanos(window)).max(1);
-        state.ejected_until.store(until, Ordering::Release);
+        let window = self.state(addr).failed(self.now(), self.ejection);
         metrics
             .endpoint_ejections_total
             .with_label_values(&[service.namespace.as_str(), service.name.as_str()])
@@ -422,8 +487,9 @@ impl Balancer {
         read.get(&addr).is_some_and(|s| !s.admitted(now))
     }
 
+    /// Microseconds since the balancer's epoch.
     fn now(&self) -> u64 {
-        nanos(self.epoch.elapsed())
+        micros(self.epoch.elapsed())
     }
 
     fn state(&self, addr: SocketAddr) -> Arc<EndpointState> {
@@ -437,9 +503,7 @@ impl Balancer {
         let mut write = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
         if write.len() >= MAX_ENDPOINTS {
             // Forget endpoints nobody holds: nothing in flight, not ejected.
-            write.retain(|_, s| {
-                Arc::strong_count(s) > 1 || s.ejected_until.load(Ordering::Acquire) > now
-            });
+            write.retain(|_, s| Arc::strong_count(s) > 1 || !s.admitted(now));
         }
         write
             .entry(addr)
@@ -491,8 +555,8 @@ fn two_distinct(n: usize) -> (usize, usize) {
     (i, j)
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Whether a cluster asks for HTTP/2 cleartext upstream.
@@ -657,6 +721,56 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_between_a_successs_read_and_its_write_stands() {
+        let metrics = Metrics::new();
+        let b = Balancer::new(
+            LoadBalance::P2c,
+            Ejection {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(120),
+            },
+        );
+        let svc = ObjectRef::new("ns", "svc");
+        let a = addr("10.0.0.7:80");
+        b.report_failure(a, &svc, &metrics);
+        let state = b.state(a);
+        // The losing order: a success reads the state, a failure is reported, then the
+        // success writes.
+        let seen = state.health();
+        assert_eq!(seen.failures(), 1);
+        b.report_failure(a, &svc, &metrics);
+        state.succeeded_from(seen);
+        assert!(b.is_ejected(a), "the newer failure's ejection stands");
+        assert_eq!(state.health().failures(), 2);
+        // A success that read the newer state clears it.
+        state.succeeded();
+        assert!(!b.is_ejected(a));
+        assert_eq!(state.health(), Health::ADMITTED);
+    }
+
+    #[test]
+    fn health_transitions_are_pure() {
+        let ejection = Ejection {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(25),
+        };
+        let (h1, w1) = Health::ADMITTED.after_failure(1_000, ejection);
+        assert_eq!((h1.failures(), h1.until(), w1), (1, 11_000, ejection.base));
+        let (h2, w2) = h1.after_failure(2_000, ejection);
+        assert_eq!((h2.failures(), h2.until()), (2, 22_000));
+        assert_eq!(w2, Duration::from_millis(20));
+        let (h3, _) = h2.after_failure(3_000, ejection);
+        assert_eq!((h3.failures(), h3.until()), (3, 28_000), "capped at max");
+        assert_eq!(Health::after_success(h3), Some(Health::ADMITTED));
+        assert_eq!(Health::after_success(Health::ADMITTED), None);
+        // The counter saturates instead of spilling into the deadline.
+        let many = Health::new(Health::MAX_FAILURES, 5);
+        let (next, _) = many.after_failure(0, ejection);
+        assert_eq!(next.failures(), Health::MAX_FAILURES);
+        assert_eq!(next.until(), 25_000);
+    }
+
+    #[test]
     fn ejection_window_doubles_up_to_the_cap() {
         let metrics = Metrics::new();
         let b = Balancer::new(
@@ -672,8 +786,8 @@ mod tests {
         for _ in 0..5 {
             let before = b.now();
             b.report_failure(a, &svc, &metrics);
-            let until = b.state(a).ejected_until.load(Ordering::Acquire);
-            windows.push(Duration::from_nanos(until - before).as_millis());
+            let until = b.state(a).health().until();
+            windows.push(Duration::from_micros(until - before).as_millis());
         }
         // Each window is at least its nominal length (plus a little clock slack).
         for (w, nominal) in windows.iter().zip([1u128, 2, 4, 4, 4]) {
