@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
@@ -147,6 +147,41 @@ pub struct Metrics {
     pub certificate_expiry_timestamp_seconds: IntGaugeVec,
     /// The per-route series handles the data path records into: see [`Metrics::route`].
     route_series: RouteSeriesCache,
+    /// The label sets of the snapshot gauges last published, so that the next publish
+    /// removes only the series that are gone.
+    published: Mutex<PublishedSeries>,
+}
+
+/// Label sets of the gauges [`Metrics::observe_snapshot`] sets, as last published.
+#[derive(Debug, Default)]
+struct PublishedSeries {
+    diagnostics: BTreeSet<Vec<String>>,
+    certificate_expiry: BTreeSet<Vec<String>>,
+    endpoints: BTreeSet<Vec<String>>,
+}
+
+/// Sets every series of `gauge` in `next`, then removes the series of `previous` that
+/// `next` lacks, and leaves `previous` naming `next`'s series. A series present before
+/// and after is never absent in between, so a concurrent scrape sees each one. `step`
+/// runs after each change to the gauge (tests gather the registry there).
+fn replace_series(
+    gauge: &IntGaugeVec,
+    previous: &mut BTreeSet<Vec<String>>,
+    next: BTreeMap<Vec<String>, i64>,
+    step: &mut dyn FnMut(),
+) {
+    for (labels, value) in &next {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        gauge.with_label_values(&labels).set(*value);
+        step();
+    }
+    for gone in previous.iter().filter(|l| !next.contains_key(*l)) {
+        let labels: Vec<&str> = gone.iter().map(String::as_str).collect();
+        // A series that is already absent needs no removal.
+        let _ = gauge.remove_label_values(&labels);
+        step();
+    }
+    *previous = next.into_keys().collect();
 }
 
 impl Metrics {
@@ -429,6 +464,7 @@ impl Metrics {
             tls_handshake_errors_total,
             certificate_expiry_timestamp_seconds,
             route_series: RouteSeriesCache::default(),
+            published: Mutex::default(),
         })
     }
 
@@ -492,6 +528,19 @@ impl Metrics {
     /// expiry per Secret. Gauges of kinds, Services and Secrets no longer present are
     /// removed.
     pub fn observe_snapshot(&self, snap: &Snapshot, publish_seconds: f64) {
+        self.observe_snapshot_stepwise(snap, publish_seconds, &mut || {});
+    }
+
+    /// [`Metrics::observe_snapshot`], running `step` after each change to a labelled
+    /// gauge, so that tests can gather the registry at every intermediate state.
+    fn observe_snapshot_stepwise(
+        &self,
+        snap: &Snapshot,
+        publish_seconds: f64,
+        step: &mut dyn FnMut(),
+    ) {
+        // One publish at a time, so that the label sets stay those of the gauges.
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         self.snapshot_generation
             .set(i64::try_from(snap.generation).unwrap_or(i64::MAX));
         let now = SystemTime::now()
@@ -502,26 +551,32 @@ impl Metrics {
         self.snapshot_publish_duration_seconds
             .observe(publish_seconds);
 
-        let mut diags: BTreeMap<(&str, String), i64> = BTreeMap::new();
+        let mut diags: BTreeMap<Vec<String>, i64> = BTreeMap::new();
         for d in &snap.diagnostics {
             *diags
-                .entry((d.kind.as_str(), d.severity.to_string()))
+                .entry(vec![d.kind.clone(), d.severity.to_string()])
                 .or_default() += 1;
         }
-        self.diagnostics.reset();
-        for ((kind, severity), n) in diags {
-            self.diagnostics
-                .with_label_values(&[kind, severity.as_str()])
-                .set(n);
-        }
+        replace_series(&self.diagnostics, &mut published.diagnostics, diags, step);
 
-        // Reset first, so that deleted Secrets disappear.
-        self.certificate_expiry_timestamp_seconds.reset();
-        for cert in snap.tls.certs.values() {
-            self.certificate_expiry_timestamp_seconds
-                .with_label_values(&[cert.secret.namespace.as_str(), cert.secret.name.as_str()])
-                .set(cert.not_after);
-        }
+        let expiry: BTreeMap<Vec<String>, i64> = snap
+            .tls
+            .certs
+            .values()
+            .map(|cert| {
+                let secret = &cert.secret;
+                (
+                    vec![secret.namespace.clone(), secret.name.clone()],
+                    cert.not_after,
+                )
+            })
+            .collect();
+        replace_series(
+            &self.certificate_expiry_timestamp_seconds,
+            &mut published.certificate_expiry,
+            expiry,
+            step,
+        );
 
         // Per Service, each endpoint IP once, in its best state across the Service's ports.
         let mut services: HashMap<(&str, &str), HashMap<IpAddr, u8>> = HashMap::new();
@@ -552,7 +607,7 @@ impl Metrics {
                 *cur = (*cur).max(state);
             }
         }
-        self.endpoints.reset();
+        let mut endpoints: BTreeMap<Vec<String>, i64> = BTreeMap::new();
         for key in seen {
             let mut counts = [0i64; 3];
             if let Some(ips) = services.get(&key) {
@@ -564,11 +619,10 @@ impl Metrics {
                 .iter()
                 .zip(counts)
             {
-                self.endpoints
-                    .with_label_values(&[key.0, key.1, state])
-                    .set(n);
+                endpoints.insert(vec![key.0.into(), key.1.into(), (*state).into()], n);
             }
         }
+        replace_series(&self.endpoints, &mut published.endpoints, endpoints, step);
     }
 
     /// The registry in the Prometheus text exposition format.
@@ -877,5 +931,117 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("method=\"HEAD\""), "{text}");
         assert!(!text.contains("svc2"), "{text}");
+    }
+
+    fn snapshot(services: &[(&str, &[(&str, bool)])], diagnostics: &[&str]) -> Snapshot {
+        use crate::model::{Cluster, Diagnostic, Endpoint, ObjectRef, PortRef, Severity};
+        Snapshot {
+            clusters: services
+                .iter()
+                .map(|(name, endpoints)| {
+                    let all: Vec<Endpoint> = endpoints
+                        .iter()
+                        .map(|(addr, ready)| Endpoint {
+                            address: addr.parse().expect("test address"),
+                            ready: *ready,
+                            serving: *ready,
+                            terminating: false,
+                        })
+                        .collect();
+                    Arc::new(Cluster {
+                        service: ObjectRef::new("ns", *name),
+                        port: PortRef::Number(80),
+                        service_port: Some(80),
+                        app_protocol: None,
+                        upstream: Upstream::Endpoints {
+                            active: all.iter().map(|e| e.address).collect(),
+                            all,
+                        },
+                    })
+                })
+                .collect(),
+            diagnostics: diagnostics
+                .iter()
+                .map(|kind| Diagnostic {
+                    severity: Severity::Warning,
+                    kind: (*kind).into(),
+                    namespace: "ns".into(),
+                    name: "x".into(),
+                    field: "spec".into(),
+                    reason: "test".into(),
+                })
+                .collect(),
+            ..Snapshot::default()
+        }
+    }
+
+    /// The label sets of `name`'s series in a gathered registry, as `k=v,…` strings.
+    fn series(registry: &Registry, name: &str) -> BTreeSet<String> {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .map(|m| {
+                m.get_label()
+                    .iter()
+                    .map(|l| format!("{}={}", l.name(), l.value()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_scrape_during_a_publish_sees_every_series_that_stays() {
+        let m = Metrics::new();
+        let before = snapshot(
+            &[
+                ("web", &[("10.0.0.1:80", true)]),
+                ("gone", &[("10.0.0.2:80", true)]),
+            ],
+            &["Ingress", "Service"],
+        );
+        let after = snapshot(
+            &[("web", &[("10.0.0.1:80", true), ("10.0.0.3:80", false)])],
+            &["Ingress"],
+        );
+        m.observe_snapshot(&before, 0.001);
+        let web: BTreeSet<String> = ["not_ready", "serving_terminating", "ready"]
+            .iter()
+            .map(|s| format!("namespace=ns,service=web,state={s}"))
+            .collect();
+        let ingress = "kind=Ingress,severity=warning".to_string();
+        assert!(series(&m.registry, "portcullis_endpoints").is_superset(&web));
+        assert!(series(&m.registry, "portcullis_diagnostics").contains(&ingress));
+
+        let mut scrapes = 0;
+        m.observe_snapshot_stepwise(&after, 0.001, &mut || {
+            scrapes += 1;
+            let endpoints = series(&m.registry, "portcullis_endpoints");
+            assert!(
+                endpoints.is_superset(&web),
+                "scrape {scrapes}: {endpoints:?}"
+            );
+            let diagnostics = series(&m.registry, "portcullis_diagnostics");
+            assert!(
+                diagnostics.contains(&ingress),
+                "scrape {scrapes}: {diagnostics:?}"
+            );
+        });
+        assert!(scrapes > 0);
+        // What is gone is removed, and the values are the new ones.
+        let endpoints = series(&m.registry, "portcullis_endpoints");
+        assert_eq!(endpoints, web);
+        assert_eq!(
+            series(&m.registry, "portcullis_diagnostics"),
+            BTreeSet::from([ingress])
+        );
+        assert_eq!(
+            m.endpoints
+                .with_label_values(&["ns", "web", "not_ready"])
+                .get(),
+            1
+        );
     }
 }
