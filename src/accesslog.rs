@@ -28,7 +28,7 @@ pub const DEFAULT_CAPACITY: usize = 4096;
 
 /// `--access-log`: `off`, `json` (one JSON object per line) or `text` (logfmt:
 /// `key=value` pairs, values quoted when they contain spaces or quotes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AccessLogFormat {
     #[default]
     Off,

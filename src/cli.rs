@@ -178,6 +178,40 @@ pub struct DemoArgs {
     pub print_manifests: bool,
 }
 
+/// `--load-balance`: the values of [`LoadBalance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadBalanceArg {
+    P2c,
+    RoundRobin,
+}
+
+impl From<LoadBalanceArg> for LoadBalance {
+    fn from(arg: LoadBalanceArg) -> LoadBalance {
+        match arg {
+            LoadBalanceArg::P2c => LoadBalance::P2c,
+            LoadBalanceArg::RoundRobin => LoadBalance::RoundRobin,
+        }
+    }
+}
+
+/// `--access-log`: the values of [`AccessLogFormat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessLogArg {
+    Off,
+    Json,
+    Text,
+}
+
+impl From<AccessLogArg> for AccessLogFormat {
+    fn from(arg: AccessLogArg) -> AccessLogFormat {
+        match arg {
+            AccessLogArg::Off => AccessLogFormat::Off,
+            AccessLogArg::Json => AccessLogFormat::Json,
+            AccessLogArg::Text => AccessLogFormat::Text,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -264,8 +298,8 @@ pub struct RunArgs {
     pub max_connections: Option<usize>,
     /// How a cluster's endpoints share requests: `p2c` (the less busy of two random
     /// endpoints, by requests in flight) or `round-robin`.
-    #[arg(long, value_enum, env = "PORTCULLIS_LOAD_BALANCE", default_value_t = LoadBalance::P2c)]
-    pub load_balance: LoadBalance,
+    #[arg(long, value_enum, env = "PORTCULLIS_LOAD_BALANCE", default_value_t = LoadBalanceArg::P2c)]
+    pub load_balance: LoadBalanceArg,
     /// After SIGTERM/SIGINT: keep accepting this long with readiness failing, while
     /// clients are told to reconnect (HTTP/1 `Connection: close`, HTTP/2 GOAWAY).
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
@@ -290,8 +324,8 @@ pub struct RunArgs {
     pub hsts: Option<http::HeaderValue>,
     /// Access log on standard output, one line per request: `text` (logfmt key=value
     /// pairs), `json` (one object per line) or `off`.
-    #[arg(long, value_enum, env = "PORTCULLIS_ACCESS_LOG", default_value_t = AccessLogFormat::Text)]
-    pub access_log: AccessLogFormat,
+    #[arg(long, value_enum, env = "PORTCULLIS_ACCESS_LOG", default_value_t = AccessLogArg::Text)]
+    pub access_log: AccessLogArg,
     /// Log format.
     #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -435,6 +469,8 @@ mod tests {
             "250ms",
             "--shutdown-grace",
             "2m",
+            "--access-log",
+            "json",
         ])
         .expect("valid flags");
         let Some(Command::Run(args)) = cli.command else {
@@ -442,6 +478,7 @@ mod tests {
         };
         let cfg = args.proxy_config();
         assert_eq!(cfg.load_balance, LoadBalance::RoundRobin);
+        assert_eq!(cfg.access_log, AccessLogFormat::Json);
         assert_eq!(cfg.shutdown_delay, Duration::from_millis(250));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(120));
         let defaults = Cli::try_parse_from(["portcullis", "run"]).expect("no flags");
@@ -450,6 +487,7 @@ mod tests {
         };
         let cfg = args.proxy_config();
         assert_eq!(cfg.load_balance, LoadBalance::P2c);
+        assert_eq!(cfg.access_log, AccessLogFormat::Text);
         assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
     }

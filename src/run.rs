@@ -65,10 +65,10 @@ impl RunArgs {
             max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
             max_body_size: self.max_body_size,
             max_connections: self.max_connections,
-            load_balance: self.load_balance,
+            load_balance: self.load_balance.into(),
             shutdown_delay: self.shutdown_delay,
             shutdown_grace: self.shutdown_grace,
-            access_log: self.access_log,
+            access_log: self.access_log.into(),
             ..ProxyConfig::default()
         }
     }

@@ -48,7 +48,7 @@ const SAMPLES: usize = 8;
 pub const H2C: &str = "kubernetes.io/h2c";
 
 /// How a cluster's endpoints share its requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoadBalance {
     /// Power of two choices on least requests in flight.
     #[default]
