@@ -369,7 +369,8 @@ pub struct StatusArgs {
     )]
     pub publish_status_address: Vec<crate::k8s::status::StatusAddress>,
     /// Name of the Lease that elects the one replica writing Ingress status, in the
-    /// pod's namespace (`POD_NAMESPACE`, else `default`).
+    /// pod's namespace (`POD_NAMESPACE`), else the kubeconfig context's namespace, else
+    /// `default`.
     #[arg(
         long,
         value_name = "NAME",
@@ -389,6 +390,19 @@ pub struct StatusArgs {
 }
 
 impl StatusArgs {
+    /// The Ingress status settings these flags ask for, with the Lease in
+    /// `lease_namespace`; `None` when status is not written.
+    pub fn settings(&self, lease_namespace: String) -> Option<crate::k8s::status::StatusSettings> {
+        Some(crate::k8s::status::StatusSettings {
+            source: self.source()?,
+            lease: crate::k8s::leader::LeaseSettings::new(
+                lease_namespace,
+                self.election_id.clone(),
+                self.election_lease_duration,
+            ),
+        })
+    }
+
     /// Where Ingress status addresses come from; `None` when status is not written.
     pub fn source(&self) -> Option<crate::k8s::status::StatusSource> {
         use crate::k8s::status::StatusSource;

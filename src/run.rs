@@ -332,7 +332,19 @@ pub fn main(args: RunArgs) -> ExitCode {
             publisher.debounce = Duration::ZERO;
         }
         let elector = kube.and_then(|(client, sources)| {
-            crate::k8s::status::start(client, &args.status, &metrics, &mut publisher, sources)
+            let namespace = crate::k8s::leader::lease_namespace(
+                std::env::var("POD_NAMESPACE").ok().as_deref(),
+                client.default_namespace(),
+            );
+            let settings = args.status.settings(namespace)?;
+            Some(crate::k8s::status::start(
+                client,
+                settings,
+                &metrics,
+                &mut publisher,
+                sources,
+                shutdown_signal(),
+            ))
         });
         let bound = listeners.addrs();
         info!(

@@ -33,7 +33,18 @@ impl Replica {
     /// Starts `portcullis run` as pod `name` in namespace `portcullis`, with the given
     /// lease duration and extra flags.
     fn start(server: &ApiServer, name: &str, lease: &str, extra: &[&str]) -> Replica {
-        let kubeconfig = server.kubeconfig_as(name);
+        Replica::start_in(name, lease, extra, server.kubeconfig_as(name), Some(NS))
+    }
+
+    /// Like [`Replica::start`], with its own kubeconfig and `POD_NAMESPACE` (unset when
+    /// `None`).
+    fn start_in(
+        name: &str,
+        lease: &str,
+        extra: &[&str],
+        kubeconfig: Kubeconfig,
+        pod_namespace: Option<&str>,
+    ) -> Replica {
         let mut args: Vec<String> = [
             "run",
             "--kubeconfig",
@@ -49,10 +60,13 @@ impl Replica {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         cmd.args(&args)
             .env("POD_NAME", name)
-            .env("POD_NAMESPACE", NS)
             .env("RUST_LOG", "info")
+            .env_remove("POD_NAMESPACE")
             .env_remove("POD_IP")
             .env_remove("KUBECONFIG");
+        if let Some(ns) = pod_namespace {
+            cmd.env("POD_NAMESPACE", ns);
+        }
         Replica {
             proc: LoggedChild::spawn(name, cmd),
             _kubeconfig: kubeconfig,
@@ -357,6 +371,63 @@ async fn status_is_cleared_when_an_ingress_stops_being_ours_and_only_then() {
     server.apply(ingress("apps", "web", "portcullis"));
     wait_status(&server, "apps", "web", &want).await;
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pod_namespace_the_lease_is_in_the_kubeconfig_contexts_namespace() {
+    let server = ApiServer::start().await;
+    seed_classes(&server);
+    let addr = ["--publish-status-address", "203.0.113.50"];
+    let kubeconfig = server.kubeconfig_as_in("replica-a", "ctx-ns");
+    let a = Replica::start_in("replica-a", "2s", &addr, kubeconfig, None);
+    let holder = |ns: &str| {
+        server
+            .get("leases", ns, LEASE)
+            .and_then(|l| l.pointer("/spec/holderIdentity").cloned())
+    };
+    let ok = eventually(SLACK, || holder("ctx-ns").is_some()).await;
+    assert!(ok, "no lease in ctx-ns:\n{}", a.logs());
+    assert_eq!(holder("ctx-ns"), Some(json!("replica-a")));
+    assert_eq!(holder("default"), None);
+    assert_eq!(holder(NS), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_lease_is_one_error_naming_verb_resource_and_namespace() {
+    let server = ApiServer::start().await;
+    seed_classes(&server);
+    server.forbid("leases");
+    let a = Replica::start(
+        &server,
+        "replica-a",
+        "1s",
+        &["--publish-status-address", "203.0.113.60"],
+    );
+    let line = format!(r#"cannot get leases.coordination.k8s.io in namespace "{NS}": forbidden"#);
+    let logged = a
+        .proc
+        .until(SLACK, |c| c.logs().lines().any(|l| l.contains(&line)))
+        .await;
+    assert!(logged, "no `{line}` line:\n{}", a.logs());
+    let error_line = a
+        .logs()
+        .lines()
+        .find(|l| l.contains(&line))
+        .map(str::to_string)
+        .expect("found above");
+    assert!(error_line.contains("ERROR"), "{error_line}");
+    // Later rounds meet the same answer without repeating the line.
+    let reads = |server: &ApiServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.resource == "leases" && r.status == 403)
+            .count()
+    };
+    let ok = eventually(SLACK, || reads(&server) >= 3).await;
+    assert!(ok, "the lease was not retried:\n{}", a.logs());
+    let repeated = a.logs().lines().filter(|l| l.contains(&line)).count();
+    assert_eq!(repeated, 1, "{}", a.logs());
 }
 
 /// (verb, group, resource or resource/subresource): one RBAC permission.

@@ -21,6 +21,7 @@
 //! conflicts rather than resourceVersion preconditions, and needs `patch` on leases.
 //! This loop needs only `get`, `create` and `update`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,15 +33,29 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Default Lease name (`--election-id`).
 pub const DEFAULT_LEASE_NAME: &str = "portcullis-leader";
 
+/// The Lease resource as RBAC names it, for error messages.
+const LEASES: &str = "leases.coordination.k8s.io";
+
+/// The Lease's namespace: `pod_namespace` (`POD_NAMESPACE`, from the downward API) when
+/// set and not empty, else `client_namespace`, the client's default namespace (the
+/// kubeconfig context's, or the service account's in a cluster), else `default`.
+pub fn lease_namespace(pod_namespace: Option<&str>, client_namespace: &str) -> String {
+    [pod_namespace.unwrap_or_default(), client_namespace]
+        .into_iter()
+        .find(|ns| !ns.is_empty())
+        .unwrap_or("default")
+        .to_string()
+}
+
 /// Which Lease, who we are, and the timings.
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
-    /// Namespace of the Lease: our own (`POD_NAMESPACE`).
+    /// Namespace of the Lease: see [`lease_namespace`].
     pub namespace: String,
     /// Lease name.
     pub name: String,
@@ -57,15 +72,16 @@ pub struct LeaseSettings {
 
 impl LeaseSettings {
     /// Settings with client-go's ratios: renew deadline 2/3 and retry period 1/3 of the
-    /// lease duration (15 s → 10 s and 5 s). Namespace from `POD_NAMESPACE` (default
-    /// `default`), identity from [`identity`].
-    pub fn new(name: impl Into<String>, lease_duration: Duration) -> LeaseSettings {
+    /// lease duration (15 s → 10 s and 5 s). Identity from [`identity`]; the namespace
+    /// is usually [`lease_namespace`]'s choice.
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        lease_duration: Duration,
+    ) -> LeaseSettings {
         let lease_duration = lease_duration.max(Duration::from_secs(1));
         LeaseSettings {
-            namespace: std::env::var("POD_NAMESPACE")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
+            namespace: namespace.into(),
             name: name.into(),
             identity: identity(),
             lease_duration,
@@ -102,12 +118,20 @@ pub struct Elector {
 }
 
 impl Elector {
-    /// Starts the election loop. It also stops (and releases the Lease) on SIGTERM or
-    /// SIGINT, so that a terminating pod hands over leadership while it drains.
-    pub fn spawn(client: Client, settings: LeaseSettings, on_change: LeaderHook) -> Elector {
+    /// Starts the election loop. It also stops (and releases the Lease) when `shutdown`
+    /// resolves (the process' SIGTERM or SIGINT), so that a terminating pod hands over
+    /// leadership while it drains.
+    pub fn spawn(
+        client: Client,
+        settings: LeaseSettings,
+        on_change: LeaderHook,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Elector {
         let (leader_tx, leader_rx) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(client, settings, leader_tx, stop_rx, on_change));
+        let task = tokio::spawn(run(
+            client, settings, leader_tx, stop_rx, on_change, shutdown,
+        ));
         Elector {
             leader: leader_rx,
             stop: stop_tx,
@@ -155,6 +179,9 @@ struct Election {
     api: Api<Lease>,
     settings: LeaseSettings,
     observed: Option<Observed>,
+    /// The verbs whose Forbidden answer has been logged, so that a missing permission is
+    /// one error line rather than one per retry; cleared when a round succeeds.
+    forbidden_logged: Vec<&'static str>,
 }
 
 fn now() -> MicroTime {
@@ -165,14 +192,46 @@ fn seconds(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
+/// The error line for a Forbidden answer to `verb` on Leases in `namespace`: the
+/// permission the Role lacks.
+pub fn forbidden_message(verb: &str, namespace: &str) -> String {
+    format!("cannot {verb} {LEASES} in namespace \"{namespace}\": forbidden")
+}
+
+fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
 impl Election {
+    /// Logs a failed `verb` on the Lease: a Forbidden answer as an error naming the
+    /// missing permission (once per verb until a round succeeds), anything else as a
+    /// warning with `what`.
+    fn failed(&mut self, verb: &'static str, e: &kube::Error, what: &str) {
+        let s = &self.settings;
+        if !is_forbidden(e) {
+            warn!(namespace = %s.namespace, lease = %s.name, error = %e, "{what}");
+        } else if self.forbidden_logged.contains(&verb) {
+            debug!(namespace = %s.namespace, lease = %s.name, verb, "leader lease still forbidden");
+        } else {
+            self.forbidden_logged.push(verb);
+            error!(
+                namespace = %s.namespace,
+                lease = %s.name,
+                verb,
+                resource = LEASES,
+                "{}",
+                forbidden_message(verb, &s.namespace)
+            );
+        }
+    }
+
     /// Reads the Lease and acquires, renews or leaves it.
     async fn round(&mut self, leading: bool) -> Round {
         let s = &self.settings;
         let lease = match self.api.get_opt(&s.name).await {
             Ok(l) => l,
             Err(e) => {
-                warn!(namespace = %s.namespace, lease = %s.name, error = %e, "cannot read the leader lease");
+                self.failed("get", &e, "cannot read the leader lease");
                 return Round::Failed;
             }
         };
@@ -233,7 +292,7 @@ impl Election {
                 Round::Conflict
             }
             Err(e) => {
-                warn!(namespace = %s.namespace, lease = %s.name, error = %e, "cannot write the leader lease");
+                self.failed("update", &e, "cannot write the leader lease");
                 Round::Failed
             }
         }
@@ -261,7 +320,7 @@ impl Election {
             Ok(_) => Round::Held,
             Err(kube::Error::Api(e)) if e.code == 409 => Round::Conflict,
             Err(e) => {
-                warn!(namespace = %s.namespace, lease = %s.name, error = %e, "cannot create the leader lease");
+                self.failed("create", &e, "cannot create the leader lease");
                 Round::Failed
             }
         }
@@ -275,7 +334,7 @@ impl Election {
                 Ok(Some(l)) => l,
                 Ok(None) => return,
                 Err(e) => {
-                    warn!(namespace = %s.namespace, lease = %s.name, error = %e, "cannot read the leader lease to release it");
+                    self.failed("get", &e, "cannot read the leader lease to release it");
                     return;
                 }
             };
@@ -298,7 +357,11 @@ impl Election {
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
                 Err(e) => {
-                    warn!(namespace = %s.namespace, lease = %s.name, error = %e, "cannot release the leader lease; it will expire");
+                    self.failed(
+                        "update",
+                        &e,
+                        "cannot release the leader lease; it will expire",
+                    );
                     return;
                 }
             }
@@ -312,6 +375,7 @@ async fn run(
     leader: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
     on_change: LeaderHook,
+    shutdown: impl Future<Output = ()>,
 ) {
     info!(
         namespace = %settings.namespace,
@@ -324,6 +388,7 @@ async fn run(
         api: Api::namespaced(client, &settings.namespace),
         settings: settings.clone(),
         observed: None,
+        forbidden_logged: Vec::new(),
     };
     let set = |lead: bool| {
         if *leader.borrow() != lead {
@@ -338,7 +403,7 @@ async fn run(
     };
     let mut last_renew: Option<Instant> = None;
     let mut reread = false;
-    let signal = crate::run::shutdown_signal();
+    let signal = shutdown;
     tokio::pin!(signal);
     loop {
         let leading = *leader.borrow();
@@ -347,6 +412,9 @@ async fn run(
             _ = stop.wait_for(|s| *s) => break,
             _ = &mut signal => break,
         };
+        if matches!(round, Round::Held | Round::NotHeld) {
+            election.forbidden_logged.clear();
+        }
         match round {
             Round::Held => {
                 last_renew = Some(Instant::now());
@@ -383,4 +451,25 @@ async fn run(
         election.release().await;
     }
     debug!(lease = %settings.name, "leader election stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_namespace_is_the_pods_then_the_contexts_then_default() {
+        assert_eq!(lease_namespace(Some("pods"), "context"), "pods");
+        assert_eq!(lease_namespace(None, "context"), "context");
+        assert_eq!(lease_namespace(Some(""), "context"), "context");
+        assert_eq!(lease_namespace(None, ""), "default");
+    }
+
+    #[test]
+    fn forbidden_names_verb_resource_and_namespace() {
+        assert_eq!(
+            forbidden_message("get", "x"),
+            r#"cannot get leases.coordination.k8s.io in namespace "x": forbidden"#
+        );
+    }
 }

@@ -21,6 +21,7 @@
 //! - Status is not cleared on shutdown: the next leader would write the same addresses.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -362,24 +363,32 @@ pub async fn run(client: Client, source: StatusSource, mut inputs: StatusInputs)
     }
 }
 
-/// Starts leader election and the status writer when `args` asks for Ingress status
-/// (`--publish-service` or `--publish-status-address`); `None` otherwise. Kubernetes mode
-/// only. The writer learns of each publish through a hook on `publisher`, and reads
-/// Ingress status from `sources`. Stop the returned [`Elector`] to release the Lease.
+/// What Ingress status needs: where the addresses come from, and the Lease that elects
+/// the one replica writing them.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub source: StatusSource,
+    pub lease: LeaseSettings,
+}
+
+/// Starts leader election and the status writer (Kubernetes mode). The writer learns of
+/// each publish through a hook on `publisher`, and reads Ingress status from `sources`.
+/// The election stops and releases the Lease when `shutdown` resolves, or when the
+/// returned [`Elector`] is stopped.
 pub fn start(
     client: Client,
-    args: &crate::cli::StatusArgs,
+    settings: StatusSettings,
     metrics: &Arc<crate::metrics::Metrics>,
     publisher: &mut crate::publish::Publisher,
     sources: watch::Receiver<Option<Arc<SourceUpdate>>>,
-) -> Option<Elector> {
-    let source = args.source()?;
-    let settings = LeaseSettings::new(args.election_id.clone(), args.election_lease_duration);
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Elector {
     let m = metrics.clone();
     let elector = Elector::spawn(
         client.clone(),
-        settings,
+        settings.lease,
         Arc::new(move |lead| m.leader.set(i64::from(lead))),
+        shutdown,
     );
     let (published_tx, published) = watch::channel(0);
     publisher.on_publish(Box::new(move |snap, _| {
@@ -387,7 +396,7 @@ pub fn start(
     }));
     tokio::spawn(run(
         client,
-        source,
+        settings.source,
         StatusInputs {
             leader: elector.leader(),
             snapshots: publisher.snapshots.clone(),
@@ -395,7 +404,7 @@ pub fn start(
             sources,
         },
     ));
-    Some(elector)
+    elector
 }
 
 fn is_not_found(e: &kube::Error) -> bool {

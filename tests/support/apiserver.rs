@@ -37,7 +37,7 @@
 //! object is 404), `resourceVersionMatch=Exact` (lists always show the current state).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -250,6 +250,8 @@ struct State {
     objects: HashMap<&'static str, BTreeMap<Key, Value>>,
     history: HashMap<&'static str, History>,
     requests: Vec<ApiRequest>,
+    /// Resources (plural names) every request for is answered 403 Forbidden.
+    forbidden: BTreeSet<String>,
 }
 
 struct Shared {
@@ -335,6 +337,7 @@ impl ApiServer {
                 objects: HashMap::new(),
                 history: HashMap::new(),
                 requests: Vec::new(),
+                forbidden: BTreeSet::new(),
             }),
             changes: watch::channel(1).0,
             drops: watch::channel(0).0,
@@ -373,11 +376,25 @@ impl ApiServer {
     /// Like [`Self::kubeconfig`], with bearer token `user`: requests made with it are
     /// logged with [`ApiRequest::user`] set to `user`.
     pub fn kubeconfig_as(&self, user: &str) -> Kubeconfig {
+        self.kubeconfig_as_in(user, "default")
+    }
+
+    /// Like [`Self::kubeconfig_as`], with `namespace` as the context's namespace.
+    pub fn kubeconfig_as_in(&self, user: &str, namespace: &str) -> Kubeconfig {
         let dir = tempfile::tempdir().expect("temporary directory for a kubeconfig");
         let path = dir.path().join("kubeconfig");
-        let yaml = self.kubeconfig_yaml_with_user(&format!("{{token: {user}}}"));
+        let yaml = self
+            .kubeconfig_yaml_with_user(&format!("{{token: {user}}}"))
+            .replace("namespace: default\n", &format!("namespace: {namespace}\n"));
         std::fs::write(&path, yaml).expect("write kubeconfig");
         Kubeconfig { _dir: dir, path }
+    }
+
+    /// From now on, every request for `resource` (plural name, such as `"leases"`) is
+    /// answered `403 Forbidden` with the API server's message naming user, verb,
+    /// resource and namespace, as when RBAC grants nothing on it.
+    pub fn forbid(&self, resource: &str) {
+        self.shared.lock().forbidden.insert(resource.to_string());
     }
 
     fn kubeconfig_yaml_with_user(&self, user: &str) -> String {
@@ -814,6 +831,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         user,
     };
 
+    if shared.lock().forbidden.contains(target.rt.plural) {
+        let e = forbidden(&logged);
+        logged.status = e.code;
+        shared.lock().log(logged);
+        return json_response(e.code, &e.status());
+    }
     if verb == "watch" {
         return start_watch(&shared, &target, &query, logged);
     }
@@ -833,6 +856,31 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     logged.status = code;
     shared.lock().log(logged);
     json_response(code, &value)
+}
+
+/// The API server's answer when RBAC does not allow `request`.
+fn forbidden(request: &ApiRequest) -> ApiError {
+    let resource = if request.group.is_empty() {
+        request.resource.clone()
+    } else {
+        format!("{}.{}", request.resource, request.group)
+    };
+    let user = request.user.as_deref().unwrap_or("system:anonymous");
+    let scope = match &request.namespace {
+        Some(ns) => format!(" in the namespace \"{ns}\""),
+        None => " at the cluster scope".to_string(),
+    };
+    ApiError::new(
+        403,
+        "Forbidden",
+        format!(
+            "{resource} \"{name}\" is forbidden: User \"{user}\" cannot {verb} resource \"{plural}\" in API group \"{group}\"{scope}",
+            name = request.name.as_deref().unwrap_or_default(),
+            verb = request.verb,
+            plural = request.resource,
+            group = request.group,
+        ),
+    )
 }
 
 impl ApiRequest {
