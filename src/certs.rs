@@ -11,13 +11,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::Secret;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
 
-use crate::k8s::translate::parse_tls_secret;
 use crate::model::{CertEntry, ObjectRef};
 
 /// Common name of the certificate generated at startup when no `--default-ssl-certificate`
@@ -69,18 +67,14 @@ impl std::fmt::Debug for PemPair {
 }
 
 /// Turns a PEM chain and key into a [`CertEntry`] named `id`, with the same checks a
-/// `kubernetes.io/tls` Secret gets.
+/// `kubernetes.io/tls` Secret gets ([`crate::tls::cert_entry`]).
 pub fn entry_from_pem(id: &ObjectRef, pair: &PemPair) -> Result<CertEntry, CertsError> {
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {"namespace": id.namespace, "name": id.name},
-        "stringData": {"tls.crt": pair.cert_pem, "tls.key": pair.key_pem},
-    }))
-    .map_err(|e| CertsError::Unusable(e.to_string()))?;
-    parse_tls_secret(&secret)
-        .map_err(|e| CertsError::Unusable(format!("{}: {}", e.field, e.reason)))
+    crate::tls::cert_entry(
+        id.clone(),
+        pair.cert_pem.as_bytes(),
+        pair.key_pem.as_bytes(),
+    )
+    .map_err(|e| CertsError::Unusable(e.to_string()))
 }
 
 /// The `ObjectRef` the generated default certificate is shown under (debug views). It is

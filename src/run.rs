@@ -429,12 +429,21 @@ impl DemoTls {
         let ca_path = dir.join("ca.pem");
         std::fs::write(&ca_path, &ca.cert_pem)
             .map_err(|e| format!("{}: {e}", ca_path.display()))?;
-        let secret = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"namespace": "demo", "name": "demo-tls"},
-            "stringData": {"tls.crt": pair.cert_pem, "tls.key": pair.key_pem},
-        }))
-        .map_err(|e| e.to_string())?;
+        let secret = k8s_openapi::api::core::v1::Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                namespace: Some("demo".into()),
+                name: Some("demo-tls".into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            string_data: Some(
+                [("tls.crt", pair.cert_pem), ("tls.key", pair.key_pem)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
         Ok(DemoTls {
             dir,
             ca_path,

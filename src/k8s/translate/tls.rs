@@ -1,13 +1,9 @@
 //! Parsing and validating `kubernetes.io/tls` Secrets.
 
-use std::sync::Arc;
-
 use k8s_openapi::api::core::v1::Secret;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::CertifiedKey;
 
 use crate::model::{CertEntry, ObjectRef};
+use crate::tls::PemPart;
 
 /// Why a Secret cannot serve TLS; the `field` names where the problem is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +21,7 @@ fn err(field: &'static str, reason: impl Into<String>) -> SecretError {
 
 /// Reads `tls.crt` and `tls.key` of a `kubernetes.io/tls` Secret (from `data`, or from
 /// `stringData` as manifest files may write it) and checks that the PEM parses, that the
-/// key is usable and that it matches the leaf certificate.
+/// key is usable and that it matches the leaf certificate ([`crate::tls::cert_entry`]).
 pub fn parse_tls_secret(secret: &Secret) -> Result<CertEntry, SecretError> {
     let meta = &secret.metadata;
     // The same `default` namespace the build files Secrets under, so that the entry's
@@ -48,46 +44,12 @@ pub fn parse_tls_secret(secret: &Secret) -> Result<CertEntry, SecretError> {
     }
     let crt = secret_value(secret, "tls.crt").ok_or_else(|| err("data[tls.crt]", "missing"))?;
     let key = secret_value(secret, "tls.key").ok_or_else(|| err("data[tls.key]", "missing"))?;
-
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt)
-        .collect::<Result<_, _>>()
-        .map_err(|e| err("data[tls.crt]", format!("PEM does not parse: {e}")))?;
-    if chain.is_empty() {
-        return Err(err("data[tls.crt]", "no CERTIFICATE block in PEM"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&key)
-        .map_err(|e| err("data[tls.key]", format!("PEM does not parse: {e}")))?;
-
-    let provider = crate::tls::provider();
-    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        err(
-            "data[tls.key]",
-            format!("key unusable or does not match the certificate: {e}"),
-        )
-    })?;
-
-    let leaf = certified.cert[0].as_ref();
-    let (_, x509) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| err("data[tls.crt]", format!("certificate does not parse: {e}")))?;
-    let mut dns_names = Vec::new();
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(n) = name {
-                dns_names.push(n.to_string());
-            }
-        }
-    }
-    let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
-    let sha256 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(CertEntry {
-        secret: id,
-        subject: x509.subject().to_string(),
-        issuer: x509.issuer().to_string(),
-        dns_names,
-        not_before: x509.validity().not_before.timestamp(),
-        not_after: x509.validity().not_after.timestamp(),
-        sha256,
-        certified: Arc::new(certified),
+    crate::tls::cert_entry(id, &crt, &key).map_err(|e| {
+        let field = match e.part {
+            PemPart::Chain => "data[tls.crt]",
+            PemPart::Key => "data[tls.key]",
+        };
+        err(field, e.reason)
     })
 }
 
