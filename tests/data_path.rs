@@ -587,23 +587,7 @@ async fn server_sent_events_arrive_one_by_one() {
 /// An upstream that resets every connection (RST, not FIN) once a request head has
 /// arrived.
 async fn start_resetter() -> (std::net::SocketAddr, Stopper) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let (stop, mut rx) = Stopper::new();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = rx.wait_for(|v| *v) => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            let _ = support::read_head(&mut s).await;
-            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-            drop(s);
-        }
-    });
-    (addr, stop)
+    support::raw::start_scripted(vec![support::raw::Step::Reset]).await
 }
 
 #[tokio::test]

@@ -846,11 +846,6 @@ async fn a_thousand_changes_through_the_source_during_load_fail_no_request() {
 // ---------------------------------------------------------------------------------
 // 5. Upstreams that answer garbage or close mid-response
 
-/// An upstream that reads each request head, writes `response` and closes.
-async fn start_broken(response: &'static [u8]) -> (SocketAddr, Stopper) {
-    start_canned(response).await
-}
-
 /// Sends GETs for `paths` one after another on one HTTP/1.1 connection to the proxy;
 /// returns (status, body) of each, or why it failed.
 async fn on_one_connection(
@@ -902,11 +897,11 @@ async fn on_one_connection(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_or_a_close_before_the_response_head_is_a_counted_502() {
     let good = Pod::start("good").await;
-    let (garbage, _g) = start_broken(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
-    let (half_head, _h) = start_broken(b"HTTP/1.1 200 OK\r\nContent-Le").await;
+    let (garbage, _g) = start_canned(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let (half_head, _h) = start_canned(b"HTTP/1.1 200 OK\r\nContent-Le").await;
     let (bad_length, _l) =
-        start_broken(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok").await;
-    let (nothing, _n) = start_broken(b"").await;
+        start_canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok").await;
+    let (nothing, _n) = start_canned(b"").await;
     let world = World::new()
         .ingress(
             ingress(NS, "web")
@@ -973,28 +968,14 @@ async fn garbage_or_a_close_before_the_response_head_is_a_counted_502() {
 /// An upstream that answers each request with a response head and part of the body
 /// that head announces, then closes the connection.
 async fn start_cut(head: &'static [u8], partial_body: &'static [u8]) -> (SocketAddr, Stopper) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let (stop, mut rx) = Stopper::new();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = rx.wait_for(|v| *v) => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            tokio::spawn(async move {
-                if read_head(&mut s).await.is_none() {
-                    return;
-                }
-                let _ = s.write_all(head).await;
-                let _ = s.flush().await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let _ = s.write_all(partial_body).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, stop)
+    use support::raw::Step;
+    support::raw::start_scripted(vec![
+        Step::Write(head),
+        Step::Pause(Duration::from_millis(5)),
+        Step::Write(partial_body),
+        Step::Close,
+    ])
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

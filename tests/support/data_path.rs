@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use super::raw::Step;
 use super::{EVENTUALLY, Stopper};
 
 /// A ClusterIP Service whose one port has `appProtocol: kubernetes.io/h2c`.
@@ -220,28 +221,12 @@ pub async fn start_counted(body: &'static str, close_idle: Option<Duration>) -> 
 /// An upstream that answers every request with headers (`x-name: slow`, a declared
 /// length of 10) and then never sends the body.
 pub async fn start_headers_only() -> (SocketAddr, Stopper) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let (stop, mut rx) = Stopper::new();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = rx.wait_for(|v| *v) => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            tokio::spawn(async move {
-                let Some(mut buf) = super::read_head(&mut s).await else {
-                    return;
-                };
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nx-name: slow\r\nContent-Length: 10\r\n\r\n")
-                    .await;
-                // Hold the connection open until the proxy closes it.
-                let _ = s.read_to_end(&mut buf).await;
-            });
-        }
-    });
-    (addr, stop)
+    super::raw::start_scripted(vec![
+        Step::Write(b"HTTP/1.1 200 OK\r\nx-name: slow\r\nContent-Length: 10\r\n\r\n"),
+        // Hold the connection open until the proxy closes it.
+        Step::Hold,
+    ])
+    .await
 }
 
 /// A WebSocket echo upstream (tokio-tungstenite): every text or binary message comes

@@ -5,6 +5,7 @@
 
 pub mod child;
 pub mod data_path;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -487,25 +488,7 @@ pub async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
 /// An upstream that answers every connection with `response` (after reading the
 /// request head) and closes. For answers no well-behaved server gives.
 pub async fn start_canned(response: &'static [u8]) -> (SocketAddr, Stopper) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind canned");
-    let addr = listener.local_addr().expect("canned address");
-    let (stop, mut rx) = Stopper::new();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                _ = rx.wait_for(|v| *v) => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            tokio::spawn(async move {
-                if read_head(&mut s).await.is_none() {
-                    return;
-                }
-                let _ = s.write_all(response).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, stop)
+    raw::start_scripted(vec![raw::Step::Write(response), raw::Step::Close]).await
 }
 
 /// An upstream that accepts connections and never answers.
