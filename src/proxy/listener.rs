@@ -19,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -136,6 +137,35 @@ async fn should_shut(
     }
 }
 
+/// The accept loop of every listener: accepts on `listener` until `shutdown` is asked
+/// for, pausing [`ACCEPT_BACKOFF`] after a failed accept, sets `TCP_NODELAY`, and hands
+/// each connection to `on_accept`, which must not block. The listener is closed when
+/// this returns.
+async fn accept_loop(
+    listener: TcpListener,
+    name: &'static str,
+    shutdown: &mut watch::Receiver<bool>,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown_requested(shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(listener = name, %peer, error = %e, "setting TCP_NODELAY failed");
+        }
+        on_accept(stream, peer);
+    }
+}
+
 /// Connection builders: auto-detecting for plain HTTP, and one per ALPN result for TLS.
 struct Builders {
     auto: auto::Builder<TokioExecutor>,
@@ -167,18 +197,7 @@ pub(crate) async fn serve(
     let limit = inner.connection_limit.clone();
     info!(listener = name, port = local_port, "listening");
 
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown_requested(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    accept_loop(listener, name, &mut shutdown, |stream, peer| {
         let permit = match &limit {
             None => None,
             Some(sem) => match sem.clone().try_acquire_owned() {
@@ -186,13 +205,10 @@ pub(crate) async fn serve(
                 Err(_) => {
                     debug!(listener = name, %peer, "connection limit reached; closing");
                     drop(stream);
-                    continue;
+                    return;
                 }
             },
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(%peer, error = %e, "setting TCP_NODELAY failed");
-        }
         let guards = ConnGuards {
             _permit: permit,
             _open: OpenGuard::new(&open),
@@ -241,9 +257,9 @@ pub(crate) async fn serve(
                 tokio::spawn(task);
             }
         }
-    }
+    })
+    .await;
 
-    drop(listener);
     closing_tx.send_replace(true);
     info!(
         listener = name,
@@ -498,19 +514,7 @@ pub(crate) async fn serve_simple<F, Fut>(
     let graceful = GracefulShutdown::new();
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     info!(listener = name, port, "listening");
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown_requested(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    accept_loop(listener, name, &mut shutdown, |stream, peer| {
         let handler = handler.clone();
         let svc = service_fn(move |req| {
             let fut = handler(req);
@@ -526,8 +530,8 @@ pub(crate) async fn serve_simple<F, Fut>(
                 debug!(listener = name, %peer, error = %e, "connection ended with an error");
             }
         });
-    }
-    drop(listener);
+    })
+    .await;
     graceful.shutdown().await;
 }
 
@@ -535,6 +539,31 @@ pub(crate) async fn serve_simple<F, Fut>(
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn the_accept_loop_hands_over_each_connection_and_closes_on_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, mut shutdown) = watch::channel(false);
+        let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            accept_loop(listener, "test", &mut shutdown, |stream, peer| {
+                let nodelay = stream.nodelay().unwrap_or(false);
+                let _ = tx.send((peer, nodelay, stream));
+            })
+            .await;
+        });
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (peer, nodelay, _stream) = accepted.recv().await.expect("handed over");
+        assert_eq!(peer, client.local_addr().expect("client address"));
+        assert!(nodelay, "TCP_NODELAY is set");
+        stop.send_replace(true);
+        task.await.expect("the loop ends");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed"
+        );
+    }
 
     #[test]
     fn gated_future_is_polled_again_only_after_its_own_wake() {
