@@ -59,7 +59,7 @@ fn the_deployment_runs_flags_that_exist_and_matches_them() {
     let args = run_args(c);
     assert!(args.source.manifests.is_empty(), "Kubernetes mode");
     assert_eq!(
-        args.access_log,
+        portcullis::accesslog::AccessLogFormat::from(args.access_log),
         portcullis::accesslog::AccessLogFormat::Json,
         "log collectors in the cluster get one JSON object per request"
     );
