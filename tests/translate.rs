@@ -239,6 +239,7 @@ struct SliceBuilder {
     namespace: String,
     name: String,
     service: String,
+    address_type: String,
     ports: Vec<Value>,
     endpoints: Vec<Value>,
 }
@@ -249,6 +250,7 @@ fn slice(namespace: &str, service: &str) -> SliceBuilder {
         namespace: namespace.into(),
         name: format!("{service}-abc"),
         service: service.into(),
+        address_type: "IPv4".into(),
         ports: Vec::new(),
         endpoints: Vec::new(),
     }
@@ -257,6 +259,12 @@ fn slice(namespace: &str, service: &str) -> SliceBuilder {
 impl SliceBuilder {
     fn named(mut self, name: &str) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// `addressType` (`IPv4` unless set).
+    fn address_type(mut self, address_type: &str) -> Self {
+        self.address_type = address_type.into();
         self
     }
 
@@ -291,7 +299,7 @@ impl SliceBuilder {
                 "name": self.name,
                 "labels": { "kubernetes.io/service-name": self.service },
             },
-            "addressType": "IPv4",
+            "addressType": self.address_type,
             "ports": self.ports,
             "endpoints": self.endpoints,
         });
@@ -1048,6 +1056,131 @@ fn loopback_and_link_local_endpoints_are_refused_unless_allowed() {
     };
     let snap = world.build_with(&file_mode);
     assert_eq!(active(&snap, "foo.com", "/").len(), 4);
+}
+
+#[test]
+fn ipv4_mapped_local_addresses_are_refused_as_the_ipv4_they_map() {
+    let world = World::new()
+        .svc(service("ns", "svc").port(80, 8080))
+        .slice(
+            slice("ns", "svc")
+                .address_type("IPv6")
+                .port(None, 8080)
+                .ready("::ffff:127.0.0.1")
+                .ready("::ffff:169.254.169.254")
+                .ready("::ffff:0.0.0.0")
+                .ready("::ffff:10.0.0.1")
+                .ready("2001:db8::1"),
+        )
+        .ing(ingress("ns", "ing").host("foo.com").prefix("/", "svc", 80));
+    let snap = world.build();
+    assert_eq!(
+        active(&snap, "foo.com", "/"),
+        ["[::ffff:10.0.0.1]:8080", "[2001:db8::1]:8080"]
+    );
+    let refused: Vec<&Diagnostic> = snap
+        .diagnostics
+        .iter()
+        .filter(|d| d.kind == "EndpointSlice" && d.name == "svc-abc")
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    for ip in [
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:0.0.0.0",
+    ] {
+        assert!(
+            refused
+                .iter()
+                .any(|d| d.reason.contains(&format!("[{ip}]:8080")) && d.field == "endpoints"),
+            "{ip}: {refused:?}"
+        );
+    }
+
+    // Our own listener on 0.0.0.0 covers its mapped loopback address too.
+    let own = Options {
+        allow_local_endpoints: true,
+        own_addresses: vec!["0.0.0.0:8080".parse().unwrap()],
+        ..Options::default()
+    };
+    let snap = world.build_with(&own);
+    assert_eq!(active(&snap, "foo.com", "/").len(), 3);
+    let d = diag(&snap, "EndpointSlice", "ns/svc-abc", "endpoints");
+    assert!(d.reason.contains("own listeners"), "{d}");
+}
+
+#[test]
+fn endpoint_addresses_must_match_the_slice_address_type() {
+    let snap = World::new()
+        .svc(service("ns", "svc").port(80, 8080))
+        .slice(
+            slice("ns", "svc")
+                .named("svc-v4")
+                .port(None, 8080)
+                .ready("::1")
+                .ready("10.0.0.1")
+                .ready("2001:db8::2")
+                .ready("not-an-ip"),
+        )
+        .slice(
+            slice("ns", "svc")
+                .named("svc-v6")
+                .address_type("IPv6")
+                .port(None, 8080)
+                .ready("10.0.0.2")
+                .ready("2001:db8::1"),
+        )
+        .ing(ingress("ns", "ing").host("foo.com").prefix("/", "svc", 80))
+        .build();
+    assert_eq!(
+        active(&snap, "foo.com", "/"),
+        ["10.0.0.1:8080", "[2001:db8::1]:8080"]
+    );
+    for (slice, field, address) in [
+        ("ns/svc-v4", "endpoints[0].addresses[0]", "::1"),
+        ("ns/svc-v4", "endpoints[2].addresses[0]", "2001:db8::2"),
+        ("ns/svc-v4", "endpoints[3].addresses[0]", "not-an-ip"),
+        ("ns/svc-v6", "endpoints[0].addresses[0]", "10.0.0.2"),
+    ] {
+        let d = diag(&snap, "EndpointSlice", slice, field);
+        assert!(d.reason.contains(address), "{d}");
+        assert!(d.reason.contains("addressType"), "{d}");
+    }
+}
+
+#[test]
+fn external_name_that_is_not_a_dns_name_is_a_diagnostic_and_503() {
+    for bad in ["bad name!", "a..b", "::1", "host:80"] {
+        let world = World::new()
+            .svc(service("ns", "ext").port(80, 80).external_name(bad))
+            .ing(ingress("ns", "ing").host("foo.com").prefix("/", "ext", 80));
+        // In both modes: a malformed name is no local-development convenience.
+        for options in [
+            Options::default(),
+            Options {
+                allow_local_endpoints: true,
+                ..Options::default()
+            },
+        ] {
+            let snap = world.build_with(&options);
+            let c = cluster_of(&snap, "foo.com", "/");
+            assert!(
+                matches!(&c.upstream, Upstream::Unresolved { reason } if reason.contains("not a valid DNS name")),
+                "{bad}: {:?}",
+                c.upstream
+            );
+            let d = diag(&snap, "Service", "ns/ext", "spec.externalName");
+            assert_eq!(d.severity, Severity::Error, "{d}");
+            assert!(d.reason.contains(bad), "{d}");
+            // The route is kept (and answers 503), with the Ingress told why.
+            diag(
+                &snap,
+                "Ingress",
+                "ns/ing",
+                "spec.rules[0].http.paths[0].backend",
+            );
+        }
+    }
 }
 
 #[test]

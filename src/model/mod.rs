@@ -7,6 +7,7 @@
 pub mod matching;
 pub mod path;
 pub mod router;
+pub mod safety;
 pub mod size;
 pub mod tls;
 

@@ -20,6 +20,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::model::safety::{self, EndpointPolicy};
 use crate::model::tls::{IngressTls, TlsHost};
 use crate::model::{
     CertEntry, Cluster, ClusterId, Diagnostic, Endpoint, HostPattern, IgnoredIngress, ObjectRef,
@@ -238,8 +239,9 @@ pub struct Reuse {
     fixed: Vec<Diagnostic>,
     /// Every backend that resolved to pod endpoints.
     uses: Vec<Use>,
-    /// Per cluster, the endpoint addresses refused: (EndpointSlice, reason).
-    refused: Vec<Vec<(ObjectRef, String)>>,
+    /// Per cluster, the diagnostics of what its Service or EndpointSlices point at
+    /// and cannot be used (refused addresses, bad ExternalNames).
+    refused: Vec<Vec<Diagnostic>>,
     /// EndpointSlices labelled with a Service that does not exist, by that Service.
     orphans: Vec<(ObjectRef, Diagnostic)>,
 }
@@ -733,15 +735,7 @@ impl Reuse {
                 );
             }
         }
-        for (slice, reason) in self.refused.iter().flatten() {
-            diags.push(
-                Severity::Warning,
-                "EndpointSlice",
-                slice,
-                "endpoints",
-                format!("endpoint refused: {reason}"),
-            );
-        }
+        diags.0.extend(self.refused.iter().flatten().cloned());
         diags.0.extend(self.orphans.iter().map(|(_, d)| d.clone()));
         let mut diagnostics = diags.0;
         diagnostics.sort();
@@ -905,7 +899,7 @@ struct Prior<'a> {
     /// Service (namespace, name) → its clusters in `clusters`.
     ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
     clusters: &'a [Arc<Cluster>],
-    refused: &'a [Vec<(ObjectRef, String)>],
+    refused: &'a [Vec<Diagnostic>],
 }
 
 impl<'a> Prior<'a> {
@@ -928,7 +922,6 @@ impl<'a> Prior<'a> {
 
 /// Resolves backends to clusters, once per Service port.
 struct Resolver<'a> {
-    options: &'a Options,
     inputs: &'a Inputs,
     /// Built when a cluster is first resolved.
     index: OnceCell<Index<'a>>,
@@ -936,8 +929,11 @@ struct Resolver<'a> {
     /// Service (namespace, name) → the clusters made for its ports.
     ids: FastMap<(&'a str, &'a str), Vec<(PortKey<'a>, ClusterId)>>,
     clusters: Vec<Arc<Cluster>>,
-    /// Per cluster, the endpoint addresses refused for safety: (EndpointSlice, reason).
-    refused: Vec<Vec<(ObjectRef, String)>>,
+    /// The endpoint safety rules of `options`.
+    policy: EndpointPolicy,
+    /// Per cluster, the diagnostics of what its Service or EndpointSlices point at and
+    /// cannot be used (refused addresses, bad ExternalNames).
+    refused: Vec<Vec<Diagnostic>>,
     /// Every backend that resolved to pod endpoints.
     uses: Vec<Use>,
 }
@@ -968,7 +964,7 @@ impl<'a> Resolver<'a> {
         capacity: usize,
     ) -> Self {
         Resolver {
-            options,
+            policy: options.endpoint_policy(),
             inputs,
             index,
             prior,
@@ -1093,13 +1089,13 @@ impl<'a> Resolver<'a> {
         id
     }
 
-    /// The cluster of a Service port; endpoint addresses refused for safety are added to
-    /// `refused` as (EndpointSlice, reason).
+    /// The cluster of a Service port; what its Service or EndpointSlices point at and
+    /// cannot be used (refused addresses, bad ExternalNames) is added to `refused`.
     fn resolve(
         &self,
         service: &ObjectRef,
         port: &PortRef,
-        refused: &mut Vec<(ObjectRef, String)>,
+        refused: &mut Vec<Diagnostic>,
     ) -> Cluster {
         let mut cluster = Cluster {
             service: service.clone(),
@@ -1144,8 +1140,18 @@ impl<'a> Resolver<'a> {
             };
             cluster.service_port = Some(number);
             cluster.app_protocol = sp.and_then(|p| p.app_protocol.clone());
-            cluster.upstream = match external_name_problem(&host, self.options) {
-                Some(reason) => unresolved(format!("ExternalName Service {service}: {reason}")),
+            cluster.upstream = match external_name_problem(&host, &self.policy) {
+                Some(reason) => {
+                    refused.push(Diagnostic {
+                        severity: Severity::Error,
+                        kind: "Service".into(),
+                        namespace: service.namespace.clone(),
+                        name: service.name.clone(),
+                        field: "spec.externalName".into(),
+                        reason: format!("{reason}; its routes answer 503"),
+                    });
+                    unresolved(format!("ExternalName Service {service}: {reason}"))
+                }
                 None => match u16::try_from(number) {
                     Ok(port) if port > 0 => Upstream::ExternalName { host, port },
                     _ => unresolved(format!("Service {service} port {number} is out of range")),
@@ -1182,13 +1188,40 @@ impl<'a> Resolver<'a> {
             let Some(target) = slice_port(slice, sp, ports.len()) else {
                 continue;
             };
-            for ep in slice.endpoints.as_deref().unwrap_or_default() {
-                let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            let mut refuse = |field: String, reason: String| {
+                let slice = object_ref(&slice.metadata);
+                refused.push(Diagnostic {
+                    severity: Severity::Warning,
+                    kind: "EndpointSlice".into(),
+                    namespace: slice.namespace,
+                    name: slice.name,
+                    field,
+                    reason,
+                });
+            };
+            for (i, ep) in slice
+                .endpoints
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let Some(address) = ep.addresses.first() else {
                     continue;
                 };
+                let ip = match slice_address(address, &slice.address_type) {
+                    Ok(ip) => ip,
+                    Err(reason) => {
+                        refuse(format!("endpoints[{i}].addresses[0]"), reason);
+                        continue;
+                    }
+                };
                 let addr = SocketAddr::new(ip, target);
-                if let Some(reason) = endpoint_problem(addr, self.options) {
-                    refused.push((object_ref(&slice.metadata), format!("{addr}: {reason}")));
+                if let Some(reason) = self.policy.refusal(addr) {
+                    refuse(
+                        "endpoints".into(),
+                        format!("endpoint refused: {addr}: {reason}"),
+                    );
                     continue;
                 }
                 let c = ep.conditions.as_ref();
@@ -1280,42 +1313,45 @@ fn slice_port(slice: &EndpointSlice, sp: &ServicePort, service_ports: usize) -> 
         .filter(|p| *p > 0)
 }
 
-/// Why an endpoint address must not be used, if it must not (CVE-2021-25740 class).
-fn endpoint_problem(addr: SocketAddr, options: &Options) -> Option<String> {
-    let ip = addr.ip();
-    let local = match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+impl Options {
+    /// The endpoint safety rules of this build (shared with the data path).
+    pub fn endpoint_policy(&self) -> EndpointPolicy {
+        EndpointPolicy {
+            allow_local: self.allow_local_endpoints,
+            own_addresses: self.own_addresses.clone(),
         }
-    };
-    // A listener on 0.0.0.0 is reachable on every local address; the pod's own address
-    // is listed in `own_addresses` explicitly.
-    let ours = options.own_addresses.iter().any(|own| {
-        own.port() == addr.port()
-            && (own.ip() == ip
-                || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
-    });
-    if ours {
-        return Some("points at one of Portcullis' own listeners".into());
     }
-    (local && !options.allow_local_endpoints)
-        .then(|| "loopback, link-local and unspecified addresses are not allowed".into())
 }
 
-fn external_name_problem(host: &str, options: &Options) -> Option<String> {
+/// Why an ExternalName value must not be used, if it must not: not a DNS name, a
+/// loopback name outside file mode, or an IP literal the endpoint rules refuse. The
+/// addresses a name resolves to are checked when connecting.
+fn external_name_problem(host: &str, policy: &EndpointPolicy) -> Option<String> {
     if host.is_empty() {
         return Some("spec.externalName is empty".into());
     }
-    if options.allow_local_endpoints {
-        return None;
+    if !safety::is_dns_name(host) {
+        return Some(format!("`{host}` is not a valid DNS name"));
     }
     let lower = host.trim_end_matches('.').to_ascii_lowercase();
-    if lower == "localhost" || lower.ends_with(".localhost") {
+    if !policy.allow_local && (lower == "localhost" || lower.ends_with(".localhost")) {
         return Some(format!("{host} is loopback"));
     }
     if let Ok(ip) = lower.parse::<IpAddr>() {
-        return endpoint_problem(SocketAddr::new(ip, 1), options);
+        return policy
+            .refusal(SocketAddr::new(ip, 1))
+            .map(|r| format!("{host} {r}"));
     }
     None
+}
+
+/// An EndpointSlice endpoint's address, or why it does not fit the slice's
+/// `addressType` (`IPv4` or `IPv6`).
+fn slice_address(address: &str, address_type: &str) -> Result<IpAddr, String> {
+    match (address.parse::<IpAddr>(), address_type) {
+        (Ok(ip @ IpAddr::V4(_)), "IPv4") | (Ok(ip @ IpAddr::V6(_)), "IPv6") => Ok(ip),
+        _ => Err(format!(
+            "`{address}` is not an {address_type} address, as the slice's addressType says; refused"
+        )),
+    }
 }
