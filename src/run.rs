@@ -326,6 +326,11 @@ pub fn main(args: RunArgs) -> ExitCode {
             Ok(c) => args.tls_settings(c),
             Err(code) => return code,
         };
+        // ExternalName answers are held to the rules translation applies to endpoints.
+        let proxy_config = ProxyConfig {
+            endpoint_policy: options.endpoint_policy(),
+            ..args.proxy_config()
+        };
         let mut publisher = new_publisher(options, &metrics);
         if kube.is_none() {
             // The manifest files are debounced where they are read (files::RELOAD_DEBOUNCE).
@@ -355,7 +360,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             source = if args.source.manifests.is_empty() { "kubernetes" } else { "files" },
             "portcullis listening"
         );
-        serve(listeners, publisher, metrics, args.proxy_config(), tls, rx).await;
+        serve(listeners, publisher, metrics, proxy_config, tls, rx).await;
         if let Some(elector) = elector {
             elector.stop().await;
         }
@@ -508,6 +513,7 @@ pub fn demo(args: DemoArgs) -> ExitCode {
             own_addresses: own_addresses(&args.listen),
             ..Default::default()
         };
+        let endpoint_policy = options.endpoint_policy();
         let publisher = new_publisher(options, &metrics);
         // Published before the curl lines are printed, so that they work at once.
         publisher.publish(&Arc::new(loaded.into_update()));
@@ -573,6 +579,7 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         let config = ProxyConfig {
             shutdown_delay: Duration::ZERO,
             load_balance: crate::proxy::LoadBalance::RoundRobin,
+            endpoint_policy,
             ..ProxyConfig::default()
         };
         serve(listeners, publisher, metrics, config, tls, rx).await;

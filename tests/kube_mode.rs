@@ -512,6 +512,53 @@ async fn endpoint_safety_refuses_local_and_own_addresses() {
     );
 }
 
+/// `127.1` is a DNS name to translation, but the resolver reads it as 127.0.0.1: the
+/// addresses an ExternalName resolves to are checked when connecting, over HTTP/1 and
+/// h2c alike, and a name with only refused ones answers 502.
+#[tokio::test]
+async fn external_name_resolving_only_to_refused_addresses_answers_502() {
+    support_init();
+    let echo = start_echo("local").await;
+    let port = i32::from(echo.addr.port());
+    let server = ApiServer::start().await;
+    server.apply(class());
+    server.apply(
+        ingress("shop", "web")
+            .host("ext.example")
+            .prefix("/", "ext", port)
+            .host("h2c.example")
+            .prefix("/", "h2c", port)
+            .build(),
+    );
+    server.apply(support::external_name("shop", "ext", "127.1", port));
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "h2c"},
+        "spec": {"type": "ExternalName", "externalName": "127.1",
+                 "ports": [{"port": port, "appProtocol": "kubernetes.io/h2c"}]},
+    }));
+    let portcullis = Instance::start(&server, Options::default()).await;
+    for host in ["ext.example", "h2c.example"] {
+        portcullis
+            .eventually_serves(host, "/", 502, "upstream error: refused address")
+            .await;
+    }
+    let (status, body) = portcullis.get("ext.example", "/").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (502, "upstream error: refused address")
+    );
+    assert!(
+        portcullis
+            .snapshot()
+            .diagnostics
+            .iter()
+            .all(|d| d.name != "ext" && d.name != "h2c"),
+        "the name itself is acceptable: {:?}",
+        portcullis.snapshot().diagnostics
+    );
+}
+
 #[tokio::test]
 async fn watch_namespace_limits_what_is_read() {
     support_init();

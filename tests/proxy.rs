@@ -464,6 +464,37 @@ async fn external_name_resolves_when_connecting() {
 }
 
 #[tokio::test]
+async fn external_name_that_is_not_a_dns_name_answers_503_and_keeps_the_connection() {
+    let a = start_echo("a").await;
+    let world = World::new()
+        .ingress(
+            ingress(NS, "web")
+                .host("a.example")
+                .prefix("/", "ext", 80)
+                .host("b.example")
+                .prefix("/", "svc", 80),
+        )
+        .service(external_name(NS, "ext", "bad name!", 80))
+        .backend(NS, "svc", 80, &[a.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    // Two requests on one keep-alive connection: the configuration error is no reason to
+    // close it, and the next request is served.
+    let resp = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\nGET / HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&resp), 503, "{resp}");
+    assert!(resp.contains("no endpoints for ns/ext"), "{resp}");
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        2,
+        "the second request is answered on the same connection: {resp}"
+    );
+    assert!(resp.contains("\"name\":\"a\""), "{resp}");
+}
+
+#[tokio::test]
 async fn host_and_authority_that_differ_are_400() {
     let a = start_echo("a").await;
     let world = World::new()

@@ -59,6 +59,7 @@ use super::balance::Target;
 use super::body::{BodyProgress, RequestBody};
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::{Metrics, RouteSeries};
+use crate::model::safety::{EndpointPolicy, Refusal};
 
 /// The most an HTTP/1 upstream connection reads ahead: a response body chunk waiting
 /// for a slow downstream client is at most this big (hyper's default is ~400 KiB, so
@@ -216,6 +217,8 @@ pub struct UpstreamClient {
     h2c_fresh: Client<Connector, RequestBody>,
     response_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Which addresses an ExternalName may resolve to.
+    endpoint_policy: EndpointPolicy,
 }
 
 impl UpstreamClient {
@@ -231,6 +234,7 @@ impl UpstreamClient {
         let connector = Connector {
             http,
             timeout: cfg.connect_timeout,
+            endpoint_policy: Arc::new(cfg.endpoint_policy.clone()),
         };
         let build = |pooled: bool| {
             let mut b = Client::builder(TokioExecutor::new());
@@ -257,6 +261,7 @@ impl UpstreamClient {
             h2c_fresh: build(false),
             response_timeout: cfg.response_timeout,
             metrics,
+            endpoint_policy: cfg.endpoint_policy.clone(),
         }
     }
 
@@ -387,10 +392,10 @@ impl UpstreamClient {
 
     /// Opens a connection to `target`; the caller drives it.
     async fn connect(&self, target: &Target) -> Result<H1Conn, ConnectError> {
-        let stream = tokio::time::timeout(self.connect_timeout, open(target))
-            .await
-            .map_err(|_| ConnectError::Timeout)?
-            .map_err(ConnectError::Io)?;
+        let stream =
+            tokio::time::timeout(self.connect_timeout, open(target, &self.endpoint_policy))
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
         stream.set_nodelay(true).map_err(ConnectError::Io)?;
         let (sender, conn) = self
             .http1
@@ -455,26 +460,59 @@ impl<F: Future> Future for Deadline<'_, F> {
     }
 }
 
-/// A TCP connection to `target`; an ExternalName is resolved now, and its addresses are
-/// tried in order.
-async fn open(target: &Target) -> io::Result<TcpStream> {
+/// A TCP connection to `target`. An ExternalName is resolved now ([`resolve`]) and its
+/// allowed addresses are tried in order; pod endpoints were checked at translation.
+async fn open(target: &Target, policy: &EndpointPolicy) -> Result<TcpStream, ConnectError> {
     match target {
-        Target::Addr(addr) => TcpStream::connect(*addr).await,
+        Target::Addr(addr) => TcpStream::connect(*addr).await.map_err(ConnectError::Io),
         Target::Name { host, port } => {
             let mut last = None;
-            for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
+            for addr in resolve(host, *port, policy).await? {
                 match TcpStream::connect(addr).await {
                     Ok(stream) => return Ok(stream),
                     Err(e) => last = Some(e),
                 }
             }
-            Err(last.unwrap_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{host} resolved to no address"),
-                )
-            }))
+            Err(ConnectError::Io(last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "no address to connect to")
+            })))
         }
+    }
+}
+
+/// The addresses of the ExternalName `host` on `port` that `policy` allows, in the
+/// resolver's order (the endpoint rules translation applies, now to DNS answers). A
+/// name with answers but none allowed is [`ConnectError::Refused`]; one with no answer
+/// at all is an I/O error.
+async fn resolve(
+    host: &str,
+    port: u16,
+    policy: &EndpointPolicy,
+) -> Result<Vec<std::net::SocketAddr>, ConnectError> {
+    let mut refused = None;
+    let allowed: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(ConnectError::Io)?
+        .filter(|addr| match policy.refusal(*addr) {
+            Some(why) => {
+                tracing::debug!(%host, %addr, reason = %why, "ExternalName address refused");
+                refused = Some((*addr, why));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    match (allowed.is_empty(), refused) {
+        (true, Some((addr, why))) => Err(ConnectError::Refused {
+            host: host.to_string(),
+            addr,
+            why,
+        }),
+        (true, None) => Err(ConnectError::Io(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} resolved to no address"),
+        ))),
+        (false, _) => Ok(allowed),
     }
 }
 
@@ -487,6 +525,13 @@ enum ConnectError {
     Io(#[source] io::Error),
     #[error("upstream connection setup failed")]
     Handshake(#[source] hyper::Error),
+    /// Every address the ExternalName `host` resolved to is refused (`addr` is one).
+    #[error("ExternalName {host} resolved only to refused addresses ({addr}: {why})")]
+    Refused {
+        host: String,
+        addr: std::net::SocketAddr,
+        why: Refusal,
+    },
 }
 
 /// A connect failure: another endpoint may be tried.
@@ -499,6 +544,7 @@ fn connect_failure(err: ConnectError) -> Failure {
             _ => Some("connect failed"),
         },
         ConnectError::Handshake(_) => Some("connect failed"),
+        ConnectError::Refused { .. } => Some("refused address"),
     };
     let error = match reason {
         None => ProxyError::UpstreamTimeout,
@@ -641,6 +687,13 @@ fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) 
     let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
     let (reason, kind) = if err.is_connect() {
         match io_kind {
+            _ if matches!(
+                find_in_chain::<ConnectError>(root),
+                Some(ConnectError::Refused { .. })
+            ) =>
+            {
+                ("refused address", FailureKind::Connect)
+            }
             Some(io::ErrorKind::ConnectionRefused) => ("connection refused", FailureKind::Connect),
             Some(io::ErrorKind::TimedOut) => {
                 return Failure {
@@ -908,11 +961,27 @@ struct ConnectTiming {
     reported: Arc<AtomicBool>,
 }
 
-/// HTTP connector with a recognisable connect timeout and connect timing.
+/// HTTP connector with a recognisable connect timeout and connect timing. An
+/// ExternalName host is opened by [`open`], under the same endpoint rules as HTTP/1.
 #[derive(Clone)]
 struct Connector {
     http: HttpConnector,
     timeout: Duration,
+    endpoint_policy: Arc<EndpointPolicy>,
+}
+
+/// The ExternalName target `uri` names, or `None` when its host is an IP literal (a pod
+/// endpoint) or missing.
+fn named_target(uri: &Uri) -> Option<Target> {
+    let host = uri.host()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    Some(Target::Name {
+        host: host.to_string(),
+        port: uri.port_u16().unwrap_or(80),
+    })
 }
 
 impl Service<Uri> for Connector {
@@ -928,12 +997,26 @@ impl Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = self.timeout;
-        let connecting = self.http.call(uri);
+        let connecting: Pin<Box<dyn Future<Output = Result<_, BoxError>> + Send>> =
+            match named_target(&uri) {
+                Some(target) => {
+                    let policy = self.endpoint_policy.clone();
+                    Box::pin(async move {
+                        let stream = open(&target, &policy).await?;
+                        stream.set_nodelay(true)?;
+                        Ok(TokioIo::new(stream))
+                    })
+                }
+                None => {
+                    let connecting = self.http.call(uri);
+                    Box::pin(async move { Ok(connecting.await?) })
+                }
+            };
         Box::pin(async move {
             let start = Instant::now();
             match tokio::time::timeout(timeout, connecting).await {
                 Err(_) => Err(Box::new(ConnectTimeout) as BoxError),
-                Ok(Err(e)) => Err(Box::new(e) as BoxError),
+                Ok(Err(e)) => Err(e),
                 Ok(Ok(io)) => Ok(UpstreamIo {
                     inner: io,
                     timing: ConnectTiming {

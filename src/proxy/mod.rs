@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use crate::accesslog::{AccessLog, AccessLogFormat};
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
+use crate::model::safety::EndpointPolicy;
 
 pub use balance::{Ejection, LoadBalance};
 pub use errors::{Origin, ProxyError};
@@ -86,6 +87,10 @@ pub struct ProxyConfig {
     /// The access log on standard output that [`Proxy::new`] starts; `Off` by default
     /// here (the `run` command's flag defaults to `text`).
     pub access_log: AccessLogFormat,
+    /// The addresses an ExternalName may resolve to when connecting: translation's
+    /// rules ([`EndpointPolicy`]). The default is Kubernetes mode's (loopback,
+    /// link-local and unspecified refused); file mode allows local addresses.
+    pub endpoint_policy: EndpointPolicy,
 }
 
 impl Default for ProxyConfig {
@@ -105,6 +110,7 @@ impl Default for ProxyConfig {
             shutdown_delay: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             access_log: AccessLogFormat::Off,
+            endpoint_policy: EndpointPolicy::default(),
         }
     }
 }

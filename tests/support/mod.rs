@@ -326,8 +326,17 @@ pub struct TestProxy {
     task: JoinHandle<()>,
 }
 
+/// A proxy serving `snapshot` with the default settings, except that ExternalNames
+/// may resolve to loopback, as in file mode (which [`World::snapshot`] translates in).
 pub async fn start_proxy(snapshot: Snapshot) -> TestProxy {
-    start_proxy_with(snapshot, ProxyConfig::default()).await
+    let cfg = ProxyConfig {
+        endpoint_policy: portcullis::model::safety::EndpointPolicy {
+            allow_local: true,
+            ..Default::default()
+        },
+        ..ProxyConfig::default()
+    };
+    start_proxy_with(snapshot, cfg).await
 }
 
 pub async fn start_proxy_with(mut snapshot: Snapshot, cfg: ProxyConfig) -> TestProxy {
