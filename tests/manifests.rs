@@ -248,3 +248,72 @@ fn the_names_that_tie_the_objects_together_line_up() {
     assert_eq!(class.metadata.name, Some(args.source.ingress_class.clone()));
     assert!(class.metadata.annotations.is_none());
 }
+
+/// The JSON-patch operations of `overlay`'s patch for the object of `kind`.
+fn overlay_ops(overlay: &str, kind: &str) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/overlays")
+        .join(overlay)
+        .join("kustomization.yaml");
+    let text = std::fs::read_to_string(&path).expect("read overlay");
+    let k: serde_json::Value =
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let patch = k["patches"]
+        .as_array()
+        .expect("patches")
+        .iter()
+        .find(|p| p["target"]["kind"] == kind)
+        .unwrap_or_else(|| panic!("{overlay} patches no {kind}"));
+    serde_saphyr::from_str(patch["patch"].as_str().expect("patch text")).expect("patch ops")
+}
+
+/// An HTTPS redirect names the port clients reach: the Service's (443, or the nodeport
+/// overlay's nodePort), not the pod's 8443.
+#[test]
+fn https_redirects_name_the_port_the_service_exposes() {
+    let d: Deployment = read("deployment.yaml");
+    let c = container(&d);
+    let args = run_args(c);
+    let svc: Service = read("service.yaml");
+    let https = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.target_port == Some(IntOrString::String("https".into())))
+        .expect("a Service port for https");
+    assert_eq!(
+        args.https_redirect_port.map(i32::from),
+        Some(https.port),
+        "--https-redirect-port is the Service's HTTPS port"
+    );
+    assert_ne!(https.port, container_port(c, "https"));
+
+    // The nodeport overlay swaps that argument for its nodePort, at the index it checks.
+    let nodeport = overlay_ops("nodeport", "Service")
+        .iter()
+        .find(|op| op["op"] == "add" && op["path"] == "/spec/ports/1/nodePort")
+        .and_then(|op| op["value"].as_i64())
+        .expect("the https nodePort");
+    let ops = overlay_ops("nodeport", "Deployment");
+    let at = |kind: &str| {
+        ops.iter()
+            .find(|op| op["op"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} op"))
+    };
+    let (test, replace) = (at("test"), at("replace"));
+    assert_eq!(test["path"], replace["path"]);
+    let index: usize = test["path"]
+        .as_str()
+        .and_then(|p| p.strip_prefix("/spec/template/spec/containers/0/args/"))
+        .and_then(|i| i.parse().ok())
+        .expect("an args index");
+    let base_args = c.args.as_deref().unwrap_or_default();
+    assert_eq!(test["value"], base_args[index].as_str());
+    assert_eq!(base_args[index], format!("--https-redirect-port={}", https.port));
+    assert_eq!(
+        replace["value"],
+        format!("--https-redirect-port={nodeport}").as_str()
+    );
+}
