@@ -93,7 +93,8 @@ async fn p2c_avoids_the_endpoint_whose_response_body_is_still_streaming() {
 
 #[tokio::test]
 async fn a_refused_endpoint_is_retried_elsewhere_ejected_and_counted() {
-    let refused = closed_port().await;
+    let refusing = refusing_port();
+    let refused = refusing.addr;
     let good = start_echo("good").await;
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
@@ -138,8 +139,8 @@ async fn a_refused_endpoint_is_retried_elsewhere_ejected_and_counted() {
 
 #[tokio::test]
 async fn when_every_endpoint_is_ejected_all_are_used_again_panic_mode() {
-    let r1 = closed_port().await;
-    let r2 = closed_port().await;
+    let (refusing1, refusing2) = (refusing_port(), refusing_port());
+    let (r1, r2) = (refusing1.addr, refusing2.addr);
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
         .backend(NS, "svc", 80, &[r1, r2]);
@@ -167,7 +168,8 @@ async fn when_every_endpoint_is_ejected_all_are_used_again_panic_mode() {
 
 #[tokio::test]
 async fn an_ejected_endpoint_is_readmitted_after_its_window() {
-    let flaky = closed_port().await;
+    let refusing = refusing_port();
+    let flaky = refusing.addr;
     let good = start_echo("good").await;
     let world = World::new()
         .ingress(ingress(NS, "web").host("a.example").prefix("/", "svc", 80))
@@ -193,9 +195,7 @@ async fn an_ejected_endpoint_is_readmitted_after_its_window() {
 
     // The endpoint comes back on the same address; once its window is over it gets
     // traffic again, and its success clears the backoff.
-    let listener = tokio::net::TcpListener::bind(flaky)
-        .await
-        .expect("rebind the flaky port");
+    let listener = refusing.into_listener();
     let (_stop, rx) = Stopper::new();
     tokio::spawn(portcullis::echo::serve(listener, "flaky".into(), rx));
     let deadline = tokio::time::Instant::now() + EVENTUALLY;

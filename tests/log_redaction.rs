@@ -16,7 +16,7 @@ use std::time::Duration;
 use portcullis::certs::DevCa;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use support::{EVENTUALLY, closed_port, start_echo};
+use support::{EVENTUALLY, refusing_port, start_echo};
 
 const AUTHORIZATION: &str = "Bearer tok-3f9a1c7e5b2d4a6c8e0f";
 const BASIC: &str = "Basic dXNlcjpodW50ZXIyLXBhc3N3b3Jk";
@@ -233,7 +233,8 @@ async fn debug_logs_and_the_access_log_carry_no_key_material_or_credentials() {
         .issue(&["other.example".into()], 30)
         .expect("second leaf");
     let echo = start_echo("echo").await;
-    let dead = closed_port().await;
+    let refusing = refusing_port();
+    let dead = refusing.addr;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("objects.yaml"),

@@ -311,7 +311,10 @@ fn https_redirects_name_the_port_the_service_exposes() {
         .expect("an args index");
     let base_args = c.args.as_deref().unwrap_or_default();
     assert_eq!(test["value"], base_args[index].as_str());
-    assert_eq!(base_args[index], format!("--https-redirect-port={}", https.port));
+    assert_eq!(
+        base_args[index],
+        format!("--https-redirect-port={}", https.port)
+    );
     assert_eq!(
         replace["value"],
         format!("--https-redirect-port={nodeport}").as_str()

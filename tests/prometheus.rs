@@ -5,7 +5,7 @@
 //! every query of the Grafana dashboard.
 //!
 //! The binaries come from Debian's `prometheus` package (`.ci/run` installs it). Without
-//! them these tests skip with a message, except under `CI`, where they fail.
+//! them these tests skip with a message, except under CI (`CI=true`), where they fail.
 
 mod support;
 
@@ -26,36 +26,12 @@ use tokio::net::TcpListener;
 /// How long a real Prometheus gets to start, scrape and answer.
 const PROMETHEUS_PATIENCE: Duration = Duration::from_secs(90);
 
-/// Metrics the monitoring bundle uses that the TLS work adds; allowed to be missing
-/// from src/metrics.rs until it lands.
-const PENDING_METRICS: &[&str] = &[
-    "portcullis_certificate_expiry_timestamp_seconds",
-    "portcullis_tls_handshakes_total",
-    "portcullis_tls_handshake_errors_total",
-];
-
-/// The path of `name` on `PATH`; `None` (after saying so) when it is missing outside CI.
-/// Under `CI` a missing binary fails the test: CI must run these checks.
+/// The path of the Prometheus tool `name` (`support::require_tool`).
 fn require(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    match found {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!(
-                "`{name}` is not installed, and CI is set: .ci/run installs Debian's `prometheus` package"
-            )
-        }
-        None => {
-            eprintln!(
-                "SKIPPED: `{name}` is not installed (Debian package `prometheus`: apt-get install --no-install-recommends prometheus); with CI set this test fails instead"
-            );
-            None
-        }
-    }
+    require_tool(
+        name,
+        "Debian package `prometheus`: apt-get install --no-install-recommends prometheus",
+    )
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -289,7 +265,7 @@ fn the_monitoring_bundle_uses_only_metrics_that_exist() {
         assert!(!used.is_empty());
         for name in &used {
             assert!(
-                defined.contains(name) || PENDING_METRICS.contains(&name.as_str()),
+                defined.contains(name),
                 "the {what} uses {name}, which src/metrics.rs does not define"
             );
         }

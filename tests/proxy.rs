@@ -122,9 +122,33 @@ async fn round_robin_spreads_over_endpoints() {
     assert_eq!(counts.get("e2"), Some(&5), "{counts:?}");
 }
 
+/// The harness' refusing endpoint: connects are refused, and while the guard lives no
+/// other socket can take the port (what "bind, release, hope" could not promise).
+#[tokio::test]
+async fn the_refusing_port_refuses_and_stays_reserved() {
+    let refusing = refusing_port();
+    for _ in 0..3 {
+        let err = tokio::net::TcpStream::connect(refusing.addr)
+            .await
+            .expect_err("nothing accepts on the refusing port");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+    assert!(
+        tokio::net::TcpListener::bind(refusing.addr).await.is_err(),
+        "the port stays reserved"
+    );
+    // Turned into a listener, the same port accepts.
+    let addr = refusing.addr;
+    let listener = refusing.into_listener();
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    client.expect("connect once listening");
+    accepted.expect("accept");
+}
+
 #[tokio::test]
 async fn upstream_failures_are_502_and_504() {
-    let refused = closed_port().await;
+    let refusing = refusing_port();
+    let refused = refusing.addr;
     let (garbage, _g) = start_canned(b"this is not http\r\n\r\n").await;
     let (silent, _s) = start_silent().await;
     let world = World::new()

@@ -28,6 +28,33 @@ use tokio::task::JoinHandle;
 /// Generous bound for anything that should happen "eventually".
 pub const EVENTUALLY: Duration = Duration::from_secs(20);
 
+/// Whether this is a CI run (`CI` set and not `false`; `.ci/run` exports `CI=true`).
+/// There a test that needs a missing tool fails instead of skipping.
+pub fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The path of the external tool `name` on `PATH`. When it is missing: under CI a panic
+/// (CI must run every check; `install` says how to get it), elsewhere `None` after a
+/// `SKIPPED` line, and the caller returns early.
+pub fn require_tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !under_ci(),
+            "`{name}` is not installed, and this is a CI run ({install})"
+        );
+        eprintln!(
+            "SKIPPED: `{name}` is not installed ({install}); under CI this test fails instead"
+        );
+    }
+    found
+}
+
 // ---------------------------------------------------------------------------------
 // Kubernetes object fixtures
 
@@ -517,12 +544,41 @@ pub async fn start_silent() -> (SocketAddr, Stopper) {
     (addr, stop)
 }
 
-/// An address on which nothing listens (bound, then released).
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    drop(listener);
-    addr
+/// A loopback port that refuses every connection while this guard lives: a socket bound
+/// to it that never listens, so a connect gets a reset (`ECONNREFUSED` on Linux) and no
+/// other socket, in this process or another, can take the port meanwhile.
+pub struct RefusingPort {
+    pub addr: SocketAddr,
+    socket: socket2::Socket,
+}
+
+impl RefusingPort {
+    /// The same port, now listening: the endpoint "comes back" on its address, with no
+    /// moment in which anyone else could have taken it.
+    pub fn into_listener(self) -> TcpListener {
+        self.socket
+            .listen(128)
+            .expect("listen on the reserved port");
+        self.socket
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        TcpListener::from_std(self.socket.into()).expect("tokio listener")
+    }
+}
+
+/// A [`RefusingPort`] on 127.0.0.1; keep it alive for as long as the port must refuse.
+pub fn refusing_port() -> RefusingPort {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("TCP socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind 127.0.0.1:0");
+    let addr = socket
+        .local_addr()
+        .expect("bound address")
+        .as_socket()
+        .expect("an IP socket address");
+    RefusingPort { addr, socket }
 }
 
 /// An HTTP/1.1 keep-alive upstream answering every request head with `200 ok`, that
