@@ -121,6 +121,7 @@ impl SourceArgs {
             allow_local_endpoints: true,
             own_addresses,
             default_ssl_certificate: self.default_ssl_certificate.clone(),
+            normalize_paths: true,
         }
     }
 
@@ -276,7 +277,7 @@ pub struct RunArgs {
     pub header_read_timeout: Duration,
     /// A request body, a response body or an upgraded tunnel (WebSocket) that moves no
     /// byte for this long is aborted: a request body before the response with 408, else
-    /// both connections closed (HTTP/1) or the stream reset (HTTP/2).
+    /// both connections closed (HTTP/1) or the stream reset (HTTP/2). `0s` turns it off.
     #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
     /// `on`: route, apply policies to and forward the normalised path (unreserved

@@ -318,6 +318,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             });
             args.source.file_options(own)
         };
+        let options = crate::k8s::Options {
+            normalize_paths: args.path_normalization.is_on(),
+            ..options
+        };
         let listeners = match Listeners::bind(&args.listen).await {
             Ok(l) => l,
             Err(code) => return code,

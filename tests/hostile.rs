@@ -2120,12 +2120,13 @@ async fn routing_and_the_upstream_see_the_normalised_path() {
         ("/public/a%00", "encoded NUL in path"),
         ("/public/100%", "invalid percent-encoding in path"),
         ("/public\\..\\admin", "backslash in path"),
+        ("/public/..;/admin", "dot segment with parameters in path"),
     ] {
         let (status, name, body) = served(&proxy, target).await;
         assert_eq!(status, 400, "{target}: {name} {body}");
         assert_eq!(body, format!("bad request: {reason}"), "{target}");
     }
-    assert_eq!(proxy.metrics.path_normalization_rejected_total.get(), 6);
+    assert_eq!(proxy.metrics.path_normalization_rejected_total.get(), 7);
 }
 
 #[tokio::test]
@@ -2147,4 +2148,63 @@ async fn with_normalisation_off_the_path_is_routed_and_forwarded_as_received() {
         );
     }
     assert_eq!(proxy.metrics.path_normalization_rejected_total.get(), 0);
+}
+
+/// Rule paths are normalised like request paths, so a rule written with escapes, `//`
+/// or dot segments is still reachable; one normalisation refuses can never match and
+/// is not served. Each is a diagnostic on the path.
+#[tokio::test]
+async fn rule_paths_are_normalised_like_request_paths() {
+    let tilde = start_echo("tilde").await;
+    let query = start_echo("query").await;
+    let merged = start_echo("merged").await;
+    let root = start_echo("root").await;
+    let world = World::new()
+        .ingress(
+            ingress(NS, "escapes")
+                .prefix("/%7euser", "tilde", 80)
+                .prefix("/a%3fb", "query", 80)
+                .prefix("/x//y/./z", "merged", 80)
+                .prefix("/../up", "root", 80)
+                .prefix("/", "root", 80),
+        )
+        .backend(NS, "tilde", 80, &[tilde.addr])
+        .backend(NS, "query", 80, &[query.addr])
+        .backend(NS, "merged", 80, &[merged.addr])
+        .backend(NS, "root", 80, &[root.addr]);
+    let snapshot = world.snapshot();
+    let diag = |path_index: usize| {
+        let field = format!("spec.rules[0].http.paths[{path_index}].path");
+        snapshot
+            .diagnostics
+            .iter()
+            .find(|d| d.field == field)
+            .map(|d| (d.severity, d.reason.clone()))
+    };
+    for (i, normal) in [(0, "/~user"), (1, "/a%3Fb"), (2, "/x/y/z")] {
+        let (severity, reason) = diag(i).expect("a diagnostic");
+        assert_eq!(severity, portcullis::model::Severity::Warning);
+        assert!(
+            reason.contains(&format!("is matched as {normal}")),
+            "{reason}"
+        );
+    }
+    let (severity, reason) = diag(3).expect("a diagnostic");
+    assert_eq!(severity, portcullis::model::Severity::Error);
+    assert!(reason.contains("can never match"), "{reason}");
+
+    let proxy = start_proxy(snapshot).await;
+    for (target, want) in [
+        ("/~user/x", "tilde"),
+        ("/%7Euser", "tilde"),
+        ("/%7euser", "tilde"),
+        ("/a%3Fb", "query"),
+        ("/a%3fb/c", "query"),
+        ("/x/y/z", "merged"),
+        ("/x//y//z/w", "merged"),
+        ("/up", "root"),
+    ] {
+        let (status, name, _) = served(&proxy, target).await;
+        assert_eq!((status, name.as_str()), (200, want), "{target}");
+    }
 }

@@ -8,6 +8,7 @@
 mod incremental;
 mod tls;
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -110,6 +111,9 @@ pub struct Options {
     /// `--default-ssl-certificate`: a Secret parsed like TLS hosts' Secrets (last good
     /// kept), served for names no TLS host covers.
     pub default_ssl_certificate: Option<ObjectRef>,
+    /// `--path-normalization on`: rule paths are normalised as request paths are
+    /// ([`crate::model::path::normalize`]), with a diagnostic when that changes one.
+    pub normalize_paths: bool,
 }
 
 impl Default for Options {
@@ -123,6 +127,7 @@ impl Default for Options {
             allow_local_endpoints: false,
             own_addresses: Vec::new(),
             default_ssl_certificate: None,
+            normalize_paths: true,
         }
     }
 }
@@ -337,7 +342,7 @@ fn build_from<'a>(
     let mut host_ids: FastMap<HostPattern, u32> =
         FastMap::with_capacity_and_hasher(ours.len(), Default::default());
     // (host id, match key, exact) → the Ingress (index in `ours`) and path serving it.
-    let mut taken: FastMap<(u32, &str, bool), (usize, PathField)> =
+    let mut taken: FastMap<(u32, Cow<'_, str>, bool), (usize, PathField)> =
         FastMap::with_capacity_and_hasher(paths_hint, Default::default());
     // The default backend and the Ingress it came from (`None`: the flag).
     let mut default_backend: Option<(ClusterId, Option<ObjectRef>)> = None;
@@ -461,7 +466,41 @@ fn build_from<'a>(
                         continue;
                     }
                 };
-                let rule_path = match PathRule::new(raw_path, path_type) {
+                // With --path-normalization on, requests are routed by their normalised
+                // path, so the rule is too: a rule that normalisation would rewrite is
+                // matched in its normal form, and one it refuses could never match.
+                let raw_path: Cow<'_, str> = if options.normalize_paths {
+                    match crate::model::path::normalize(raw_path) {
+                        Ok(Cow::Borrowed(p)) => Cow::Borrowed(p),
+                        Ok(Cow::Owned(normal)) => {
+                            diags.push(
+                                Severity::Warning,
+                                "Ingress",
+                                &id,
+                                format!("{field}.path"),
+                                format!(
+                                    "path {raw_path} is matched as {normal}: request paths are normalised before routing (--path-normalization on)"
+                                ),
+                            );
+                            Cow::Owned(normal)
+                        }
+                        Err(e) => {
+                            diags.push(
+                                Severity::Error,
+                                "Ingress",
+                                &id,
+                                format!("{field}.path"),
+                                format!(
+                                    "path {raw_path} can never match a request: {e} (--path-normalization on refuses such requests)"
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                } else {
+                    Cow::Borrowed(raw_path)
+                };
+                let rule_path = match PathRule::new(&raw_path, path_type) {
                     Ok(r) => r,
                     Err(reason) => {
                         diags.push(
@@ -474,10 +513,11 @@ fn build_from<'a>(
                         continue;
                     }
                 };
-                let match_key = if path_type.is_exact() {
-                    raw_path
-                } else {
-                    raw_path.trim_end_matches('/')
+                let match_key = match raw_path.clone() {
+                    Cow::Borrowed(p) if path_type.is_exact() => Cow::Borrowed(p),
+                    Cow::Borrowed(p) => Cow::Borrowed(p.trim_end_matches('/')),
+                    Cow::Owned(p) if path_type.is_exact() => Cow::Owned(p),
+                    Cow::Owned(p) => Cow::Owned(p.trim_end_matches('/').to_string()),
                 };
                 let key = (host_id, match_key, path_type.is_exact());
                 if let Some(&(winner, winner_field)) = taken.get(&key) {
