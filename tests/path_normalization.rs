@@ -48,6 +48,8 @@ fn the_reference_follows_the_contract() {
         ("/a\\b", Err(())),
         ("/100%", Err(())),
         ("/%4%31", Err(())),
+        ("/public/..;/admin", Err(())),
+        ("/a;b/../c", Ok("/c")),
     ];
     for (path, want) in cases {
         let got = checks::reference_normalize(path).map_err(|_| ());

@@ -409,7 +409,8 @@ pub fn headers(data: &[u8]) {
 /// unreserved and reserved characters, refused escapes, broken escapes and backslashes.
 const PATH_PIECES: &[&str] = &[
     "/", "/", "/", "//", ".", "..", "a", "b", "~", "-", "%2e", "%2E", "%2e%2e", "%61", "%7E",
-    "%2f", "%2F", "%5c", "%5C", "%00", "%20", "%3f", "%zz", "%4", "%", "\\", ";", "%25",
+    "%2f", "%2F", "%5c", "%5C", "%00", "%20", "%3f", "%zz", "%4", "%", "\\", ";", "%25", "..;",
+    ".;x", ";p=1",
 ];
 
 /// A request path from the input: pieces of [`PATH_PIECES`], or raw visible ASCII.
@@ -464,6 +465,14 @@ pub fn reference_normalize(path: &str) -> Result<String, &'static str> {
                 decoded.push(chars[i]);
                 i += 1;
             }
+        }
+    }
+    // A `.` or `..` segment with parameters is refused (servlet containers act on it).
+    for segment in decoded.split('/') {
+        if let Some((dots, _)) = segment.split_once(';')
+            && (dots == "." || dots == "..")
+        {
+            return Err("dot segment with parameters");
         }
     }
     while decoded.contains("//") {

@@ -12,7 +12,9 @@
 //! Refused (the request is answered 400, [`PathError`]): a path that climbs above `/`,
 //! an encoded `/` or `\` (`%2F`, `%5C`: a backend that decodes them would see other
 //! segments than the ones routed on), an encoded NUL, a `%` not followed by two hex
-//! digits, and a raw `\` (not a URI character, and a path separator to some backends).
+//! digits, a raw `\` (not a URI character, and a path separator to some backends), and a
+//! `.` or `..` segment with `;` parameters (`/public/..;/admin`: Tomcat and Jetty drop
+//! the parameters and climb, after routing saw `/public`).
 //! So normalising a normalised path changes nothing, and no decoding step can make a new
 //! escape out of what it decoded.
 //!
@@ -40,6 +42,10 @@ pub enum PathError {
     /// A raw `\`.
     #[error("backslash in path")]
     Backslash,
+    /// A `.` or `..` segment with parameters (`..;x`): servlet containers drop the
+    /// parameters and act on the dot segment, which routing would not have seen.
+    #[error("dot segment with parameters in path")]
+    DotSegmentParams,
 }
 
 /// The normalised form of `path` (the path of a request target, without its query).
@@ -50,10 +56,11 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
     let decoded = decode(path.as_bytes())?;
     let normalised = remove_dot_segments(&decoded)?;
-    // Only ASCII went in (the request target is ASCII) and only ASCII was decoded.
-    Ok(Cow::Owned(
-        String::from_utf8_lossy(&normalised).into_owned(),
-    ))
+    // The input was UTF-8, and only ASCII bytes were decoded, removed or inserted, so
+    // every multi-byte sequence is kept whole: the conversion cannot fail.
+    Ok(Cow::Owned(String::from_utf8(normalised).unwrap_or_else(
+        |e| String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    )))
 }
 
 /// Whether `path` is already normal: no percent sign, no empty segment after the first
@@ -63,7 +70,7 @@ fn is_normal(b: &[u8]) -> Result<bool, PathError> {
     let mut normal = true;
     for (i, &c) in b.iter().enumerate() {
         match c {
-            b'%' => normal = false,
+            b'%' | b';' => normal = false,
             b'\\' => return Err(PathError::Backslash),
             b'/' if is_dot_segment(b, i + 1) || b.get(i + 1) == Some(&b'/') => normal = false,
             _ => {}
@@ -140,6 +147,11 @@ fn remove_dot_segments(path: &[u8]) -> Result<Vec<u8>, PathError> {
     // The first element is the empty string before the leading slash.
     for segment in path.split(|&c| c == b'/').skip(1) {
         trailing = true;
+        if let Some(at) = segment.iter().position(|&c| c == b';')
+            && matches!(&segment[..at], b"." | b"..")
+        {
+            return Err(PathError::DotSegmentParams);
+        }
         match segment {
             b"" | b"." => {}
             b".." => {
@@ -192,6 +204,8 @@ mod tests {
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
             ("/%252F", "/%252F"),
+            ("/a;b/c;d=1", "/a;b/c;d=1"),
+            ("/...;x", "/...;x"),
             ("*", "*"),
         ];
         for (input, want) in ok {
@@ -211,6 +225,9 @@ mod tests {
             ("/%4", PathError::BadEscape),
             ("/%%34%31", PathError::BadEscape),
             ("/a\\b", PathError::Backslash),
+            ("/public/..;/admin", PathError::DotSegmentParams),
+            ("/public/.;x/admin", PathError::DotSegmentParams),
+            ("/public/%2e%2e;/admin", PathError::DotSegmentParams),
             ("/a\\..\\b", PathError::Backslash),
         ];
         for (input, want) in refused {
