@@ -357,6 +357,13 @@ async fn endpoint_stopped_mid_load(stop: Stop, keep_alive: bool) {
         .get();
     if keep_alive {
         assert_eq!(exhausted, 0);
+    } else if in_a > 0 {
+        // `a` had requests (or connections about to carry one) when it died: on fresh
+        // connections only the reset retry can have saved them.
+        assert!(
+            retries("reset_before_response") > 0,
+            "a had {in_a} request(s) and nothing was retried"
+        );
     }
     assert!(
         failed.len() as u64 <= exhausted
@@ -1250,6 +1257,7 @@ async fn a_reset_before_the_response_is_retried_for_idempotent_requests_only() {
     for (method, body) in [
         (http::Method::POST, ""),
         (http::Method::PUT, "a body"),
+        (http::Method::GET, "a body"),
         (http::Method::PATCH, ""),
     ] {
         let before = hits.load(Ordering::SeqCst);

@@ -269,3 +269,72 @@ async fn eventually_in_flight_zero(proxy: &TestProxy, addr: std::net::SocketAddr
     }
     false
 }
+
+/// A limit the slow-but-moving tests can keep under with margin on a busy machine.
+const SLOW_IDLE: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn an_upload_that_keeps_moving_slowly_is_never_cut() {
+    let (up, _stop, mut got) = start_body_reader().await;
+    let proxy = proxy_to(up, SLOW_IDLE).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: 12\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    // A byte every 200 ms: 2.4 s in all, more than twice the limit.
+    for b in b"0123456789ab" {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(&[*b]).await.expect("write");
+    }
+    let answer = read_to_close(&mut s).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let upstream = timeout(EVENTUALLY, got.recv()).await.expect("in time");
+    assert_eq!(upstream, Some(Ok(12)));
+    assert_eq!(idle_timeouts(&proxy, "request"), 0);
+}
+
+#[tokio::test]
+async fn a_response_that_keeps_moving_slowly_is_never_cut() {
+    let (up, _stop) = start_hyper(|_req: http::Request<hyper::body::Incoming>| async {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            for b in b"0123456789ab" {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if tx.send(Bytes::copy_from_slice(&[*b])).await.is_err() {
+                    return;
+                }
+            }
+        });
+        http::Response::new(channel_body(rx))
+    })
+    .await;
+    let proxy = proxy_to(up, SLOW_IDLE).await;
+    let resp = client().get(proxy.url("/slow")).send().await.expect("head");
+    assert_eq!(resp.status(), 200);
+    let body = timeout(EVENTUALLY, resp.bytes())
+        .await
+        .expect("in time")
+        .expect("the whole body");
+    assert_eq!(&body[..], b"0123456789ab");
+    assert_eq!(idle_timeouts(&proxy, "response"), 0);
+}
+
+#[tokio::test]
+async fn a_zero_limit_turns_the_timeout_off() {
+    let (up, _stop, _closed) = start_staller().await;
+    let proxy = proxy_to(up, Duration::ZERO).await;
+    let resp = client()
+        .get(proxy.url("/stall"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), 200);
+    let mut resp = resp;
+    let first = resp.chunk().await.expect("a chunk");
+    assert_eq!(first.as_deref(), Some(&b"0123456789"[..]));
+    // Still waiting, not cut, well past where any idle limit this test suite uses
+    // would have fired.
+    let more = timeout(Duration::from_secs(2), resp.chunk()).await;
+    assert!(more.is_err(), "the stalled body stays open: {more:?}");
+    assert_eq!(idle_timeouts(&proxy, "response"), 0);
+}

@@ -69,7 +69,10 @@ impl Body for Answer {
                 let polled = Pin::new(body).poll_frame(cx);
                 match polled {
                     Poll::Ready(Some(Ok(frame))) => {
-                        idle.progressed();
+                        // An empty DATA frame moves no byte, so it is no progress.
+                        if frame.data_ref().is_none_or(|d| !d.is_empty()) {
+                            idle.progressed();
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Pending => {
@@ -142,6 +145,10 @@ impl IdleTimer {
     /// unless it is armed already, and tells whether it has passed; until then `cx` is
     /// woken when it does.
     pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        // A zero limit turns the timeout off, as Envoy's `stream_idle_timeout: 0` does.
+        if self.limit.is_zero() {
+            return false;
+        }
         if !self.armed {
             self.armed = true;
             let now = tokio::time::Instant::now();
@@ -346,7 +353,9 @@ impl Body for RequestBody {
                     this.inner = None;
                     return Poll::Ready(Some(Err(RequestBodyError::Idle(StreamIdle))));
                 }
-            } else {
+            } else if matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_none_or(|d| !d.is_empty()))
+            {
+                // An empty DATA frame moves no byte, so it is no progress.
                 idle.progressed();
             }
         }

@@ -492,6 +492,12 @@ async fn proxy(
         Cow::Borrowed(parts.uri.path())
     };
     let path = &*path;
+    // The asterisk form names no resource: only OPTIONS may use it (RFC 9112 3.2.4).
+    if path == "*" && parts.method != Method::OPTIONS {
+        return Err(ProxyError::BadRequest(
+            "request target `*` is for OPTIONS only",
+        ));
+    }
 
     let routed = route(
         inner,
@@ -539,7 +545,14 @@ async fn proxy(
         None => authority.and_then(|a| HeaderValue::from_str(a).ok()),
     };
 
-    let path_and_query = if path == parts.uri.path() {
+    // Forwarded as received only when it is already normal and in origin form (an
+    // HTTP/2 `:path` such as `?x` names the path `/` and is rebuilt as `/?x`).
+    let as_received = path == parts.uri.path()
+        && parts
+            .uri
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().starts_with('/') || pq.as_str() == "*");
+    let path_and_query = if as_received {
         parts
             .uri
             .path_and_query()
@@ -646,7 +659,10 @@ async fn proxy(
         };
         let addr = picked.target.addr();
         if let Some(addr) = addr
-            && matches!(failure.kind, FailureKind::Connect | FailureKind::Reset)
+            && matches!(
+                failure.kind,
+                FailureKind::Connect | FailureKind::Reset | FailureKind::Closed
+            )
         {
             inner
                 .balancer

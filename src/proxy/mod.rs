@@ -61,7 +61,8 @@ pub struct ProxyConfig {
     /// nothing at all.
     pub header_read_timeout: Duration,
     /// A request body, a response body or an upgraded tunnel that moves no byte for this
-    /// long is aborted (and counted in `stream_idle_timeouts_total{direction}`).
+    /// long is aborted (and counted in `stream_idle_timeouts_total{direction}`); zero
+    /// turns it off.
     pub stream_idle_timeout: Duration,
     /// Route and forward the normalised path ([`crate::model::path::normalize`]); off:
     /// the path as received.

@@ -2,12 +2,15 @@
 //! or below `max(MIN_CONCURRENCY, PERCENT % of its active requests)`, so a dying
 //! Service whose connections reset is not sent twice its load.
 //!
-//! Only retries of requests that may already have reached an upstream (a connection
-//! reset or closed before the response) draw on it; a retry after a refused connect, or
-//! after a pooled connection was found closed before anything was written, sends
-//! nothing twice and is not budgeted. Like every piece of balancing state, the budget
-//! outlives snapshots: it is keyed by Service, and a permit is held only while its
-//! retry waits for a response head.
+//! The retries it bounds are the ones to another endpoint after a connection was reset
+//! or closed before the response. Two kinds are not budgeted: a retry after a refused
+//! connect sends nothing twice; and the stale keep-alive retry (a pooled connection
+//! closed or reset before the response) goes once to the same endpoint on a new
+//! connection, which an endpoint that died refuses, so that it too sends nothing twice
+//! then. An endpoint that accepts connections and resets every request on them gets an
+//! idempotent request at most twice that way, plus the budgeted retry elsewhere. Like
+//! every piece of balancing state, the budget outlives snapshots: it is keyed by
+//! Service, and a permit is held only while its retry waits for a response head.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

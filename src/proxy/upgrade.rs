@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{CONNECTION, HeaderMap, HeaderValue, UPGRADE};
 use http::{Request, Version};
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::balance::InFlight;
@@ -113,10 +114,13 @@ impl Tunnels {
             let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
             tokio::pin!(copy);
             loop {
-                let deadline = activity.last().checked_add(idle);
+                // A zero limit turns the timeout off.
+                let deadline = (!idle.is_zero())
+                    .then(|| activity.last().checked_add(idle))
+                    .flatten();
                 let expiry = async {
                     match deadline {
-                        Some(d) => tokio::time::sleep_until(d.into()).await,
+                        Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
                 };
