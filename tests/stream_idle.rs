@@ -338,3 +338,113 @@ async fn a_zero_limit_turns_the_timeout_off() {
     assert!(more.is_err(), "the stalled body stays open: {more:?}");
     assert_eq!(idle_timeouts(&proxy, "response"), 0);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_released() {
+    // The upstream streams up to 64 MiB in 64 KiB chunks as fast as it may, and says
+    // when the proxy dropped the response.
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let (up, _stop) = start_hyper(move |_req: http::Request<hyper::body::Incoming>| {
+        let dropped_tx = dropped_tx.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                for _ in 0..1024 {
+                    if tx.send(chunk.clone()).await.is_err() {
+                        let _ = dropped_tx.send(());
+                        return;
+                    }
+                }
+            });
+            http::Response::new(channel_body(rx))
+        }
+    })
+    .await;
+    let proxy = proxy_to(up, IDLE).await;
+    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .expect("write");
+    // Never read: the socket buffers fill, and the proxy's writes wait on this client.
+    timeout(EVENTUALLY, dropped.recv())
+        .await
+        .expect("the proxy gives up on the client in time");
+    assert_eq!(idle_timeouts(&proxy, "response"), 1);
+    // The connection was closed: what is left to read ends, short of 64 MiB.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let ended = timeout(EVENTUALLY, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection ends");
+    assert!(got < 64 * 1024 * 1024, "{got} bytes");
+}
+
+#[tokio::test]
+async fn an_upload_the_upstream_stops_reading_after_an_early_answer_is_cut_off() {
+    // The upstream answers at once, then holds the request body unread until told to
+    // read it: it then finds it cut short.
+    let (read_tx, read_rx) = tokio::sync::watch::channel(false);
+    let (got_tx, mut got) = mpsc::unbounded_channel();
+    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
+        let (mut read_rx, got_tx) = (read_rx.clone(), got_tx.clone());
+        async move {
+            tokio::spawn(async move {
+                let _ = read_rx.wait_for(|go| *go).await;
+                let r = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                let _ = got_tx.send(r.map_err(|e| e.to_string()));
+            });
+            http::Response::new(text_body("early"))
+        }
+    })
+    .await;
+    let proxy = proxy_to(up, IDLE).await;
+    let s = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    // The client uploads 64 MiB as fast as the proxy takes it (bounded), and reads the
+    // early answer meanwhile.
+    let writer = tokio::spawn(async move {
+        let total = 64 * 1024 * 1024;
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: {total}\r\n\r\n");
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = timeout(EVENTUALLY, rd.read(&mut answer))
+        .await
+        .expect("the early answer in time")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+
+    assert!(
+        tokio::time::timeout(EVENTUALLY, async {
+            while idle_timeouts(&proxy, "request") == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .is_ok(),
+        "the stalled upload is cut off in time"
+    );
+    read_tx.send_replace(true);
+    let upstream = timeout(EVENTUALLY, got.recv()).await.expect("in time");
+    assert!(matches!(upstream, Some(Err(_))), "{upstream:?}");
+    drop(rd);
+    writer.abort();
+    assert_eq!(idle_timeouts(&proxy, "request"), 1);
+}

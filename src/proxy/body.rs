@@ -208,6 +208,8 @@ pub struct BodyProgress {
     received: AtomicU64,
     /// The body was read from downstream to its end.
     complete: AtomicBool,
+    /// A stream idle timeout ended the body (counted once, by whoever set this).
+    idle_timed_out: AtomicBool,
 }
 
 impl BodyProgress {
@@ -229,11 +231,56 @@ impl BodyProgress {
     }
 }
 
+impl BodySource {
+    /// Counts and logs the stream idle timeout that ended this body, once whoever finds
+    /// it first: the body itself (the client stopped sending) or the task finishing an
+    /// upload (the upstream stopped reading).
+    fn idle_timeout(&self, why: &'static str) {
+        if !self.progress.idle_timed_out.swap(true, Ordering::AcqRel) {
+            self.idle.timeouts.inc();
+            tracing::info!(
+                limit = ?self.idle.limit,
+                why,
+                "request body idle for the stream idle timeout; aborting"
+            );
+        }
+    }
+}
+
+/// A watch on an upload that goes on after the response began: whether it still moves.
+#[derive(Clone)]
+pub(crate) struct UploadWatch {
+    source: Arc<BodySource>,
+}
+
+impl UploadWatch {
+    /// The stream idle limit; zero when it is off.
+    pub fn limit(&self) -> Duration {
+        self.source.idle.limit
+    }
+
+    /// Body bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.source.progress.received()
+    }
+
+    /// Whether the whole body has been read from the client.
+    pub fn complete(&self) -> bool {
+        self.source.progress.complete()
+    }
+
+    /// Counts and logs the timeout of an upload the upstream stopped reading.
+    pub fn timed_out(&self) {
+        self.source.idle_timeout("the upstream stopped reading it");
+    }
+}
+
 /// The progress of a body that had no bytes from the start: never read, never over.
 static EMPTY_PROGRESS: BodyProgress = BodyProgress {
     exceeded: AtomicBool::new(false),
     received: AtomicU64::new(0),
     complete: AtomicBool::new(true),
+    idle_timed_out: AtomicBool::new(false),
 };
 
 /// The downstream request body on its way upstream: streamed, counted, and cut off with
@@ -283,6 +330,14 @@ impl RequestBody {
         self.source
             .as_ref()
             .map_or(&EMPTY_PROGRESS, |s| &s.progress)
+    }
+
+    /// A watch on this body's upload, for one that may outlive the response head;
+    /// `None` for a body that was empty from the start.
+    pub(crate) fn upload_watch(&self) -> Option<UploadWatch> {
+        self.source.as_ref().map(|source| UploadWatch {
+            source: source.clone(),
+        })
     }
 
     /// Whether the request has no body at all.
@@ -341,15 +396,11 @@ impl Body for RequestBody {
         if let Some(idle) = this.idle.as_mut() {
             if polled.is_pending() {
                 if idle.expired(cx) {
-                    // Counted and logged here, once: the error ends this body, and no
-                    // other attempt can take it (it was read from).
+                    // The error ends this body, and no other attempt can take it (it
+                    // was read from).
                     if let Some(source) = &this.source {
-                        source.idle.timeouts.inc();
+                        source.idle_timeout("no byte from the client");
                     }
-                    tracing::info!(
-                        limit = ?idle.limit,
-                        "request body idle: no byte from the client for the stream idle timeout; aborting"
-                    );
                     this.inner = None;
                     return Poll::Ready(Some(Err(RequestBodyError::Idle(StreamIdle))));
                 }

@@ -56,7 +56,7 @@ use tower_service::Service;
 
 use super::ProxyConfig;
 use super::balance::Target;
-use super::body::{BodyProgress, RequestBody};
+use super::body::{BodyProgress, RequestBody, UploadWatch};
 use super::errors::{BoxError, ProxyError, chain_has, find_in_chain};
 use crate::metrics::{Metrics, RouteSeries};
 use crate::model::safety::{EndpointPolicy, Refusal};
@@ -158,17 +158,46 @@ impl H1Conn {
 
     /// Lets the connection finish what it is still doing (such as writing the rest of a
     /// request body) in a task of its own, then close: its request handle is dropped, so
-    /// hyper takes no further request on it.
-    fn finish_detached(self) {
-        let Some(driver) = self.driver else { return };
+    /// hyper takes no further request on it. With `upload`, the connection is also closed
+    /// once the upload has not moved for a whole stream idle timeout (an upstream that
+    /// stops reading it), so the task cannot wait for ever.
+    fn finish_detached(self, upload: Option<UploadWatch>) {
+        let Some(mut driver) = self.driver else {
+            return;
+        };
         drop(self.sender);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = driver.await {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let ended = |res: hyper::Result<()>| {
+                if let Err(e) = res {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
                 }
-            });
-        }
+            };
+            let Some(upload) = upload.filter(|u| !u.limit().is_zero()) else {
+                ended(driver.await);
+                return;
+            };
+            let mut seen = upload.received();
+            loop {
+                tokio::select! {
+                    res = &mut driver => return ended(res),
+                    () = tokio::time::sleep(upload.limit()) => {
+                        if upload.complete() {
+                            // Nothing left to upload: the rest is the response's.
+                            return ended(driver.await);
+                        }
+                        let now = upload.received();
+                        if now == seen {
+                            upload.timed_out();
+                            return;
+                        }
+                        seen = now;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -349,6 +378,7 @@ impl UpstreamClient {
                 }
             };
             let reused = connect_seconds.is_none();
+            let upload = req.body().upload_watch();
             let response = tokio::task::coop::unconstrained(conn.sender.try_send_request(req));
             let sent = Driven {
                 conn: &mut conn,
@@ -369,7 +399,7 @@ impl UpstreamClient {
                     // ever. That connection closes after the exchange.
                     let back =
                         if resp.status() == StatusCode::SWITCHING_PROTOCOLS || !body.complete() {
-                            conn.finish_detached();
+                            conn.finish_detached(upload);
                             None
                         } else {
                             Some(PoolReturn {
@@ -832,7 +862,7 @@ impl Drop for UpstreamBody {
         if back.conn.idle_and_ready() {
             back.pool.put(back.key, back.conn, Instant::now());
         } else {
-            back.conn.finish_detached();
+            back.conn.finish_detached(None);
         }
     }
 }

@@ -102,8 +102,14 @@ pub struct ConnState {
     /// since `opened`; [`HEAD_NOT_AWAITED`] while a request is in flight or once the
     /// connection speaks HTTP/2 (whose streams are not timed this way).
     head_awaited_since: AtomicU64,
+    /// Since when writes to the client have been waiting for it to read, in
+    /// nanoseconds since `opened`; [`WRITES_FLOWING`] while they are not.
+    write_blocked_since: AtomicU64,
     opened: Instant,
 }
+
+/// `write_blocked_since` while writes to the client are not waiting.
+const WRITES_FLOWING: u64 = u64::MAX;
 
 /// `head_awaited_since` while no request head is awaited.
 const HEAD_NOT_AWAITED: u64 = u64::MAX;
@@ -130,6 +136,7 @@ impl ConnState {
             series,
             response_timer: Mutex::new(None),
             head_awaited_since: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(WRITES_FLOWING),
             opened: Instant::now(),
         }
     }
@@ -161,6 +168,38 @@ impl ConnState {
         match self.head_awaited_since.load(Ordering::Acquire) {
             HEAD_NOT_AWAITED => None,
             since => Some(self.opened + Duration::from_nanos(since) + limit),
+        }
+    }
+
+    /// A write to the client could not go on (its socket buffer is full): from now on,
+    /// until a write goes through, the connection is stalled on the client. Reads the
+    /// clock only when a stall begins.
+    #[inline]
+    pub(crate) fn write_blocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == WRITES_FLOWING {
+            let since = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            self.write_blocked_since.store(since, Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the client went through.
+    #[inline]
+    pub(crate) fn write_flowed(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != WRITES_FLOWING {
+            self.write_blocked_since
+                .store(WRITES_FLOWING, Ordering::Relaxed);
+        }
+    }
+
+    /// When a stall on the client that is going on now reaches `limit`; `None` while
+    /// writes are flowing.
+    pub fn write_stall_deadline(&self, limit: Duration) -> Option<Instant> {
+        match self.write_blocked_since.load(Ordering::Relaxed) {
+            WRITES_FLOWING => None,
+            since => self
+                .opened
+                .checked_add(Duration::from_nanos(since))
+                .and_then(|t| t.checked_add(limit)),
         }
     }
 

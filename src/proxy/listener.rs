@@ -344,7 +344,8 @@ enum HandlerFuture {
 }
 
 /// Serves one downstream connection until it ends: closes it when no request head
-/// arrives within `header_read_timeout`, and shuts it down gracefully when
+/// arrives within `header_read_timeout`, or when its writes have waited for the client
+/// to read for the stream idle timeout, and shuts it down gracefully when
 /// [`should_shut`] says so.
 async fn serve_one<I>(
     inner: Arc<Inner>,
@@ -359,6 +360,14 @@ async fn serve_one<I>(
 {
     let state = Arc::new(state);
     let head_limit = inner.cfg.header_read_timeout;
+    let stall = StallWatch {
+        limit: inner.cfg.stream_idle_timeout,
+        timeouts: inner.metrics.stream_idle_timeouts_total.clone(),
+    };
+    let io = WriteWatched {
+        inner: io,
+        state: state.clone(),
+    };
     let handler = {
         let state = state.clone();
         move |req| {
@@ -372,15 +381,100 @@ async fn serve_one<I>(
         HandlerFuture::Inline => {
             let conn = builder.serve_connection_with_upgrades(io, service_fn(handler));
             tokio::pin!(conn);
-            drive_connection(conn, &state, head_limit, draining, closing).await;
+            drive_connection(conn, &state, head_limit, &stall, draining, closing).await;
         }
         HandlerFuture::Boxed => {
             let svc = service_fn(move |req| Box::pin(handler(req)));
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
-            drive_connection(conn, &state, head_limit, draining, closing).await;
+            drive_connection(conn, &state, head_limit, &stall, draining, closing).await;
         }
     }
+}
+
+/// The stream idle limit as it applies to a client that stops reading: a connection
+/// whose writes have waited for the client that long is closed.
+struct StallWatch {
+    limit: Duration,
+    timeouts: prometheus::IntCounterVec,
+}
+
+pin_project_lite::pin_project! {
+    /// A downstream connection's socket that tells its [`ConnState`] when writes to the
+    /// client wait (the client does not read) and when they go through again.
+    struct WriteWatched<I> {
+        #[pin]
+        inner: I,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for WriteWatched<I> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> WriteWatched<I> {
+    #[inline]
+    fn note<T>(state: &ConnState, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match &polled {
+            Poll::Pending => state.write_blocked(),
+            Poll::Ready(_) => state.write_flowed(),
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for WriteWatched<I> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        Self::note(this.state, this.inner.poll_write(cx, buf))
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        Self::note(this.state, this.inner.poll_write_vectored(cx, bufs))
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        Self::note(this.state, this.inner.poll_flush(cx))
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Why [`drive_connection`]'s own timer closed a connection.
+enum Overdue {
+    /// No complete request head within `header_read_timeout`.
+    Head,
+    /// Writes waited for the client to read for the stream idle timeout.
+    Stalled,
 }
 
 /// Runs `conn` to its end, closing it when a request head is overdue and shutting it
@@ -389,21 +483,38 @@ async fn drive_connection(
     mut conn: Pin<&mut ServedConnection<'_>>,
     state: &ConnState,
     head_limit: Duration,
+    stall: &StallWatch,
     mut draining: watch::Receiver<bool>,
     mut closing: watch::Receiver<bool>,
 ) {
     let peer = state.peer;
     // One timer per connection, not per request: it wakes at the deadline of the head
-    // awaited when it was set (or a `header_read_timeout` later while none is), and
-    // ends only when a head is still awaited past its deadline.
+    // awaited when it was set, or of a stall on the client going on then (or a
+    // `header_read_timeout` or stream idle timeout later, whichever is shorter, while
+    // there is neither), and ends only when a head is still awaited, or the client still
+    // stalls writes, past its deadline. A stall that begins while it sleeps is found at
+    // the next wake, so one is cut between one and two stream idle timeouts after it
+    // began.
     let silent = async {
         loop {
             let now = Instant::now();
-            match state.head_deadline(head_limit) {
-                Some(deadline) if deadline <= now => return,
-                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-                None => tokio::time::sleep(head_limit).await,
+            let head = state.head_deadline(head_limit);
+            let stalled = (!stall.limit.is_zero())
+                .then(|| state.write_stall_deadline(stall.limit))
+                .flatten();
+            if head.is_some_and(|d| d <= now) {
+                return Overdue::Head;
             }
+            if stalled.is_some_and(|d| d <= now) {
+                return Overdue::Stalled;
+            }
+            let next = match (head, stalled) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(d), None) | (None, Some(d)) => d,
+                (None, None) if stall.limit.is_zero() => now + head_limit,
+                (None, None) => now + head_limit.min(stall.limit),
+            };
+            tokio::time::sleep_until(next.into()).await;
         }
     };
     // The connection task wakes several times per request; the deadline and the
@@ -419,8 +530,18 @@ async fn drive_connection(
                 }
                 break;
             }
-            _ = &mut silent => {
-                debug!(%peer, "no complete request head within header_read_timeout; closing");
+            overdue = &mut silent => {
+                match overdue {
+                    Overdue::Head => debug!(%peer, "no complete request head within header_read_timeout; closing"),
+                    Overdue::Stalled => {
+                        stall.timeouts.with_label_values(&["response"]).inc();
+                        tracing::info!(
+                            %peer,
+                            limit = ?stall.limit,
+                            "client not reading: no byte written for the stream idle timeout; closing the connection"
+                        );
+                    }
+                }
                 break;
             }
             _ = &mut shut_signal, if !shut => {
