@@ -277,12 +277,14 @@ pub struct RunArgs {
     pub header_read_timeout: Duration,
     /// A request body, a response body or an upgraded tunnel (WebSocket) that moves no
     /// byte for this long is aborted: a request body before the response with 408, else
-    /// both connections closed (HTTP/1) or the stream reset (HTTP/2). `0s` turns it off.
+    /// both connections closed (HTTP/1) or the stream reset (HTTP/2). A client that reads
+    /// nothing of its response for this long has its connection closed. `0s` turns it off.
     #[arg(long, env = "PORTCULLIS_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
     /// `on`: route, apply policies to and forward the normalised path (unreserved
     /// percent-escapes decoded, dot segments removed, slashes merged; 400 for a path
-    /// climbing above `/`, an encoded `/` or `\`, a NUL). `off`: the path as received.
+    /// climbing above `/`, an encoded `/` or `\`, a NUL, a bad escape, `..;`); rule paths
+    /// are normalised alike. `off`: paths as received and as written.
     #[arg(long, value_enum, env = "PORTCULLIS_PATH_NORMALIZATION", default_value_t = OnOff::On)]
     pub path_normalization: OnOff,
     /// Largest request head: HTTP/1 headers and the HTTP/2 header list alike (431
