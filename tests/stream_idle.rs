@@ -76,16 +76,22 @@ async fn start_body_reader() -> (
     (addr, stop, rx)
 }
 
-#[tokio::test]
-async fn a_client_that_stops_sending_its_body_gets_408_and_both_connections_close() {
-    let (up, _stop, mut got) = start_body_reader().await;
-    let proxy = proxy_to(up, IDLE).await;
+/// A connection that sent a request head announcing 100 body bytes, and 10 of them.
+async fn send_stalled_upload(proxy: &TestProxy) -> TcpStream {
     let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
     s.write_all(
         b"POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100\r\n\r\n0123456789",
     )
     .await
     .expect("write");
+    s
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408_and_both_connections_close() {
+    let (up, _stop, mut got) = start_body_reader().await;
+    let proxy = proxy_to(up, IDLE).await;
+    let mut s = send_stalled_upload(&proxy).await;
     // Nothing more is sent; the connection stays open from this side.
     let answer = read_to_close(&mut s).await;
     assert_eq!(raw_status(&answer), 408, "{answer}");
@@ -119,12 +125,7 @@ async fn a_stalled_upload_after_an_early_answer_does_not_hold_the_upstream() {
     })
     .await;
     let proxy = proxy_to(up, IDLE).await;
-    let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-    s.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100\r\n\r\n0123456789",
-    )
-    .await
-    .expect("write");
+    let mut s = send_stalled_upload(&proxy).await;
     let answer = read_to_close(&mut s).await;
     assert_eq!(raw_status(&answer), 200, "{answer}");
     assert_eq!(raw_body(&answer), "early");

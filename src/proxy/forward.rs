@@ -600,12 +600,7 @@ fn classify_http1(err: hyper::Error, reused: bool, body: &BodyProgress) -> Failu
         };
     }
     let err = match downstream_failure(err) {
-        Ok(error) => {
-            return Failure {
-                error,
-                kind: FailureKind::Other,
-            };
-        }
+        Ok(failure) => return failure,
         Err(err) => err,
     };
     let root: &(dyn std::error::Error + 'static) = &err;
@@ -626,21 +621,25 @@ fn classify_http1(err: hyper::Error, reused: bool, body: &BodyProgress) -> Failu
     }
 }
 
-/// The answer to an exchange that failed because of the request body from downstream:
-/// its framing broke or the client went away (400, with `err` as the cause), or it went
-/// idle (408).
-fn downstream_failure<E>(err: E) -> Result<ProxyError, E>
+/// The failure of an exchange that failed because of the request body from downstream
+/// (never retried): its framing broke or the client went away (400, with `err` as the
+/// cause), or it went idle (408). Any other error is given back.
+fn downstream_failure<E>(err: E) -> Result<Failure, E>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
     let root: &(dyn std::error::Error + 'static) = &err;
-    match find_in_chain::<super::body::RequestBodyError>(root) {
+    let error = match find_in_chain::<super::body::RequestBodyError>(root) {
         Some(super::body::RequestBodyError::Downstream(_)) => {
-            Ok(ProxyError::DownstreamBody(Box::new(err)))
+            ProxyError::DownstreamBody(Box::new(err))
         }
-        Some(super::body::RequestBodyError::Idle(_)) => Ok(ProxyError::RequestBodyIdle),
-        _ => Err(err),
-    }
+        Some(super::body::RequestBodyError::Idle(_)) => ProxyError::RequestBodyIdle,
+        _ => return Err(err),
+    };
+    Ok(Failure {
+        error,
+        kind: FailureKind::Other,
+    })
 }
 
 /// How an exchange on an open connection failed.
@@ -705,12 +704,7 @@ fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) 
         };
     }
     let err = match downstream_failure(err) {
-        Ok(error) => {
-            return Failure {
-                error,
-                kind: FailureKind::Other,
-            };
-        }
+        Ok(failure) => return failure,
         Err(err) => err,
     };
     let root: &(dyn std::error::Error + 'static) = &err;

@@ -508,12 +508,15 @@ async fn drive_connection(
             if stalled.is_some_and(|d| d <= now) {
                 return Overdue::Stalled;
             }
-            let next = match (head, stalled) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(d), None) | (None, Some(d)) => d,
-                (None, None) if stall.limit.is_zero() => now + head_limit,
-                (None, None) => now + head_limit.min(stall.limit),
-            };
+            // Without a deadline due sooner, the next look is a header read timeout or a
+            // stream idle timeout away, whichever is shorter.
+            let mut next = now + head_limit;
+            if !stall.limit.is_zero() {
+                next = next.min(now + stall.limit);
+            }
+            for due in [head, stalled].into_iter().flatten() {
+                next = next.min(due);
+            }
             tokio::time::sleep_until(next.into()).await;
         }
     };
