@@ -768,3 +768,81 @@ async fn an_upload_goes_on_while_the_client_has_not_read_an_early_answer() {
     // Chunked framing: the body holds at least the answer's bytes.
     assert!(answer.len() - body_at > ANSWER, "{} bytes", answer.len());
 }
+
+/// An h2c upstream (the `h2` crate's server) that refuses every stream with
+/// `RST_STREAM(REFUSED_STREAM)`, counting the streams it refused.
+async fn start_refusing_h2c() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+/// RFC 9113 8.7: a stream refused with REFUSED_STREAM was not processed, so any request
+/// whose body can still be sent goes on to another endpoint, a POST included.
+#[tokio::test]
+async fn an_h2c_stream_refused_by_one_endpoint_goes_to_another() {
+    let (refusing, refused) = start_refusing_h2c().await;
+    let (good, _stop) = start_hyper(|req: http::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let method = req.method().to_string();
+        http::Response::new(
+            http_body_util::Full::new(Bytes::from(method))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    })
+    .await;
+    let world = World::new()
+        .ingress(ingress(NS, "web").host("a.example").prefix("/", "h2", 80))
+        .service(service_h2c(NS, "h2", 80))
+        .slices(slice(NS, "h2", &[refusing, good]));
+    let cfg = ProxyConfig {
+        // No ejection, so that every request may be sent to the refusing endpoint first.
+        ejection: Ejection {
+            base: Duration::ZERO,
+            max: Duration::ZERO,
+        },
+        ..Default::default()
+    };
+    let proxy = start_proxy_with(world.snapshot(), cfg).await;
+    let c = client();
+    for method in [http::Method::GET, http::Method::POST, http::Method::DELETE] {
+        for _ in 0..10 {
+            let resp = c
+                .request(method.clone(), proxy.url("/"))
+                .header("host", "a.example")
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(resp.status(), 200, "{method}");
+            assert_eq!(resp.text().await.expect("body"), method.as_str());
+        }
+    }
+    let refused = refused.load(std::sync::atomic::Ordering::SeqCst) as u64;
+    assert!(
+        refused > 0,
+        "p2c picked the refusing endpoint in 30 requests"
+    );
+    assert_eq!(retries(&proxy, "h2", "connect"), refused);
+}

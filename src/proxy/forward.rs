@@ -688,6 +688,24 @@ fn reused(err: &hyper_util::client::legacy::Error) -> bool {
     })
 }
 
+/// What an h2c upstream's refusal of a stream means for a retry. `REFUSED_STREAM`
+/// (RFC 9113 8.7): the stream was not processed, as if never sent ([`FailureKind::Connect`]).
+/// A GOAWAY from the upstream (it is shutting down): the stream may or may not have been
+/// processed, so only a request that may be sent twice is retried
+/// ([`FailureKind::Closed`]).
+fn h2_refusal(e: &h2::Error) -> Option<FailureKind> {
+    if !e.is_remote() {
+        return None;
+    }
+    if e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(FailureKind::Connect)
+    } else if e.is_go_away() {
+        Some(FailureKind::Closed)
+    } else {
+        None
+    }
+}
+
 /// Maps an h2c client error to the answer it becomes and its failure kind.
 fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) -> Failure {
     if body.exceeded() {
@@ -708,6 +726,20 @@ fn classify_legacy(err: hyper_util::client::legacy::Error, body: &BodyProgress) 
         Err(err) => err,
     };
     let root: &(dyn std::error::Error + 'static) = &err;
+    if let Some(kind) = find_in_chain::<h2::Error>(root).and_then(h2_refusal) {
+        let (reason, connecting) = match kind {
+            FailureKind::Connect => ("stream refused", true),
+            _ => ("connection going away", false),
+        };
+        return Failure {
+            error: ProxyError::Upstream {
+                reason,
+                connecting,
+                source: Some(Box::new(err) as BoxError),
+            },
+            kind,
+        };
+    }
     let io_kind = find_in_chain::<io::Error>(root).map(io::Error::kind);
     let (reason, kind) = if err.is_connect() {
         match io_kind {
