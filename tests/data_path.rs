@@ -823,6 +823,11 @@ async fn an_h2c_stream_refused_by_one_endpoint_goes_to_another() {
             base: Duration::ZERO,
             max: Duration::ZERO,
         },
+        // The endpoints are on loopback, as in file mode.
+        endpoint_policy: portcullis::model::safety::EndpointPolicy {
+            allow_local: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let proxy = start_proxy_with(world.snapshot(), cfg).await;

@@ -1188,6 +1188,50 @@ fn external_name_that_is_not_a_dns_name_is_a_diagnostic_and_503() {
     }
 }
 
+/// An ExternalName written as an address is checked like an endpoint, with the Service
+/// port: on one of our listeners' ports it is refused, in file mode too.
+#[test]
+fn an_external_name_address_at_our_own_listener_is_refused() {
+    let options = Options {
+        allow_local_endpoints: true,
+        own_addresses: vec!["10.0.0.9:8080".parse().expect("address")],
+        ..Options::default()
+    };
+    for (port, refused) in [(8080, true), (9090, false)] {
+        let snap = World::new()
+            .svc(
+                service("ns", "ext")
+                    .port(port, port)
+                    .external_name("10.0.0.9"),
+            )
+            .ing(
+                ingress("ns", "ing")
+                    .host("foo.com")
+                    .prefix("/", "ext", port),
+            )
+            .build_with(&options);
+        let c = cluster_of(&snap, "foo.com", "/");
+        if refused {
+            assert!(
+                matches!(&c.upstream, Upstream::Unresolved { reason } if reason.contains("own listeners")),
+                "{:?}",
+                c.upstream
+            );
+            let d = diag(&snap, "Service", "ns/ext", "spec.externalName");
+            assert_eq!(
+                d.reason,
+                "10.0.0.9: points at one of Portcullis' own listeners; its routes answer 503"
+            );
+        } else {
+            assert!(
+                matches!(&c.upstream, Upstream::ExternalName { host, port: 9090 } if host == "10.0.0.9"),
+                "{:?}",
+                c.upstream
+            );
+        }
+    }
+}
+
 #[test]
 fn endpoints_at_our_own_listeners_are_refused() {
     let options = Options {

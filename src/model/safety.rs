@@ -40,11 +40,24 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// `ip` in canonical form: an IPv4-mapped IPv6 address becomes the IPv4 address it
-/// maps (a socket connected to `::ffff:127.0.0.1` reaches 127.0.0.1).
+/// `ip` in canonical form: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) becomes the
+/// IPv4 address it maps (a socket connected to `::ffff:127.0.0.1` reaches 127.0.0.1),
+/// and so does a deprecated IPv4-compatible one (`::a.b.c.d`, RFC 4291 2.5.5.1), which
+/// a host with a `sit` tunnel answers on; `::` and `::1` stay what they are.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() => ip,
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .or_else(|| {
+                let [a, b, c, d, e, f, g, h] = v6.segments();
+                ([a, b, c, d, e, f] == [0; 6]).then(|| {
+                    let [g1, g0] = g.to_be_bytes();
+                    let [h1, h0] = h.to_be_bytes();
+                    std::net::Ipv4Addr::new(g1, g0, h1, h0)
+                })
+            })
+            .map_or(ip, IpAddr::V4),
         v4 => v4,
     }
 }
@@ -63,9 +76,13 @@ impl EndpointPolicy {
         let ip = canonical(addr.ip());
         let ours = self.own_addresses.iter().any(|own| {
             let own_ip = canonical(own.ip());
+            // An unspecified address stands for every local one on either side: a
+            // listener on 0.0.0.0 takes connects to 127.0.0.1, and a connect to 0.0.0.0
+            // reaches a listener on 127.0.0.1.
             own.port() == addr.port()
                 && (own_ip == ip
-                    || (own_ip.is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+                    || (own_ip.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+                    || (ip.is_unspecified() && own_ip.is_loopback()))
         });
         if ours {
             Some(Refusal::OwnListener)
@@ -118,6 +135,8 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "[::ffff:169.254.169.254]:80",
             "[::ffff:0.0.0.0]:80",
+            "[::127.0.0.1]:80",
+            "[::169.254.169.254]:80",
         ] {
             assert_eq!(kube.refusal(addr(a)), Some(Refusal::Local), "{a}");
         }
@@ -147,6 +166,16 @@ mod tests {
             assert_eq!(policy.refusal(addr(a)), Some(Refusal::OwnListener), "{a}");
         }
         assert_eq!(policy.refusal(addr("10.0.0.9:8080")), None);
+
+        // A connect to the unspecified address reaches a loopback listener.
+        let loopback = EndpointPolicy {
+            allow_local: true,
+            own_addresses: vec![addr("127.0.0.1:8080"), addr("[::1]:8443")],
+        };
+        for a in ["0.0.0.0:8080", "[::ffff:0.0.0.0]:8080", "[::]:8443"] {
+            assert_eq!(loopback.refusal(addr(a)), Some(Refusal::OwnListener), "{a}");
+        }
+        assert_eq!(loopback.refusal(addr("0.0.0.0:9090")), None);
     }
 
     #[test]

@@ -519,10 +519,21 @@ async fn resolve(
     port: u16,
     policy: &EndpointPolicy,
 ) -> Result<Vec<std::net::SocketAddr>, ConnectError> {
-    let mut refused = None;
-    let allowed: Vec<_> = tokio::net::lookup_host((host, port))
+    let answers = tokio::net::lookup_host((host, port))
         .await
-        .map_err(ConnectError::Io)?
+        .map_err(ConnectError::Io)?;
+    allowed(host, answers, policy)
+}
+
+/// The addresses among `answers` (the DNS answers for `host`) that `policy` allows, in
+/// their order; see [`resolve`].
+fn allowed(
+    host: &str,
+    answers: impl Iterator<Item = std::net::SocketAddr>,
+    policy: &EndpointPolicy,
+) -> Result<Vec<std::net::SocketAddr>, ConnectError> {
+    let mut refused = None;
+    let allowed: Vec<_> = answers
         .filter(|addr| match policy.refusal(*addr) {
             Some(why) => {
                 tracing::debug!(%host, %addr, reason = %why, "ExternalName address refused");
@@ -1027,7 +1038,8 @@ struct Connector {
 }
 
 /// The ExternalName target `uri` names, or `None` when its host is an IP literal (a pod
-/// endpoint) or missing.
+/// endpoint, or an ExternalName written as an address; the connector checks it by port)
+/// or missing.
 fn named_target(uri: &Uri) -> Option<Target> {
     let host = uri.host()?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -1064,8 +1076,29 @@ impl Service<Uri> for Connector {
                     })
                 }
                 None => {
-                    let connecting = self.http.call(uri);
-                    Box::pin(async move { Ok(connecting.await?) })
+                    // An IP literal: a pod endpoint (checked at translation) or an
+                    // ExternalName written as an address; checked again here, by port.
+                    let literal = uri.host().and_then(|h| {
+                        let bare = h.trim_start_matches('[').trim_end_matches(']');
+                        let ip = bare.parse::<std::net::IpAddr>().ok()?;
+                        Some(std::net::SocketAddr::new(ip, uri.port_u16().unwrap_or(80)))
+                    });
+                    let refused = literal.and_then(|addr| {
+                        self.endpoint_policy
+                            .refusal(addr)
+                            .map(|why| ConnectError::Refused {
+                                host: addr.ip().to_string(),
+                                addr,
+                                why,
+                            })
+                    });
+                    match refused {
+                        Some(e) => Box::pin(std::future::ready(Err(Box::new(e) as BoxError))),
+                        None => {
+                            let connecting = self.http.call(uri);
+                            Box::pin(async move { Ok(connecting.await?) })
+                        }
+                    }
                 }
             };
         Box::pin(async move {
@@ -1159,6 +1192,43 @@ mod tests {
             "a new connection waits for a request"
         );
         (conn, theirs)
+    }
+
+    #[test]
+    fn only_allowed_dns_answers_are_connected_to() {
+        let kube = EndpointPolicy {
+            allow_local: false,
+            own_addresses: vec![SocketAddr::from(([10, 0, 0, 9], 8080))],
+        };
+        let answers: Vec<SocketAddr> = [
+            "127.0.0.1:8080",
+            "10.0.0.1:8080",
+            "[::ffff:169.254.169.254]:8080",
+            "10.0.0.9:8080",
+            "[2001:db8::1]:8080",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect();
+        let got = allowed("mixed.example", answers.into_iter(), &kube).expect("some allowed");
+        assert_eq!(
+            got,
+            vec![
+                "10.0.0.1:8080".parse::<SocketAddr>().expect("address"),
+                "[2001:db8::1]:8080".parse().expect("address"),
+            ]
+        );
+        let only_refused = ["127.0.0.1:8080", "10.0.0.9:8080"]
+            .iter()
+            .map(|a| a.parse().expect("address"));
+        assert!(matches!(
+            allowed("bad.example", only_refused, &kube),
+            Err(ConnectError::Refused { .. })
+        ));
+        assert!(matches!(
+            allowed("none.example", std::iter::empty(), &kube),
+            Err(ConnectError::Io(_))
+        ));
     }
 
     fn key() -> Target {

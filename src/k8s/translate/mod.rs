@@ -1180,7 +1180,7 @@ impl<'a> Resolver<'a> {
             };
             cluster.service_port = Some(number);
             cluster.app_protocol = sp.and_then(|p| p.app_protocol.clone());
-            cluster.upstream = match external_name_problem(&host, &self.policy) {
+            cluster.upstream = match external_name_problem(&host, number, &self.policy) {
                 Some(reason) => {
                     refused.push(Diagnostic {
                         severity: Severity::Error,
@@ -1363,10 +1363,11 @@ impl Options {
     }
 }
 
-/// Why an ExternalName value must not be used, if it must not: not a DNS name, a
-/// loopback name outside file mode, or an IP literal the endpoint rules refuse. The
-/// addresses a name resolves to are checked when connecting.
-fn external_name_problem(host: &str, policy: &EndpointPolicy) -> Option<String> {
+/// Why an ExternalName value must not be used on the Service port `port`, if it must
+/// not: not a DNS name, a loopback name outside file mode, or an IP literal the endpoint
+/// rules refuse (its own listeners included, by port). The addresses a name resolves to
+/// are checked when connecting.
+fn external_name_problem(host: &str, port: i32, policy: &EndpointPolicy) -> Option<String> {
     if host.is_empty() {
         return Some("spec.externalName is empty".into());
     }
@@ -1378,9 +1379,11 @@ fn external_name_problem(host: &str, policy: &EndpointPolicy) -> Option<String> 
         return Some(format!("{host} is loopback"));
     }
     if let Ok(ip) = lower.parse::<IpAddr>() {
+        // A port out of range is refused later, with its own reason.
+        let port = u16::try_from(port).unwrap_or(0);
         return policy
-            .refusal(SocketAddr::new(ip, 1))
-            .map(|r| format!("{host} {r}"));
+            .refusal(SocketAddr::new(ip, port))
+            .map(|r| format!("{host}: {r}"));
     }
     None
 }
