@@ -148,10 +148,15 @@ impl Health {
         (Health::new(self.failures() + 1, until), window)
     }
 
-    /// The state a success moves to from `seen`, the state it read: admitted with no
-    /// failures. `None` when there is nothing to clear.
-    fn after_success(seen: Health) -> Option<Health> {
-        (seen != Health::ADMITTED).then_some(Health::ADMITTED)
+    /// The state a success at `now` moves to from `seen`, the state it read, for a
+    /// request sent when the state was `picked`: admitted with no failures. `None` when
+    /// there is nothing to clear, or when `seen`'s ejection is still in force and began
+    /// after the request was sent: that answer says nothing new (an endpoint shutting
+    /// down answers what it has while it refuses new connections). A request sent during
+    /// the ejection (panic mode) that is answered re-admits the endpoint.
+    fn after_success(seen: Health, now: u64, picked: Health) -> Option<Health> {
+        (seen != Health::ADMITTED && (seen == picked || seen.until() <= now))
+            .then_some(Health::ADMITTED)
     }
 }
 
@@ -163,14 +168,17 @@ struct EndpointState {
     in_flight: AtomicUsize,
     /// Failures and ejection, as a [`Health`] word.
     health: AtomicU64,
+    /// The balancer's epoch, which [`Health`] deadlines count from.
+    epoch: Instant,
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> EndpointState {
+    fn new(addr: SocketAddr, epoch: Instant) -> EndpointState {
         EndpointState {
             authority: authority_of(addr),
             in_flight: AtomicUsize::new(0),
             health: AtomicU64::new(Health::ADMITTED.0),
+            epoch,
         }
     }
 
@@ -178,16 +186,22 @@ impl EndpointState {
         Health(self.health.load(Ordering::Acquire))
     }
 
-    /// A response came back: the failure count and any ejection end.
-    fn succeeded(&self) {
-        self.succeeded_from(self.health());
+    /// A response came back to a request sent when the state was `picked`: the failure
+    /// count is cleared, unless an ejection that began after it was sent is in force.
+    /// Reads the clock only for an endpoint that has failed.
+    #[inline]
+    fn succeeded(&self, picked: Health) {
+        let seen = self.health();
+        if seen != Health::ADMITTED {
+            self.succeeded_from(seen, micros(self.epoch.elapsed()), picked);
+        }
     }
 
-    /// Clears the failures of `seen`, the state this success read, only if the state is
-    /// still `seen`: a failure reported since then is newer than this success and
-    /// stands (its ejection is not erased).
-    fn succeeded_from(&self, seen: Health) {
-        if let Some(next) = Health::after_success(seen) {
+    /// Clears the failures of `seen`, the state this success read at `now`, only if the
+    /// state is still `seen`: a failure reported since then is newer than this success
+    /// and stands (its ejection is not erased).
+    fn succeeded_from(&self, seen: Health, now: u64, picked: Health) {
+        if let Some(next) = Health::after_success(seen, now, picked) {
             let _ =
                 self.health
                     .compare_exchange(seen.0, next.0, Ordering::AcqRel, Ordering::Acquire);
@@ -222,13 +236,16 @@ impl EndpointState {
 #[derive(Debug)]
 pub struct InFlight {
     state: Arc<EndpointState>,
+    /// The endpoint's health when the request was sent to it.
+    picked: Health,
 }
 
 impl InFlight {
     /// Reports a response from this guard's endpoint: its failure count and any ejection
-    /// end, so the backoff starts from the beginning again (no lookup by address).
+    /// end, so the backoff starts from the beginning again (no lookup by address) —
+    /// unless an ejection that began after this request was sent is in force.
     pub fn succeeded(&self) {
-        self.state.succeeded();
+        self.state.succeeded(self.picked);
     }
 }
 
@@ -295,7 +312,10 @@ impl Balancer {
                 Some(Picked {
                     target: Target::Addr(addr),
                     authority: Some(state.authority.clone()),
-                    guard: Some(InFlight { state }),
+                    guard: Some(InFlight {
+                        picked: state.health(),
+                        state,
+                    }),
                 })
             }
             Upstream::ExternalName { host, port } => {
@@ -507,7 +527,7 @@ impl Balancer {
         }
         write
             .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .or_insert_with(|| Arc::new(EndpointState::new(addr, self.epoch)))
             .clone()
     }
 
@@ -721,7 +741,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_between_a_successs_read_and_its_write_stands() {
+    fn a_failure_between_a_success_read_and_its_write_stands() {
         let metrics = Metrics::new();
         let b = Balancer::new(
             LoadBalance::P2c,
@@ -739,11 +759,16 @@ mod tests {
         let seen = state.health();
         assert_eq!(seen.failures(), 1);
         b.report_failure(a, &svc, &metrics);
-        state.succeeded_from(seen);
+        // Read after its ejection ended (as far as it knows).
+        state.succeeded_from(seen, seen.until(), Health::ADMITTED);
         assert!(b.is_ejected(a), "the newer failure's ejection stands");
         assert_eq!(state.health().failures(), 2);
-        // A success that read the newer state clears it.
-        state.succeeded();
+        // An answer to a request sent before the ejection does not shorten it.
+        state.succeeded(Health::ADMITTED);
+        assert!(b.is_ejected(a));
+        assert_eq!(state.health().failures(), 2);
+        // One to a request sent during it (panic mode) re-admits the endpoint.
+        state.succeeded(state.health());
         assert!(!b.is_ejected(a));
         assert_eq!(state.health(), Health::ADMITTED);
     }
@@ -761,8 +786,22 @@ mod tests {
         assert_eq!(w2, Duration::from_millis(20));
         let (h3, _) = h2.after_failure(3_000, ejection);
         assert_eq!((h3.failures(), h3.until()), (3, 28_000), "capped at max");
-        assert_eq!(Health::after_success(h3), Some(Health::ADMITTED));
-        assert_eq!(Health::after_success(Health::ADMITTED), None);
+        let before = Health::ADMITTED;
+        assert_eq!(
+            Health::after_success(h3, 28_000, before),
+            Some(Health::ADMITTED)
+        );
+        assert_eq!(
+            Health::after_success(h3, 27_999, before),
+            None,
+            "still ejected since after the request was sent"
+        );
+        assert_eq!(
+            Health::after_success(h3, 27_999, h3),
+            Some(Health::ADMITTED),
+            "sent while ejected: panic mode"
+        );
+        assert_eq!(Health::after_success(Health::ADMITTED, 0, before), None);
         // The counter saturates instead of spilling into the deadline.
         let many = Health::new(Health::MAX_FAILURES, 5);
         let (next, _) = many.after_failure(0, ejection);
