@@ -637,36 +637,6 @@ async fn a_reset_on_a_fresh_connection_ejects_and_only_an_idempotent_request_is_
     assert_eq!(retries(&proxy, "alone", "reset_before_response"), 0);
 }
 
-/// An upstream that answers every request at once with `answer()` and reads the
-/// request body afterwards, reporting how many bytes it got (or why it failed).
-async fn start_early_answer(
-    answer: fn() -> TestBody,
-) -> (
-    std::net::SocketAddr,
-    Stopper,
-    mpsc::UnboundedReceiver<Result<usize, String>>,
-) {
-    let (got_tx, got_rx) = mpsc::unbounded_channel();
-    let (up, stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
-        let got_tx = got_tx.clone();
-        async move {
-            tokio::spawn(async move {
-                use http_body_util::BodyExt;
-                let got = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes().len())
-                    .map_err(|e| e.to_string());
-                let _ = got_tx.send(got);
-            });
-            http::Response::new(answer())
-        }
-    })
-    .await;
-    (up, stop, got_rx)
-}
-
 #[tokio::test]
 async fn an_upstream_answering_before_the_request_body_ends_still_gets_all_of_it() {
     // The upstream answers at once and reads the request body afterwards, as servers

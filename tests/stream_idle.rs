@@ -62,13 +62,7 @@ async fn start_body_reader() -> (
     let (addr, stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
         let tx = tx.clone();
         async move {
-            let got = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes().len())
-                .map_err(|e| e.to_string());
-            let _ = tx.send(got);
+            let _ = tx.send(body_outcome(req).await);
             http::Response::new(text_body("read"))
         }
     })
@@ -112,18 +106,7 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_both_connections_clos
 async fn a_stalled_upload_after_an_early_answer_does_not_hold_the_upstream() {
     // The upstream answers at once and reads the body afterwards: the rest of the upload
     // goes on in a task of its own, which the idle limit must end.
-    let (tx, mut got) = mpsc::unbounded_channel();
-    let (up, _stop) = start_hyper(move |req: http::Request<hyper::body::Incoming>| {
-        let tx = tx.clone();
-        async move {
-            tokio::spawn(async move {
-                let r = req.into_body().collect().await.map(|b| b.to_bytes().len());
-                let _ = tx.send(r.map_err(|e| e.to_string()));
-            });
-            http::Response::new(text_body("early"))
-        }
-    })
-    .await;
+    let (up, _stop, mut got) = start_early_answer(|| text_body("early")).await;
     let proxy = proxy_to(up, IDLE).await;
     let mut s = send_stalled_upload(&proxy).await;
     let answer = read_to_close(&mut s).await;

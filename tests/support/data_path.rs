@@ -426,3 +426,35 @@ pub fn manifests_for(host: &str, name: &str, port: i32, addrs: &[SocketAddr]) ->
     }
     out
 }
+
+/// How a request body read to its end came out: its length, or why it broke off.
+pub async fn body_outcome(req: http::Request<Incoming>) -> Result<usize, String> {
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .map_err(|e| e.to_string())
+}
+
+/// An upstream that answers every request at once with `answer()` and reads the
+/// request body afterwards, reporting how many bytes it got (or why it failed).
+pub async fn start_early_answer(
+    answer: fn() -> TestBody,
+) -> (
+    SocketAddr,
+    Stopper,
+    mpsc::UnboundedReceiver<Result<usize, String>>,
+) {
+    let (got_tx, got_rx) = mpsc::unbounded_channel();
+    let (up, stop) = start_hyper(move |req: http::Request<Incoming>| {
+        let got_tx = got_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                let _ = got_tx.send(body_outcome(req).await);
+            });
+            http::Response::new(answer())
+        }
+    })
+    .await;
+    (up, stop, got_rx)
+}
