@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::backends::{Index, Resolver, slice_service};
 use super::{
-    CertEntry, Diagnostic, Index, Inputs, ObjectRef, Options, Resolver, Reuse, Snapshot,
-    build_from, build_reusable, slice_service,
+    CertEntry, Diagnostic, Inputs, ObjectRef, Options, Reuse, Snapshot, build_from, build_reusable,
 };
 
 /// How [`rebuild`] made a snapshot.

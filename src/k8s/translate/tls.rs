@@ -1,8 +1,13 @@
-//! Parsing and validating `kubernetes.io/tls` Secrets.
+//! TLS material, a stage of translation: parsing and validating `kubernetes.io/tls`
+//! Secrets, and the certificates a snapshot serves, with the last good one kept.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::model::{CertEntry, ObjectRef};
+use super::{Diags, Inputs, Options, object_ref};
+use crate::model::{CertEntry, ObjectRef, Severity};
 use crate::tls::PemPart;
 
 /// Why a Secret cannot serve TLS; the `field` names where the problem is.
@@ -62,4 +67,73 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
         .as_ref()
         .and_then(|d| d.get(key))
         .map(|b| b.0.clone())
+}
+
+/// The certificates of `secrets` (the Secrets TLS hosts name, plus the
+/// `--default-ssl-certificate` one, which is added to the set), by Secret. A Secret that
+/// is missing or malformed is a diagnostic; a malformed one keeps its last good
+/// certificate.
+pub(super) fn certificates(
+    inputs: &Inputs,
+    tls_secrets: &mut BTreeSet<ObjectRef>,
+    last_good_certs: &HashMap<ObjectRef, Arc<CertEntry>>,
+    options: &Options,
+    diags: &mut Diags,
+) -> HashMap<ObjectRef, Arc<CertEntry>> {
+    let secrets: HashMap<ObjectRef, &Secret> = inputs
+        .secrets
+        .iter()
+        .map(|s| (object_ref(&s.metadata), s.as_ref()))
+        .collect();
+    let mut certs = HashMap::new();
+    let flag_only = options
+        .default_ssl_certificate
+        .as_ref()
+        .filter(|d| !tls_secrets.contains(*d));
+    if let Some(d) = flag_only {
+        tls_secrets.insert(d.clone());
+    }
+    for secret_id in tls_secrets.iter() {
+        let parsed = match secrets.get(secret_id) {
+            None if Some(secret_id) == flag_only => Err(SecretError {
+                field: "--default-ssl-certificate",
+                reason: "Secret not found: the generated self-signed certificate is the default"
+                    .into(),
+            }),
+            None => Err(SecretError {
+                field: "",
+                reason: "Secret not found: its hosts get the default certificate".into(),
+            }),
+            Some(secret) => parse_tls_secret(secret),
+        };
+        match parsed {
+            Ok(entry) => {
+                certs.insert(secret_id.clone(), Arc::new(entry));
+            }
+            Err(e) => {
+                let keep = secrets
+                    .contains_key(secret_id)
+                    .then(|| last_good_certs.get(secret_id))
+                    .flatten();
+                let reason = match keep {
+                    Some(_) => format!("{}; the last good certificate stays in use", e.reason),
+                    None if secrets.contains_key(secret_id) && Some(secret_id) == flag_only => {
+                        format!(
+                            "{}; the generated self-signed certificate is the default",
+                            e.reason
+                        )
+                    }
+                    None if secrets.contains_key(secret_id) => {
+                        format!("{}; its hosts get the default certificate", e.reason)
+                    }
+                    None => e.reason,
+                };
+                diags.push(Severity::Error, "Secret", secret_id, e.field, reason);
+                if let Some(entry) = keep {
+                    certs.insert(secret_id.clone(), entry.clone());
+                }
+            }
+        }
+    }
+    certs
 }
