@@ -92,7 +92,8 @@ fn serves_endpoint(publisher: &Publisher, name: &str, want: SocketAddr) -> bool 
     let s = publisher.snapshots.load();
     let host = format!("{name}.example.com");
     matches!(s.decide(Some(&host), "/"),
-        portcullis::model::Decision::Route(_, cluster) if cluster.active_endpoints() == [want])
+        portcullis::model::Decision::Route(m)
+            if s.route_cluster(m.route).is_some_and(|c| c.active_endpoints() == [want]))
 }
 
 /// Whether `name.example.com` has an Exact route for `path`.
@@ -100,7 +101,7 @@ fn serves_path(publisher: &Publisher, name: &str, path: &str) -> bool {
     let s = publisher.snapshots.load();
     let host = format!("{name}.example.com");
     matches!(s.decide(Some(&host), path),
-        portcullis::model::Decision::Route(m, _) if m.route.path.path == path)
+        portcullis::model::Decision::Route(m) if m.route.path.path == path)
 }
 
 /// Polls `done` until it holds; the time since `start`. Panics after 10 s.

@@ -11,7 +11,10 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-use portcullis::model::{HostPattern, ObjectRef, PathRule, PathType, Route, RouteTable};
+use portcullis::model::{
+    HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route, RouteKind, RouteSource,
+    RouteTable,
+};
 
 const SEGMENTS: [&str; 5] = ["api", "v1", "users", "items", "detail"];
 
@@ -22,16 +25,19 @@ fn table(hosts: usize) -> RouteTable {
     let mut routes = Vec::new();
     let push = |host: HostPattern, path: &str, pt: PathType, routes: &mut Vec<Route>| {
         let order = routes.len() as u32;
-        routes.push(Route {
+        let mut route = Route::forward(
             host,
-            path: PathRule::new(path, pt).expect("bench paths are valid"),
-            ingress: ObjectRef::new("bench", format!("ing-{order}")),
-            rule_index: 0,
-            path_index: 0,
-            order,
-            cluster: order % 64,
-            max_body_size: None,
-        });
+            PathRule::new(path, pt).expect("bench paths are valid"),
+            RouteSource {
+                kind: RouteKind::Ingress,
+                object: ObjectRef::new("bench", format!("ing-{order}")),
+                rule: 0,
+                match_index: 0,
+            },
+            order % 64,
+        );
+        route.order = order;
+        routes.push(route);
     };
     let mut made = 0;
     let mut i = 0;
@@ -105,16 +111,20 @@ fn lookup(c: &mut Criterion) {
             let reqs = requests(domains, kind);
             for (h, p) in &reqs {
                 if kind != "miss" {
-                    assert!(t.lookup(Some(h), p).is_some(), "{h}{p} should match");
+                    assert!(
+                        t.lookup(Some(h), p, &RequestFacts::get()).is_some(),
+                        "{h}{p} should match"
+                    );
                 }
             }
+            let facts = RequestFacts::get();
             let mut n = 0usize;
             group.bench_function(format!("{hosts}/{kind}"), |b| {
                 b.iter(|| {
                     let (h, p) = &reqs[n & 1023];
                     n = n.wrapping_add(1);
-                    black_box(t.lookup(Some(black_box(h.as_str())), black_box(p.as_str())))
-                        .map(|m| m.route.cluster)
+                    black_box(t.lookup(Some(black_box(h.as_str())), black_box(p.as_str()), &facts))
+                        .map(|m| m.route.order)
                 })
             });
         }

@@ -110,9 +110,12 @@ pub struct RouteView<'a> {
     pub host: String,
     pub path: &'a str,
     pub path_type: PathType,
-    pub ingress: &'a ObjectRef,
-    /// Index into `clusters`.
-    pub cluster: u32,
+    /// The Ingress, for Ingress routes.
+    pub ingress: Option<&'a ObjectRef>,
+    /// Where the route came from (kind, namespace, name, rule, match).
+    pub source: &'a crate::model::RouteSource,
+    /// Index into `clusters` of the first backend, when the route forwards.
+    pub cluster: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,8 +157,10 @@ impl<'a> SnapshotView<'a> {
                         host: r.host.to_string(),
                         path: &r.path.path,
                         path_type: r.path.path_type,
-                        ingress: &r.ingress,
-                        cluster: r.cluster,
+                        ingress: (r.source.kind == crate::model::RouteKind::Ingress)
+                            .then_some(&r.source.object),
+                        source: &r.source,
+                        cluster: r.first_cluster(),
                     })
                     .collect(),
             })

@@ -36,15 +36,18 @@ pub fn check_text(snapshot: &Snapshot, files: usize, objects: usize) -> String {
     for vh in &snapshot.routes.vhosts {
         let _ = writeln!(out, "\n  {}", vh.host);
         for r in &vh.routes {
-            let cluster = snapshot.cluster(r.cluster);
+            let (target, endpoints) = match snapshot.route_cluster(r) {
+                Some(cluster) => (cluster.display_name(), endpoint_summary(cluster)),
+                None => (action_summary(r), String::new()),
+            };
             let _ = writeln!(
                 out,
-                "    {:<7} {:<24} -> {:<32} {}  (Ingress {})",
+                "    {:<7} {:<24} -> {:<32} {}  ({})",
                 short_type(r),
                 r.path.path,
-                cluster.display_name(),
-                endpoint_summary(cluster),
-                r.ingress
+                target,
+                endpoints,
+                r.source
             );
         }
     }
@@ -154,8 +157,9 @@ fn route_json(snapshot: &Snapshot, r: &Route) -> serde_json::Value {
     json!({
         "path": r.path.path,
         "path_type": r.path.path_type,
-        "ingress": r.ingress,
-        "backend": backend_json(snapshot.cluster(r.cluster)),
+        "ingress": (r.source.kind == crate::model::RouteKind::Ingress).then_some(&r.source.object),
+        "route": r.source,
+        "backend": snapshot.route_cluster(r).map(backend_json),
     })
 }
 
@@ -173,6 +177,16 @@ fn short_type(r: &Route) -> &'static str {
         crate::model::PathType::Exact => "Exact",
         crate::model::PathType::Prefix => "Prefix",
         crate::model::PathType::ImplementationSpecific => "ImplSp",
+        crate::model::PathType::RegularExpression => "Regex",
+    }
+}
+
+/// What a route that does not forward to a cluster does, in a few words.
+fn action_summary(r: &Route) -> String {
+    match &r.action {
+        crate::model::Action::Forward(_) => "500 (no valid backend)".into(),
+        crate::model::Action::Redirect(rd) => format!("redirect {}", rd.status),
+        crate::model::Action::Respond { status, .. } => format!("answer {status}"),
     }
 }
 
@@ -302,7 +316,7 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
     };
     let decision = snapshot.decide(host_opt, &path);
     let winner = match decision {
-        Decision::Route(m, _) => Some(m.route),
+        Decision::Route(m) => Some(m.route),
         _ => None,
     };
     let mut losers: Vec<_> = snapshot
@@ -319,16 +333,18 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
         .iter()
         .map(|(p, r)| {
             format!(
-                "{} {} {} (length {}, {} host) in Ingress {}",
-                r.host, r.path.path_type, r.path.path, p.length, p.host, r.ingress
+                "{} {} {} (length {}, {} host) in {}",
+                r.host, r.path.path_type, r.path.path, p.length, p.host, r.source
             )
         })
         .collect();
 
     let cluster = match decision {
-        Decision::Route(m, cluster) => {
+        Decision::Route(m) => {
             let r = m.route;
-            ex.ingress = Some(r.ingress.clone());
+            if r.source.kind == crate::model::RouteKind::Ingress {
+                ex.ingress = Some(r.source.object.clone());
+            }
             ex.rule = Some(RuleInfo {
                 host: match &r.host {
                     crate::model::HostPattern::Any => String::new(),
@@ -358,19 +374,35 @@ pub fn explain(snapshot: &Snapshot, url: &str) -> Result<Explanation, ExplainErr
                 t => t.to_string(),
             };
             ex.reason = format!(
-                "Matched {host_part}, path {kind} {} (length {}) of Ingress {} rule {} path {}{}{note}.",
+                "Matched {host_part}, path {kind} {} (length {}) of {} rule {} {} {}{}{note}.",
                 r.path.path,
                 r.path.length(),
-                r.ingress,
-                r.rule_index,
-                r.path_index,
+                r.source,
+                r.source.rule,
+                if r.source.kind == crate::model::RouteKind::Ingress {
+                    "path"
+                } else {
+                    "match"
+                },
+                r.source.match_index,
                 if losers.is_empty() {
                     String::new()
                 } else {
                     format!("; it beats {} other matching route(s)", losers.len())
                 }
             );
-            cluster
+            match snapshot.route_cluster(r) {
+                Some(cluster) => cluster,
+                None => {
+                    ex.status = match &r.action {
+                        crate::model::Action::Redirect(rd) => rd.status,
+                        crate::model::Action::Respond { status, .. } => *status,
+                        crate::model::Action::Forward(_) => 500,
+                    };
+                    let _ = write!(ex.reason, " It answers {}.", action_summary(r));
+                    return Ok(ex);
+                }
+            }
         }
         Decision::DefaultBackend(cluster) => {
             ex.default_backend = true;

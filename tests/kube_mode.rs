@@ -595,7 +595,7 @@ async fn watch_namespace_limits_what_is_read() {
     let ingresses: Vec<String> = snap
         .routes
         .routes()
-        .map(|r| r.ingress.to_string())
+        .map(|r| r.source.object.to_string())
         .collect();
     assert_eq!(ingresses, ["shop/a"]);
     assert!(

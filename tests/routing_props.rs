@@ -1,5 +1,7 @@
 //! Property test: the indexed route table answers exactly as the linear reference
-//! matcher does, for any set of rules and any request.
+//! matcher does, for any set of rules and any request — Ingress rules (one-label
+//! wildcards, Exact/Prefix paths) and Gateway API rules (suffix wildcards, regular
+//! expressions, method and header conditions) in one table.
 //!
 //! Hosts, paths and requests come from small alphabets so that rules collide, share
 //! prefixes and differ only by a trailing slash or a brace, which is where a radix tree
@@ -7,8 +9,10 @@
 
 use proptest::prelude::*;
 
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use portcullis::model::{
-    HostPattern, ObjectRef, PathRule, PathType, Route, RouteMatch, RouteTable, reference_lookup,
+    Conditions, HeaderCondition, HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route,
+    RouteKind, RouteMatch, RouteSource, RouteTable, ValueMatch, reference_lookup,
 };
 
 /// Rule hosts: exact, one-label wildcard, or none. Few names, so that an exact host,
@@ -19,6 +23,7 @@ fn rule_host() -> impl Strategy<Value = HostPattern> {
         2 => prop::sample::select(vec!["a.x", "b.x", "a.a.x", "x"])
             .prop_map(|h| HostPattern::Exact(h.to_string())),
         2 => prop::sample::select(vec!["x", "a.x"]).prop_map(|s| HostPattern::Wildcard(s.to_string())),
+        1 => prop::sample::select(vec!["x", "a.x"]).prop_map(|s| HostPattern::Suffix(s.to_string())),
     ]
 }
 
@@ -64,12 +69,25 @@ fn path_type() -> impl Strategy<Value = PathType> {
         PathType::Exact,
         PathType::Prefix,
         PathType::ImplementationSpecific,
+        PathType::RegularExpression,
     ])
+}
+
+/// Conditions: none most of the time, else a method, a header, or both.
+fn conditions() -> impl Strategy<Value = Option<(Option<bool>, Option<&'static str>)>> {
+    prop_oneof![
+        3 => Just(None),
+        2 => (
+            prop::option::of(any::<bool>()),
+            prop::option::of(prop::sample::select(vec!["1", "2"])),
+        )
+            .prop_map(Some),
+    ]
 }
 
 /// A request path derived from a rule path (the rule path itself, one element more or
 /// less, a suffix without a separator, a trailing slash), or an unrelated one.
-fn request_path(rules: &[Rule]) -> BoxedStrategy<String> {
+fn request_path(rules: &[(HostPattern, String, PathType)]) -> BoxedStrategy<String> {
     let random = path().boxed();
     if rules.is_empty() {
         return random;
@@ -98,16 +116,58 @@ fn routes_of(rules: &[Rule]) -> Vec<Route> {
     rules
         .iter()
         .enumerate()
-        .map(|(i, (host, path, pt))| Route {
-            host: host.clone(),
-            path: PathRule::new(path, *pt).expect("generated paths start with `/`"),
-            // Several rules per Ingress, so that identity is (ingress, rule, path).
-            ingress: ObjectRef::new("ns", format!("ing{}", i / 3)),
-            rule_index: i % 3,
-            path_index: 0,
-            order: i as u32,
-            cluster: i as u32,
-            max_body_size: None,
+        .map(|(i, (host, path, pt, cond))| {
+            let path = if *pt == PathType::RegularExpression {
+                // The path as a pattern (regex syntax escaped, except that its dots match
+                // any character); a trailing `.*` on every other rule makes it a prefix
+                // of sorts.
+                let escaped: String = path
+                    .chars()
+                    .flat_map(|c| {
+                        let special = "\\+*?()|[]{}^$".contains(c);
+                        special.then_some('\\').into_iter().chain([c])
+                    })
+                    .collect();
+                let pattern = if i % 2 == 0 {
+                    format!("{escaped}.*")
+                } else {
+                    escaped
+                };
+                PathRule::regex(&pattern).expect("generated patterns compile")
+            } else {
+                PathRule::new(path, *pt).expect("generated paths start with `/`")
+            };
+            let mut route = Route::forward(
+                host.clone(),
+                path,
+                // Several rules per object, so that identity is (object, rule).
+                RouteSource {
+                    kind: if cond.is_some() {
+                        RouteKind::HttpRoute
+                    } else {
+                        RouteKind::Ingress
+                    },
+                    object: ObjectRef::new("ns", format!("obj{}", i / 3)),
+                    rule: i % 3,
+                    match_index: 0,
+                },
+                i as u32,
+            );
+            route.order = i as u32;
+            route.conditions = cond.map(|(post, header)| {
+                Box::new(Conditions {
+                    method: post.map(|p| if p { Method::POST } else { Method::GET }),
+                    headers: header
+                        .map(|v| HeaderCondition {
+                            name: HeaderName::from_static("x-a"),
+                            value: ValueMatch::Exact(v.to_string()),
+                        })
+                        .into_iter()
+                        .collect(),
+                    query: Vec::new(),
+                })
+            });
+            route
         })
         .collect()
 }
@@ -115,24 +175,44 @@ fn routes_of(rules: &[Rule]) -> Vec<Route> {
 fn identity(m: Option<RouteMatch<'_>>) -> Option<(ObjectRef, usize, u32, String)> {
     m.map(|m| {
         (
-            m.route.ingress.clone(),
-            m.route.rule_index,
+            m.route.source.object.clone(),
+            m.route.source.rule,
             m.route.order,
             m.host_match.to_string(),
         )
     })
 }
 
-/// A rule: host, path as written, path type.
-type Rule = (HostPattern, String, PathType);
-/// A request: host (if any) and path.
-type Request = (Option<String>, String);
+/// A rule: host, path as written, path type, and conditions (method POST or GET, and
+/// header `x-a` value).
+type Rule = (
+    HostPattern,
+    String,
+    PathType,
+    Option<(Option<bool>, Option<&'static str>)>,
+);
+/// A request: host (if any), path, POST (else GET), and its `x-a` header.
+type Request = (Option<String>, String, bool, Option<&'static str>);
 
 fn scenario() -> impl Strategy<Value = (Vec<Rule>, Vec<Request>)> {
-    prop::collection::vec((rule_host(), path(), path_type()), 0..12).prop_flat_map(|rules| {
-        let requests = prop::collection::vec((request_host(), request_path(&rules)), 1..16);
-        (Just(rules), requests)
-    })
+    prop::collection::vec((rule_host(), path(), path_type(), conditions()), 0..12).prop_flat_map(
+        |rules| {
+            let plain: Vec<(HostPattern, String, PathType)> = rules
+                .iter()
+                .map(|(h, p, t, _)| (h.clone(), p.clone(), *t))
+                .collect();
+            let requests = prop::collection::vec(
+                (
+                    request_host(),
+                    request_path(&plain),
+                    any::<bool>(),
+                    prop::option::of(prop::sample::select(vec!["1", "2"])),
+                ),
+                1..16,
+            );
+            (Just(rules), requests)
+        },
+    )
 }
 
 fn cases() -> u32 {
@@ -154,11 +234,21 @@ proptest! {
         // The same routes with every virtual host scanned, and with every one hashed.
         let scanned = RouteTable::build_with_scan_limit(routes.clone(), usize::MAX);
         let hashed = RouteTable::build_with_scan_limit(routes.clone(), 0);
-        for (host, path) in &requests {
-            let want = identity(reference_lookup(&routes, host.as_deref(), path));
+        for (host, path, post, header) in &requests {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = header {
+                headers.insert("x-a", HeaderValue::from_static(v));
+            }
+            let method = if *post { Method::POST } else { Method::GET };
+            let facts = RequestFacts { method: &method, headers: &headers, query: None };
+            let want = identity(reference_lookup(&routes, host.as_deref(), path, &facts));
             for (name, t) in [("default", &table), ("scanned", &scanned), ("hashed", &hashed)] {
-                let got = identity(t.lookup(host.as_deref(), path));
-                prop_assert_eq!(&got, &want, "{} table: host {:?} path {:?}", name, host, path);
+                let got = identity(t.lookup(host.as_deref(), path, &facts));
+                prop_assert_eq!(
+                    &got, &want,
+                    "{} table: host {:?} path {:?} post {} x-a {:?}",
+                    name, host, path, post, header
+                );
             }
         }
     }

@@ -415,11 +415,11 @@ impl World {
 /// `default ns/svc:port` for the default backend, `404` for nothing.
 fn outcome(snap: &Snapshot, host: Option<&str>, path: &str) -> String {
     match snap.decide(host, path) {
-        Decision::Route(m, _) => format!(
+        Decision::Route(m) => format!(
             "{} rules[{}].paths[{}] ({} {}) host={}",
-            m.route.ingress,
-            m.route.rule_index,
-            m.route.path_index,
+            m.route.source.object,
+            m.route.source.rule,
+            m.route.source.match_index,
             m.route.path.path_type,
             m.route.path.path,
             m.host_match
@@ -432,7 +432,7 @@ fn outcome(snap: &Snapshot, host: Option<&str>, path: &str) -> String {
 /// The rule path a request takes, as `Type /path`, or `None`.
 fn matched_path(snap: &Snapshot, host: &str, path: &str) -> Option<String> {
     match snap.decide(Some(host), path) {
-        Decision::Route(m, _) => Some(format!("{} {}", m.route.path.path_type, m.route.path.path)),
+        Decision::Route(m) => Some(format!("{} {}", m.route.path.path_type, m.route.path.path)),
         _ => None,
     }
 }
@@ -440,7 +440,8 @@ fn matched_path(snap: &Snapshot, host: &str, path: &str) -> Option<String> {
 /// The cluster a request reaches (route or default backend).
 fn cluster_of<'a>(snap: &'a Snapshot, host: &str, path: &str) -> &'a portcullis::model::Cluster {
     match snap.decide(Some(host), path) {
-        Decision::Route(_, c) | Decision::DefaultBackend(c) => c,
+        Decision::Route(m) => snap.route_cluster(m.route).expect("the route forwards"),
+        Decision::DefaultBackend(c) => c,
         Decision::NotFound => panic!("{host}{path} is not routed"),
     }
 }
@@ -760,7 +761,7 @@ fn hosts_are_case_insensitive() {
     ] {
         let host = request_host(authority, header).unwrap();
         match snap.decide(host.as_deref(), "/") {
-            Decision::Route(m, _) => assert_eq!(m.route.ingress.to_string(), want),
+            Decision::Route(m) => assert_eq!(m.route.source.object.to_string(), want),
             other => panic!("{authority:?} {header:?}: {other:?}"),
         }
     }
@@ -1527,7 +1528,7 @@ fn served(snap: &Snapshot) -> Vec<String> {
     let mut v: Vec<String> = snap
         .routes
         .routes()
-        .map(|r| r.ingress.name.clone())
+        .map(|r| r.source.object.name.clone())
         .collect();
     v.sort();
     v.dedup();
@@ -1944,9 +1945,10 @@ fn routes_carry_their_identity_and_host_match() {
         )
         .build();
     match snap.decide(Some("x.b.com"), "/two/three") {
-        Decision::Route(m, c) => {
+        Decision::Route(m) => {
             assert_eq!(m.host_match, HostMatch::Wildcard);
-            assert_eq!((m.route.rule_index, m.route.path_index), (1, 0));
+            assert_eq!((m.route.source.rule, m.route.source.match_index), (1, 0));
+            let c = snap.route_cluster(m.route).expect("the route forwards");
             assert_eq!(c.service, ObjectRef::new("ns", "svc"));
         }
         other => panic!("{other:?}"),
@@ -1980,7 +1982,7 @@ fn tls_secret_without_namespace_is_filed_under_default() {
 /// The body limit carried by the route a request takes.
 fn route_body_limit(snap: &Snapshot, host: &str, path: &str) -> Option<u64> {
     match snap.decide(Some(host), path) {
-        Decision::Route(m, _) => m.route.max_body_size,
+        Decision::Route(m) => m.route.max_body_size,
         _ => panic!("{host}{path} is not routed"),
     }
 }

@@ -94,11 +94,13 @@ pub fn manifests(data: &[u8]) {
         let n = snapshot.clusters.len();
         let mut routes = Vec::new();
         for r in snapshot.routes.routes() {
-            assert!(
-                (r.cluster as usize) < n,
-                "route {r:?} names cluster {}",
-                r.cluster
-            );
+            if let portcullis::model::Action::Forward(b) = &r.action {
+                for backend in b.list.iter() {
+                    if let portcullis::model::BackendTarget::Cluster(id) = backend.target {
+                        assert!((id as usize) < n, "route {r:?} names cluster {id}");
+                    }
+                }
+            }
             routes.push(r.clone());
         }
         if let Some(id) = snapshot.default_backend {
@@ -121,16 +123,16 @@ pub fn manifests(data: &[u8]) {
             let host = match &r.host {
                 HostPattern::Any => None,
                 HostPattern::Exact(h) => Some(h.clone()),
-                HostPattern::Wildcard(s) => Some(format!("x.{s}")),
+                HostPattern::Wildcard(s) | HostPattern::Suffix(s) => Some(format!("x.{s}")),
             };
             let path = r.path.path.clone();
-            let table = snapshot.routes.lookup(host.as_deref(), &path);
-            let reference = reference_lookup(&routes, host.as_deref(), &path);
+            let facts = portcullis::model::RequestFacts::get();
+            let table = snapshot.routes.lookup(host.as_deref(), &path, &facts);
+            let reference = reference_lookup(&routes, host.as_deref(), &path, &facts);
             assert_eq!(identity(table), identity(reference), "{host:?} {path:?}");
             match snapshot.decide(host.as_deref(), &path) {
-                Decision::Route(m, c) => {
+                Decision::Route(m) => {
                     assert!(m.route.precedence(m.host_match) >= r.precedence(r.host.kind()));
-                    assert_eq!(c, &*snapshot.clusters[m.route.cluster as usize]);
                 }
                 other => panic!("{host:?} {path:?}: a route exists, decided {other:?}"),
             }
@@ -180,16 +182,19 @@ pub fn routing(data: &[u8]) {
         let Ok(path) = PathRule::new(&path, path_type) else {
             continue;
         };
-        routes.push(Route {
+        let mut route = Route::forward(
             host,
             path,
-            ingress: portcullis::model::ObjectRef::new("ns", format!("ing{}", i / 3)),
-            rule_index: i % 3,
-            path_index: 0,
-            order: i as u32,
-            cluster: i as u32,
-            max_body_size: None,
-        });
+            portcullis::model::RouteSource {
+                kind: portcullis::model::RouteKind::Ingress,
+                object: portcullis::model::ObjectRef::new("ns", format!("ing{}", i / 3)),
+                rule: i % 3,
+                match_index: 0,
+            },
+            i as u32,
+        );
+        route.order = i as u32;
+        routes.push(route);
     }
     let scanned = RouteTable::build_with_scan_limit(routes.clone(), usize::MAX);
     let hashed = RouteTable::build_with_scan_limit(routes.clone(), 0);
@@ -215,13 +220,14 @@ pub fn routing(data: &[u8]) {
         } else {
             path_from(&mut c, 10)
         };
-        let want = identity(reference_lookup(&routes, host.as_deref(), &path));
+        let facts = portcullis::model::RequestFacts::get();
+        let want = identity(reference_lookup(&routes, host.as_deref(), &path, &facts));
         for (name, table) in [
             ("scanned", &scanned),
             ("hashed", &hashed),
             ("default", &default),
         ] {
-            let got = identity(table.lookup(host.as_deref(), &path));
+            let got = identity(table.lookup(host.as_deref(), &path, &facts));
             assert_eq!(
                 got, want,
                 "{name} table, host {host:?}, path {path:?}, routes {routes:#?}"
@@ -233,8 +239,8 @@ pub fn routing(data: &[u8]) {
 fn identity(m: Option<RouteMatch<'_>>) -> Option<(String, usize, u32, String)> {
     m.map(|m| {
         (
-            m.route.ingress.to_string(),
-            m.route.rule_index,
+            m.route.source.object.to_string(),
+            m.route.source.rule,
             m.route.order,
             m.host_match.to_string(),
         )

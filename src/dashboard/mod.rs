@@ -214,9 +214,12 @@ pub struct VirtualHostState<'a> {
 pub struct RouteState<'a> {
     pub path: &'a str,
     pub path_type: PathType,
-    pub ingress: &'a ObjectRef,
-    /// Index into `clusters`.
-    pub cluster: u32,
+    /// The Ingress, for Ingress routes.
+    pub ingress: Option<&'a ObjectRef>,
+    /// Where the route came from (kind, namespace, name, rule, match).
+    pub source: &'a crate::model::RouteSource,
+    /// Index into `clusters` of the first backend, when the route forwards.
+    pub cluster: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -301,8 +304,10 @@ impl<'a> StateView<'a> {
                     .map(|r| RouteState {
                         path: &r.path.path,
                         path_type: r.path.path_type,
-                        ingress: &r.ingress,
-                        cluster: r.cluster,
+                        ingress: (r.source.kind == crate::model::RouteKind::Ingress)
+                            .then_some(&r.source.object),
+                        source: &r.source,
+                        cluster: r.first_cluster(),
                     })
                     .collect(),
             })

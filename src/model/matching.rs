@@ -1,4 +1,5 @@
-//! Host and path matching rules of Ingress v1, and the precedence between matches.
+//! Host and path matching rules of Ingress v1 and Gateway API, and the precedence
+//! between matches.
 //!
 //! Everything here is pure and allocation-free on the lookup side. The request side
 //! ([`request_host`]) turns what a client sent into the host name that routing uses.
@@ -29,13 +30,18 @@ impl fmt::Display for HostMatch {
     }
 }
 
-/// A rule's host: exact (`foo.example.com`), one-label wildcard (`*.example.com`,
-/// stored as the suffix `example.com`), or absent (matches every host).
+/// A rule's host: exact (`foo.example.com`), an Ingress one-label wildcard
+/// (`*.example.com`, stored as the suffix `example.com`), a Gateway API wildcard (a
+/// suffix of any number of labels, stored the same way), or absent (matches every host).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HostPattern {
     Any,
     Exact(String),
+    /// Ingress: `*.example.com` covers exactly one label.
     Wildcard(String),
+    /// Gateway API: `*.example.com` covers one label or more (`a.example.com`,
+    /// `b.a.example.com`), never `example.com` itself.
+    Suffix(String),
 }
 
 impl HostPattern {
@@ -74,6 +80,12 @@ impl HostPattern {
                 }
                 _ => None,
             },
+            HostPattern::Suffix(suffix) => match host.strip_suffix(suffix.as_str()) {
+                Some(head) if head.len() > 1 && head.ends_with('.') && !head.starts_with('.') => {
+                    Some(HostMatch::Wildcard)
+                }
+                _ => None,
+            },
         }
     }
 
@@ -81,7 +93,25 @@ impl HostPattern {
         match self {
             HostPattern::Any => HostMatch::Any,
             HostPattern::Exact(_) => HostMatch::Exact,
-            HostPattern::Wildcard(_) => HostMatch::Wildcard,
+            HostPattern::Wildcard(_) | HostPattern::Suffix(_) => HostMatch::Wildcard,
+        }
+    }
+
+    /// The virtual host this pattern's routes live in: Ingress and Gateway API
+    /// wildcards of the same suffix share one, since they rank the same.
+    pub fn vhost_key(&self) -> HostPattern {
+        match self {
+            HostPattern::Suffix(s) => HostPattern::Wildcard(s.clone()),
+            other => other.clone(),
+        }
+    }
+
+    /// How specific a wildcard is: the length of its suffix (0 for exact and absent
+    /// hosts, whose rank [`HostMatch`] already gives).
+    pub fn suffix_len(&self) -> usize {
+        match self {
+            HostPattern::Wildcard(s) | HostPattern::Suffix(s) => s.len(),
+            _ => 0,
         }
     }
 }
@@ -91,7 +121,7 @@ impl fmt::Display for HostPattern {
         match self {
             HostPattern::Any => f.write_str("*"),
             HostPattern::Exact(h) => f.write_str(h),
-            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+            HostPattern::Wildcard(s) | HostPattern::Suffix(s) => write!(f, "*.{s}"),
         }
     }
 }
@@ -122,12 +152,15 @@ fn validate_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An Ingress path type. `ImplementationSpecific` matches exactly as `Prefix` does.
+/// A path type. Ingress: `Exact`, `Prefix`, and `ImplementationSpecific`, which matches
+/// exactly as `Prefix` does. Gateway API's `Exact` and `PathPrefix` are `Exact` and
+/// `Prefix`; its `RegularExpression` matches the whole path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum PathType {
     Exact,
     Prefix,
     ImplementationSpecific,
+    RegularExpression,
 }
 
 impl PathType {
@@ -136,6 +169,7 @@ impl PathType {
             "Exact" => Some(PathType::Exact),
             "Prefix" => Some(PathType::Prefix),
             "ImplementationSpecific" => Some(PathType::ImplementationSpecific),
+            "RegularExpression" => Some(PathType::RegularExpression),
             _ => None,
         }
     }
@@ -152,7 +186,58 @@ impl fmt::Display for PathType {
             PathType::Exact => "Exact",
             PathType::Prefix => "Prefix",
             PathType::ImplementationSpecific => "ImplementationSpecific",
+            PathType::RegularExpression => "RegularExpression",
         })
+    }
+}
+
+/// A regular expression from a user's object, matched against a whole value. Compiled
+/// with the `regex` crate (linear time) under a size limit; compared by its source.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    regex: regex::Regex,
+}
+
+/// The compiled size a user's regular expression may take (the `regex` crate's own
+/// default is 10 MiB): enough for any routing pattern, small enough that ten thousand
+/// of them stay cheap.
+const PATTERN_SIZE_LIMIT: usize = 256 * 1024;
+
+impl Pattern {
+    /// Compiles `source` to match whole values (as if written `^(?:source)$`).
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        let regex = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(PATTERN_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("invalid regular expression `{source}`: {e}"))?;
+        Ok(Pattern {
+            source: source.to_string(),
+            regex,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the whole of `value` matches.
+    pub fn is_match(&self, value: &str) -> bool {
+        self.regex.is_match(value)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Pattern {}
+
+impl std::hash::Hash for Pattern {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.source.hash(state);
     }
 }
 
@@ -163,11 +248,14 @@ impl fmt::Display for PathType {
 /// `/foo/bar`, never `/foobar`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PathRule {
-    /// The path as written in the Ingress.
+    /// The path as written in the object.
     pub path: String,
     pub path_type: PathType,
-    /// `path` for Exact; `path` without trailing `/` for Prefix.
+    /// `path` for Exact; `path` without trailing `/` for Prefix; the pattern's source
+    /// for RegularExpression.
     pub key: String,
+    /// The compiled pattern of a RegularExpression rule.
+    pub regex: Option<Pattern>,
 }
 
 impl PathRule {
@@ -194,18 +282,43 @@ impl PathRule {
             path: path.to_string(),
             path_type,
             key,
+            regex: None,
         })
+    }
+
+    /// A Gateway API `RegularExpression` path: the pattern matches the whole request
+    /// path.
+    pub fn regex(pattern: &str) -> Result<PathRule, String> {
+        let regex = Pattern::new(pattern)?;
+        Ok(PathRule {
+            path: pattern.to_string(),
+            path_type: PathType::RegularExpression,
+            key: pattern.to_string(),
+            regex: Some(regex),
+        })
+    }
+
+    /// Whether this rule is a regular expression (ranked below every exact and prefix
+    /// rule, whatever their length).
+    pub fn is_regex(&self) -> bool {
+        self.path_type == PathType::RegularExpression
     }
 
     /// The length that decides "longest path wins": the matched part of the request.
     /// A Prefix rule's trailing slash does not count (`/foo/` is as long as `/foo`), and
     /// Prefix `/` has length 1, equal to Exact `/`.
     pub fn length(&self) -> usize {
+        if self.is_regex() {
+            return 0;
+        }
         self.key.len().max(1)
     }
 
-    /// Whether the rule matches a request path (as received, query removed, undecoded).
+    /// Whether the rule matches a request path (as routing sees it, query removed).
     pub fn matches(&self, request_path: &str) -> bool {
+        if let Some(re) = &self.regex {
+            return re.is_match(request_path);
+        }
         if self.path_type.is_exact() {
             return request_path == self.key;
         }
@@ -217,19 +330,53 @@ impl PathRule {
 }
 
 /// Everything that decides which of several matching routes wins, ordered so that the
-/// greater value wins: host specificity, then path length, then Exact over Prefix, then
-/// the older route (smaller `order`).
+/// greater value wins: host specificity (exact, then the longest wildcard suffix, then
+/// none), then any exact or prefix path over a regular expression, then path length,
+/// then Exact over Prefix, then a method condition, then more header conditions, then
+/// more query conditions, then the older route (smaller `order`).
+///
+/// For Ingress routes, which have no conditions and no regular expressions, this is
+/// host, longest path, Exact over Prefix, oldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precedence {
     pub host: HostMatch,
+    /// The wildcard suffix length; 0 for exact and absent hosts.
+    pub host_len: usize,
+    /// Not a regular expression path.
+    pub literal: bool,
     pub length: usize,
     pub exact: bool,
+    pub method: bool,
+    pub headers: usize,
+    pub query: usize,
     pub order: Reverse<u32>,
 }
 
+type PrecedenceKey = (
+    HostMatch,
+    usize,
+    bool,
+    usize,
+    bool,
+    bool,
+    usize,
+    usize,
+    Reverse<u32>,
+);
+
 impl Precedence {
-    fn key(&self) -> (HostMatch, usize, bool, Reverse<u32>) {
-        (self.host, self.length, self.exact, self.order)
+    fn key(&self) -> PrecedenceKey {
+        (
+            self.host,
+            self.host_len,
+            self.literal,
+            self.length,
+            self.exact,
+            self.method,
+            self.headers,
+            self.query,
+            self.order,
+        )
     }
 }
 
@@ -376,11 +523,40 @@ mod tests {
     }
 
     #[test]
+    fn suffix_wildcard_covers_one_label_or_more() {
+        let p = HostPattern::Suffix("example.com".into());
+        assert_eq!(p.matches("a.example.com"), Some(HostMatch::Wildcard));
+        assert_eq!(p.matches("b.a.example.com"), Some(HostMatch::Wildcard));
+        assert_eq!(p.matches("example.com"), None);
+        assert_eq!(p.matches(".example.com"), None);
+        assert_eq!(p.matches("aexample.com"), None);
+        assert_eq!(p.vhost_key(), HostPattern::Wildcard("example.com".into()));
+    }
+
+    #[test]
+    fn regex_paths_match_the_whole_path() {
+        let r = PathRule::regex("/v[0-9]+/.*").unwrap();
+        assert!(r.matches("/v1/users"));
+        assert!(!r.matches("/api/v1/users"));
+        assert!(!r.matches("/v1"));
+        assert_eq!(r.length(), 0);
+        assert!(PathRule::regex("/(").is_err());
+        // Alternation is anchored as a whole, not per branch.
+        let alt = PathRule::regex("/a|/b").unwrap();
+        assert!(alt.matches("/a") && alt.matches("/b") && !alt.matches("/a/x"));
+    }
+
+    #[test]
     fn precedence_orders_host_then_length_then_exact_then_age() {
         let p = |host, length, exact, order| Precedence {
             host,
+            host_len: 0,
+            literal: true,
             length,
             exact,
+            method: false,
+            headers: 0,
+            query: 0,
             order: Reverse(order),
         };
         assert!(p(HostMatch::Exact, 1, false, 9) > p(HostMatch::Wildcard, 50, true, 0));

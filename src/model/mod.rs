@@ -6,6 +6,7 @@
 
 pub mod matching;
 pub mod path;
+pub mod route;
 pub mod router;
 pub mod safety;
 pub mod size;
@@ -17,8 +18,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use matching::{HostMatch, HostPattern, PathRule, PathType, Precedence, request_host};
-pub use router::{Route, RouteMatch, RouteTable, VirtualHost, reference_lookup};
+pub use matching::{HostMatch, HostPattern, PathRule, PathType, Pattern, Precedence, request_host};
+pub use route::{
+    Action, BackendTarget, Backends, Conditions, Filters, HeaderCondition, HeaderModifier, Mirror,
+    PathModifier, QueryCondition, Redirect, RequestFacts, Route, RouteKind, RouteSource, Timeouts,
+    UrlRewrite, ValueMatch, WeightedBackend,
+};
+pub use router::{RouteMatch, RouteTable, VirtualHost, reference_lookup};
 pub use tls::{CertEntry, IngressTls, TlsTable};
 
 /// `namespace/name` of a Kubernetes object.
@@ -176,8 +182,8 @@ impl Cluster {
 /// Where a request goes.
 #[derive(Debug, Clone, Copy)]
 pub enum Decision<'a> {
-    /// A route matched.
-    Route(RouteMatch<'a>, &'a Cluster),
+    /// A route matched; its action says what happens.
+    Route(RouteMatch<'a>),
     /// No route matched; the default backend answers.
     DefaultBackend(&'a Cluster),
     /// Nothing matched and there is no default backend: 404.
@@ -212,9 +218,20 @@ impl Snapshot {
     /// Routes a request: `host` normalised as [`request_host`] does, `path` without the
     /// query, as [`path::normalize`] gives it (or as received, when normalisation is
     /// off).
+    /// A `GET` without headers or query is assumed (see [`Snapshot::decide_request`]).
     pub fn decide(&self, host: Option<&str>, path: &str) -> Decision<'_> {
-        if let Some(m) = self.routes.lookup(host, path) {
-            return Decision::Route(m, &self.clusters[m.route.cluster as usize]);
+        self.decide_request(host, path, &RequestFacts::get())
+    }
+
+    /// Routes a request, conditions on method, headers and query included.
+    pub fn decide_request(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        req: &RequestFacts<'_>,
+    ) -> Decision<'_> {
+        if let Some(m) = self.routes.lookup(host, path, req) {
+            return Decision::Route(m);
         }
         match self.default_backend {
             Some(id) => Decision::DefaultBackend(&self.clusters[id as usize]),
@@ -224,6 +241,14 @@ impl Snapshot {
 
     pub fn cluster(&self, id: ClusterId) -> &Cluster {
         &self.clusters[id as usize]
+    }
+
+    /// The cluster of a route's first usable backend, if it forwards.
+    pub fn route_cluster(&self, route: &Route) -> Option<&Cluster> {
+        route
+            .first_cluster()
+            .and_then(|id| self.clusters.get(id as usize))
+            .map(|c| &**c)
     }
 
     /// Whether any diagnostic is an error.

@@ -57,6 +57,16 @@ pub enum ProxyError {
     /// The opt-in plain-HTTP → HTTPS redirect: 308 to this `Location`.
     #[error("redirect to https")]
     HttpsRedirect(HeaderValue),
+    /// A route's redirect (Gateway API `RequestRedirect`): this status and `Location`.
+    #[error("redirect")]
+    Redirect(StatusCode, HeaderValue),
+    /// A route's own answer: this status and body.
+    #[error("{1}")]
+    Direct(StatusCode, std::sync::Arc<str>),
+    /// The share of a route's traffic that goes to a backendRef that cannot be used
+    /// (Gateway API: 500); names the route's object.
+    #[error("invalid backend for {0}")]
+    InvalidBackend(ObjectRef),
     /// The request body is larger than `max_body_size`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -94,6 +104,8 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::HttpsRedirect(_) => StatusCode::PERMANENT_REDIRECT,
+            ProxyError::Redirect(status, _) | ProxyError::Direct(status, _) => *status,
+            ProxyError::InvalidBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -129,7 +141,10 @@ impl ProxyError {
             | ProxyError::RequestBodyIdle => Origin::Downstream,
             ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoints(_)
-            | ProxyError::HttpsRedirect(_) => Origin::Internal,
+            | ProxyError::HttpsRedirect(_)
+            | ProxyError::Redirect(..)
+            | ProxyError::Direct(..)
+            | ProxyError::InvalidBackend(_) => Origin::Internal,
             ProxyError::UpstreamTimeout | ProxyError::Upstream { .. } => Origin::Upstream,
         }
     }
@@ -149,7 +164,7 @@ impl ProxyError {
 
     /// The generated answer: the status and the error's message as text/plain.
     pub fn to_response(&self) -> Response<ProxyBody> {
-        if let ProxyError::HttpsRedirect(location) = self {
+        if let ProxyError::HttpsRedirect(location) | ProxyError::Redirect(_, location) = self {
             let mut resp = Response::new(full(Bytes::new()));
             *resp.status_mut() = self.status();
             resp.headers_mut().insert(LOCATION, location.clone());
@@ -208,6 +223,11 @@ mod tests {
             (ProxyError::UriTooLong, 414, "request target too long"),
             (ProxyError::Misdirected, 421, "misdirected request"),
             (ProxyError::UpstreamTimeout, 504, "upstream timeout"),
+            (
+                ProxyError::InvalidBackend(ObjectRef::new("ns", "web")),
+                500,
+                "invalid backend for ns/web",
+            ),
             (
                 ProxyError::Upstream {
                     reason: "connection refused",

@@ -48,7 +48,10 @@ use super::observe::{Exchange, Observer, RequestHead, finish_with};
 use super::upgrade;
 use crate::metrics::RouteSeries;
 use crate::model::path::normalize;
-use crate::model::{Cluster, Decision, request_host};
+use crate::model::{
+    Action, BackendTarget, Cluster, Decision, Filters, PathType, Redirect, RequestFacts, Route,
+    RouteKind, Timeouts, request_host,
+};
 
 /// The longest path and query accepted (414 beyond), as nginx's default
 /// `large_client_header_buffers` allows. A request head longer than `max_header_size`
@@ -396,40 +399,95 @@ struct Routed {
     series: Arc<RouteSeries>,
     /// The request body limit: the Ingress' annotation, else the global one.
     max_body_size: Option<u64>,
+    /// The route's filters, then the chosen backend's, to apply in that order.
+    filters: [Option<Arc<Filters>>; 2],
+    /// The route's time limits.
+    timeouts: Timeouts,
+    /// The part of the path a Prefix route matched (its key), for `ReplacePrefixMatch`.
+    matched_prefix: Option<Arc<str>>,
 }
 
 /// Routes `path` (normalised, unless normalisation is off) with the snapshot in force:
 /// one `load()`, and nothing borrowed from it survives this function. The TLS rules
 /// (421, redirect, HSTS) use the same snapshot; a redirect keeps the target as received.
+/// A route that redirects or answers itself, and the share of a route's traffic that
+/// goes to an invalid backend, come back as the [`ProxyError`] that answers them.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn route(
     inner: &Inner,
     conn: &ConnState,
     host: Option<&str>,
     uri: &Uri,
     path: &str,
+    facts: &RequestFacts<'_>,
     route_series: &mut Option<Arc<RouteSeries>>,
     hsts: &mut Option<HeaderValue>,
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
-    let decision = snapshot.decide(host, path);
+    let decision = snapshot.decide_request(host, path, facts);
     if let Some(tls) = inner.tls.get() {
         let ingress = match &decision {
-            Decision::Route(m, _) => Some(&m.route.ingress),
+            Decision::Route(m) if m.route.source.kind == RouteKind::Ingress => {
+                Some(&m.route.source.object)
+            }
             _ => None,
         };
         *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
     }
-    let (id, series, max_body_size) = match decision {
-        Decision::Route(m, cluster) => (
-            m.route.cluster,
-            inner.metrics.route(
-                &m.route.ingress.namespace,
-                &m.route.ingress.name,
-                &cluster.service.name,
-            ),
-            m.route.max_body_size,
-        ),
+    let (id, series, max_body_size, filters, timeouts, matched_prefix) = match decision {
+        Decision::Route(m) => {
+            let r = m.route;
+            let source = &r.source.object;
+            let backends = match &r.action {
+                Action::Forward(backends) => backends,
+                Action::Redirect(rd) => {
+                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    return Err(redirect(conn, host, uri, path, r, rd));
+                }
+                Action::Respond { status, body } => {
+                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    return Err(ProxyError::Direct(
+                        StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        body.clone(),
+                    ));
+                }
+            };
+            let backend = if backends.list.len() == 1 {
+                &backends.list[0]
+            } else {
+                backends.pick(fastrand::u32(0..backends.total_weight))
+            };
+            let id = match &backend.target {
+                BackendTarget::Cluster(id) => *id,
+                BackendTarget::Invalid { .. } => {
+                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    return Err(ProxyError::InvalidBackend(source.clone()));
+                }
+            };
+            let service = snapshot
+                .clusters
+                .get(id as usize)
+                .map_or("", |c| c.service.name.as_str());
+            let matched_prefix = match r.path.path_type {
+                PathType::Prefix | PathType::ImplementationSpecific
+                    if r.filters.is_some() || backend.filters.is_some() =>
+                {
+                    Some(Arc::from(r.path.key.as_str()))
+                }
+                _ => None,
+            };
+            (
+                id,
+                inner
+                    .metrics
+                    .route(&source.namespace, &source.name, service),
+                r.max_body_size,
+                [r.filters.clone(), backend.filters.clone()],
+                r.timeouts,
+                matched_prefix,
+            )
+        }
         Decision::DefaultBackend(cluster) => (
             snapshot.default_backend.unwrap_or_default(),
             inner.metrics.route(
@@ -441,6 +499,9 @@ fn route(
                 &cluster.service.name,
             ),
             snapshot.default_backend_max_body_size,
+            [None, None],
+            Timeouts::default(),
+            None,
         ),
         Decision::NotFound => {
             return Err(ProxyError::NoRoute {
@@ -463,7 +524,52 @@ fn route(
         series,
         cluster,
         max_body_size: max_body_size.or(inner.cfg.max_body_size),
+        filters,
+        timeouts,
+        matched_prefix,
     })
+}
+
+/// The answer of a route's `RequestRedirect`. Unset parts keep the request's own:
+/// scheme, host, path and query. The port: the redirect's, else the scheme's
+/// well-known port when the redirect sets a scheme, else the Gateway listener's port;
+/// left out of `Location` when it is 80 for http or 443 for https.
+fn redirect(
+    conn: &ConnState,
+    host: Option<&str>,
+    uri: &Uri,
+    path: &str,
+    route: &Route,
+    rd: &Redirect,
+) -> ProxyError {
+    let own_scheme = if conn.tls.is_some() { "https" } else { "http" };
+    let scheme = rd.scheme.as_deref().unwrap_or(own_scheme);
+    let hostname = rd.hostname.as_deref().or(host).unwrap_or("");
+    let port = match (rd.port, &rd.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => rd.listener_port,
+    };
+    let port = port.filter(|&p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+    let new_path = match &rd.path {
+        Some(modifier) => Cow::Owned(modifier.apply(path, &route.path.key)),
+        None => Cow::Borrowed(path),
+    };
+    let mut location = format!("{scheme}://{hostname}");
+    if let Some(p) = port {
+        location.push(':');
+        location.push_str(&p.to_string());
+    }
+    location.push_str(&new_path);
+    if let Some(q) = uri.query() {
+        location.push('?');
+        location.push_str(q);
+    }
+    let status = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => ProxyError::Redirect(status, v),
+        Err(_) => ProxyError::BadRequest("redirect target cannot be formed"),
+    }
 }
 
 /// Methods whose repetition has the same effect as one request (RFC 9110, 9.2.2).
@@ -538,12 +644,18 @@ async fn proxy(
         ));
     }
 
+    let facts = RequestFacts {
+        method: &parts.method,
+        headers: &parts.headers,
+        query: parts.uri.query(),
+    };
     let routed = route(
         inner,
         conn,
         host.as_deref(),
         &parts.uri,
         path,
+        &facts,
         &mut obs.series,
         hsts,
     )?;
@@ -591,7 +703,23 @@ async fn proxy(
             .uri
             .path_and_query()
             .is_some_and(|pq| pq.as_str().starts_with('/') || pq.as_str() == "*");
-    let path_and_query = if as_received {
+    // A URLRewrite path (the backend's filter wins over the route's) replaces the path;
+    // the query stays as received.
+    let rewritten_path = routed
+        .filters
+        .iter()
+        .rev()
+        .flatten()
+        .find_map(|f| f.rewrite.as_ref()?.path.as_ref())
+        .map(|m| m.apply(path, routed.matched_prefix.as_deref().unwrap_or("")));
+    let path_and_query = if let Some(new_path) = rewritten_path {
+        let target = match parts.uri.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        PathAndQuery::try_from(target)
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?
+    } else if as_received {
         parts
             .uri
             .path_and_query()
@@ -625,13 +753,29 @@ async fn proxy(
     parts
         .headers
         .insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Route filters, then the backend's: header changes, and a URLRewrite hostname.
+    for filters in routed.filters.iter().flatten() {
+        if let Some(modifier) = &filters.request_headers {
+            modifier.apply(&mut parts.headers);
+        }
+        if let Some(hostname) = filters.rewrite.as_ref().and_then(|r| r.hostname.as_ref()) {
+            parts.headers.insert(HOST, hostname.clone());
+        }
+    }
 
     let body = RequestBody::new(body, routed.max_body_size, &inner.request_idle);
     obs.request_bytes = body.progress();
     let upstream_start = Instant::now();
+    // Until the response head: the global limit, or a route's tighter `timeouts`
+    // (Gateway API: `request` for the whole exchange, `backendRequest` per attempt;
+    // attempts share the one deadline).
+    let response_limit = [routed.timeouts.request, routed.timeouts.backend_request]
+        .into_iter()
+        .flatten()
+        .fold(inner.upstream.response_timeout(), Duration::min);
     let mut lease = TimerLease::new(
         conn,
-        tokio::time::Instant::from_std(upstream_start) + inner.upstream.response_timeout(),
+        tokio::time::Instant::from_std(upstream_start) + response_limit,
     );
     let mut attempt_start = upstream_start;
     let mut via = Via { h2c, fresh: false };
@@ -820,6 +964,11 @@ async fn proxy(
 
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    for filters in routed.filters.iter().flatten() {
+        if let Some(modifier) = &filters.response_headers {
+            modifier.apply(&mut parts.headers);
+        }
+    }
     parts.version = Version::HTTP_11;
     Ok(Response::from_parts(
         parts,

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::model::tls::{IngressTls, TlsHost};
 use crate::model::{
-    ClusterId, HostPattern, ObjectRef, PathRule, PathType, Route, Severity, Upstream,
+    ClusterId, HostPattern, ObjectRef, PathRule, PathType, Route, RouteKind, RouteSource, Severity,
+    Upstream,
 };
 
 /// What the Ingresses of a build contribute besides diagnostics.
@@ -266,16 +267,20 @@ pub(super) fn translate<'a>(
                     continue;
                 };
                 taken.insert(key, (ii, field));
-                routes.push(Route {
-                    host: host.clone(),
-                    path: rule_path,
-                    ingress: id.clone(),
-                    rule_index: ri,
-                    path_index: pi,
-                    order: routes.len() as u32,
+                let mut route = Route::forward(
+                    host.clone(),
+                    rule_path,
+                    RouteSource {
+                        kind: RouteKind::Ingress,
+                        object: id.clone(),
+                        rule: ri,
+                        match_index: pi,
+                    },
                     cluster,
-                    max_body_size,
-                });
+                );
+                route.order = routes.len() as u32;
+                route.max_body_size = max_body_size;
+                routes.push(route);
             }
         }
         for (ti, tls) in spec.tls.as_deref().unwrap_or_default().iter().enumerate() {

@@ -21,8 +21,8 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    CertEntry, Cluster, Diagnostic, IgnoredIngress, ObjectRef, PortRef, RouteTable, Severity,
-    Snapshot, TlsTable, Upstream,
+    CertEntry, Cluster, Diagnostic, IgnoredIngress, ObjectRef, PortRef, RouteKind, RouteTable,
+    Severity, Snapshot, TlsTable, Upstream,
 };
 
 use backends::{PortKey, Prior, Resolver};
@@ -300,12 +300,18 @@ fn build_from<'a>(
     for (route, reason) in failed {
         diags.push(
             Severity::Error,
-            "Ingress",
-            &route.ingress,
-            format!(
-                "spec.rules[{}].http.paths[{}].path",
-                route.rule_index, route.path_index
-            ),
+            route.source.kind.as_str(),
+            &route.source.object,
+            match route.source.kind {
+                RouteKind::Ingress => format!(
+                    "spec.rules[{}].http.paths[{}].path",
+                    route.source.rule, route.source.match_index
+                ),
+                _ => format!(
+                    "spec.rules[{}].matches[{}].path",
+                    route.source.rule, route.source.match_index
+                ),
+            },
             reason,
         );
     }
