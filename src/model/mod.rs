@@ -4,6 +4,7 @@
 //! routes lead to, the TLS certificates by host, and the diagnostics of the build that
 //! made it. Nothing in this module knows about Kubernetes object types or does I/O.
 
+pub mod gateway;
 pub mod matching;
 pub mod path;
 pub mod route;
@@ -211,6 +212,9 @@ pub struct Snapshot {
     /// default class), sorted, whether or not any of its rules could be routed. These
     /// are the Ingresses whose status Portcullis writes.
     pub served_ingresses: Vec<ObjectRef>,
+    /// Gateway API objects of ours and what became of them (attachment, conditions).
+    /// Shared with the next snapshot when only EndpointSlices changed.
+    pub gateway: Arc<gateway::GatewayReport>,
     pub diagnostics: Vec<Diagnostic>,
 }
 

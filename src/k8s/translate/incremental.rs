@@ -136,6 +136,7 @@ pub(super) fn rebuild_endpoints(
         tls: previous.tls.clone(),
         ignored: previous.ignored.clone(),
         served_ingresses: previous.served_ingresses.clone(),
+        gateway: previous.gateway.clone(),
         diagnostics,
     };
     Some((snapshot, reuse))

@@ -338,6 +338,7 @@ fn build_from<'a>(
         }),
         ignored,
         served_ingresses,
+        gateway: Default::default(),
         diagnostics,
     };
     (snapshot, reuse)
