@@ -2,6 +2,7 @@
 //! translation from objects to a [`Snapshot`](crate::model::Snapshot), and what
 //! Kubernetes mode writes back: Ingress status, by the elected leader.
 
+pub mod gateway_api;
 pub mod leader;
 pub mod status;
 pub mod translate;
