@@ -106,6 +106,31 @@ pub struct SourceArgs {
         value_parser = parse_object_ref
     )]
     pub default_ssl_certificate: Option<ObjectRef>,
+    /// `spec.controllerName` of the Gateway API GatewayClasses we serve. In file mode a
+    /// GatewayClass `portcullis` of ours is assumed when the files define none of ours.
+    #[arg(
+        long,
+        env = "PORTCULLIS_GATEWAY_CONTROLLER_NAME",
+        default_value = "portcullis.io/gateway-controller"
+    )]
+    pub gateway_controller_name: String,
+    /// The Gateway listener port served on the HTTP listener: a Gateway listener of
+    /// protocol HTTP on this port is served; other ports are not programmed.
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "PORTCULLIS_GATEWAY_HTTP_PORT",
+        default_value_t = 80
+    )]
+    pub gateway_http_port: u16,
+    /// The Gateway listener port served on the HTTPS listener (protocol HTTPS).
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "PORTCULLIS_GATEWAY_HTTPS_PORT",
+        default_value_t = 443
+    )]
+    pub gateway_https_port: u16,
 }
 
 impl SourceArgs {
@@ -122,6 +147,9 @@ impl SourceArgs {
             own_addresses,
             default_ssl_certificate: self.default_ssl_certificate.clone(),
             normalize_paths: true,
+            gateway_controller_name: self.gateway_controller_name.clone(),
+            gateway_http_port: self.gateway_http_port,
+            gateway_https_port: self.gateway_https_port,
         }
     }
 

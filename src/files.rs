@@ -12,9 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+
+use crate::k8s::gateway_api::gatewayclasses::GatewayClass;
+use crate::k8s::gateway_api::gateways::Gateway;
+use crate::k8s::gateway_api::httproutes::HttpRoute;
+use crate::k8s::gateway_api::referencegrants::ReferenceGrant;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -54,7 +60,7 @@ pub struct Loaded {
     pub diagnostics: Vec<Diagnostic>,
     /// The files that were read, in order.
     pub files: Vec<PathBuf>,
-    /// Number of objects of the five kinds Portcullis reads.
+    /// Number of objects of the kinds Portcullis reads.
     pub objects: usize,
 }
 
@@ -279,6 +285,11 @@ struct Reader {
     services: Vec<(Origin, Arc<Service>)>,
     slices: Vec<(Origin, Arc<EndpointSlice>)>,
     secrets: Vec<(Origin, Arc<Secret>)>,
+    namespaces: Vec<(Origin, Arc<Namespace>)>,
+    gateway_classes: Vec<(Origin, Arc<GatewayClass>)>,
+    gateways: Vec<(Origin, Arc<Gateway>)>,
+    http_routes: Vec<(Origin, Arc<HttpRoute>)>,
+    reference_grants: Vec<(Origin, Arc<ReferenceGrant>)>,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -372,8 +383,12 @@ impl Reader {
             .to_string();
         let want = match kind.as_str() {
             "Ingress" | "IngressClass" => "networking.k8s.io/v1",
-            "Service" | "Secret" => "v1",
+            "Service" | "Secret" | "Namespace" => "v1",
             "EndpointSlice" => "discovery.k8s.io/v1",
+            "GatewayClass" | "Gateway" | "HTTPRoute" => GATEWAY_V1,
+            // Both versions are served (v1 since Gateway API v1.5) and share one schema.
+            "ReferenceGrant" if api_version == GATEWAY_V1BETA1 => GATEWAY_V1BETA1,
+            "ReferenceGrant" => GATEWAY_V1,
             "" => {
                 // Diagnostics always name a kind; this object has none to name.
                 self.diag(
@@ -410,7 +425,7 @@ impl Reader {
             );
             return;
         }
-        let namespaced = kind != "IngressClass";
+        let namespaced = !matches!(kind.as_str(), "IngressClass" | "Namespace" | "GatewayClass");
         let origin = origin.to_string();
         match kind.as_str() {
             "Ingress" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
@@ -425,6 +440,23 @@ impl Reader {
             "EndpointSlice" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
                 &mut r.slices
             }),
+            "Namespace" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.namespaces
+            }),
+            "GatewayClass" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.gateway_classes
+            }),
+            "Gateway" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.gateways
+            }),
+            "HTTPRoute" => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                &mut r.http_routes
+            }),
+            "ReferenceGrant" => {
+                self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
+                    &mut r.reference_grants
+                })
+            }
             _ => self.typed(origin, doc, namespaced, &kind, &namespace, &name, |r| {
                 &mut r.secrets
             }),
@@ -503,7 +535,32 @@ where
             d,
             n,
         ),
-        secrets: dedup("Secret", readers.flat_map(|r| &r.secrets), d, n),
+        secrets: dedup("Secret", readers.clone().flat_map(|r| &r.secrets), d, n),
+        namespaces: dedup(
+            "Namespace",
+            readers.clone().flat_map(|r| &r.namespaces),
+            d,
+            n,
+        ),
+        gateway_classes: dedup(
+            "GatewayClass",
+            readers.clone().flat_map(|r| &r.gateway_classes),
+            d,
+            n,
+        ),
+        gateways: dedup("Gateway", readers.clone().flat_map(|r| &r.gateways), d, n),
+        http_routes: dedup(
+            "HTTPRoute",
+            readers.clone().flat_map(|r| &r.http_routes),
+            d,
+            n,
+        ),
+        reference_grants: dedup(
+            "ReferenceGrant",
+            readers.flat_map(|r| &r.reference_grants),
+            d,
+            n,
+        ),
         last_good_certs: Default::default(),
     };
     Loaded {
@@ -528,7 +585,22 @@ macro_rules! has_meta {
         }
     )*};
 }
-has_meta!(Ingress, IngressClass, Service, EndpointSlice, Secret);
+has_meta!(
+    Ingress,
+    IngressClass,
+    Service,
+    EndpointSlice,
+    Secret,
+    Namespace,
+    GatewayClass,
+    Gateway,
+    HttpRoute,
+    ReferenceGrant
+);
+
+/// Gateway API's group and versions.
+const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
+const GATEWAY_V1BETA1: &str = "gateway.networking.k8s.io/v1beta1";
 
 /// Keeps the last definition of each namespace/name, with a warning for the others, as
 /// `kubectl apply` of the same files would leave it.

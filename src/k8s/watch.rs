@@ -314,7 +314,7 @@ pub async fn run_observed(
             services: services.state(),
             endpoint_slices: slices.state(),
             secrets: secrets.state(),
-            last_good_certs: Default::default(),
+            ..Inputs::default()
         };
         tx.send_replace(Some(Arc::new(SourceUpdate {
             inputs,

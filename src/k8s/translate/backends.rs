@@ -156,6 +156,13 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// The Service's `(namespace, name)` as the inputs hold them, if it exists.
+    pub(super) fn service_key(&self, namespace: &str, name: &str) -> Option<(&'a str, &'a str)> {
+        let index = self.index();
+        let service: &'a Service = index.services.get(&(namespace, name)).copied()?;
+        Some(ns_name(&service.metadata))
+    }
+
     pub(super) fn index(&self) -> &Index<'a> {
         self.index
             .get_or_init(|| Index::new(self.inputs, self.inputs.services.len(), |_| true))

@@ -83,6 +83,11 @@ pub(super) fn rebuild_endpoints(
         || !same(&previous_inputs.ingress_classes, &inputs.ingress_classes)
         || !same(&previous_inputs.services, &inputs.services)
         || !same(&previous_inputs.secrets, &inputs.secrets)
+        || !same(&previous_inputs.namespaces, &inputs.namespaces)
+        || !same(&previous_inputs.gateway_classes, &inputs.gateway_classes)
+        || !same(&previous_inputs.gateways, &inputs.gateways)
+        || !same(&previous_inputs.http_routes, &inputs.http_routes)
+        || !same(&previous_inputs.reference_grants, &inputs.reference_grants)
         || reuse.refused.len() != previous.clusters.len()
     {
         return None;
@@ -125,7 +130,7 @@ pub(super) fn rebuild_endpoints(
         refused,
         orphans,
     };
-    let diagnostics = reuse.diagnostics(&clusters, &inputs.ingresses);
+    let diagnostics = reuse.diagnostics(&clusters, inputs);
     let snapshot = Snapshot {
         generation: 0,
         routes: previous.routes.clone(),

@@ -11,7 +11,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 use super::backends::{PortKey, Resolver};
 use super::{
     Diags, FastMap, HSTS_ANNOTATION, MAX_BODY_SIZE_ANNOTATION, Options, SSL_REDIRECT_ANNOTATION,
-    ns_name, object_ref,
+    normalize_rule_path, ns_name, object_ref,
 };
 use crate::model::tls::{IngressTls, TlsHost};
 use crate::model::{
@@ -184,36 +184,23 @@ pub(super) fn translate<'a>(
                 // With --path-normalization on, requests are routed by their normalised
                 // path, so the rule is too: a rule that normalisation would rewrite is
                 // matched in its normal form, and one it refuses could never match.
-                let raw_path: Cow<'_, str> = if options.normalize_paths {
-                    match crate::model::path::normalize(raw_path) {
-                        Ok(Cow::Borrowed(p)) => Cow::Borrowed(p),
-                        Ok(Cow::Owned(normal)) => {
+                let raw_path = match normalize_rule_path(raw_path, options.normalize_paths) {
+                    Ok((path, warning)) => {
+                        if let Some(w) = warning {
                             diags.push(
                                 Severity::Warning,
                                 "Ingress",
                                 &id,
                                 format!("{field}.path"),
-                                format!(
-                                    "path {raw_path} is matched as {normal}: request paths are normalised before routing (--path-normalization on)"
-                                ),
+                                w,
                             );
-                            Cow::Owned(normal)
                         }
-                        Err(e) => {
-                            diags.push(
-                                Severity::Error,
-                                "Ingress",
-                                &id,
-                                format!("{field}.path"),
-                                format!(
-                                    "path {raw_path} can never match a request: {e} (--path-normalization on refuses such requests)"
-                                ),
-                            );
-                            continue;
-                        }
+                        path
                     }
-                } else {
-                    Cow::Borrowed(raw_path)
+                    Err(e) => {
+                        diags.push(Severity::Error, "Ingress", &id, format!("{field}.path"), e);
+                        continue;
+                    }
                 };
                 let rule_path = match PathRule::new(&raw_path, path_type) {
                     Ok(r) => r,
@@ -368,6 +355,8 @@ pub(super) enum BackendField {
     Path(PathField),
     /// `spec.defaultBackend`
     Default,
+    /// An HTTPRoute's `spec.rules[rule].backendRefs[backend]`.
+    RouteBackend { rule: u32, backend: u32 },
 }
 
 impl fmt::Display for BackendField {
@@ -375,18 +364,30 @@ impl fmt::Display for BackendField {
         match self {
             BackendField::Path(p) => write!(f, "{p}.backend"),
             BackendField::Default => f.write_str("spec.defaultBackend"),
+            BackendField::RouteBackend { rule, backend } => {
+                write!(f, "spec.rules[{rule}].backendRefs[{backend}]")
+            }
         }
     }
 }
 
-/// An Ingress backend that resolved to pod endpoints: it gets a warning whenever the
-/// cluster has no ready or serving endpoint.
+/// A backend that resolved to pod endpoints: it gets a warning whenever the cluster
+/// has no ready or serving endpoint.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Use {
     pub(super) cluster: ClusterId,
-    /// Index in [`Inputs::ingresses`].
-    pub(super) ingress: u32,
+    /// The object, by index in its list of [`super::Inputs`].
+    pub(super) object: UseObject,
     pub(super) field: BackendField,
+}
+
+/// Which object a [`Use`] is in.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum UseObject {
+    /// Index in [`super::Inputs::ingresses`].
+    Ingress(u32),
+    /// Index in [`super::Inputs::http_routes`].
+    HttpRoute(u32),
 }
 
 impl fmt::Display for PathField {
@@ -452,7 +453,7 @@ impl<'a> Resolver<'a> {
         ) {
             self.uses.push(Use {
                 cluster: id,
-                ingress: ingress_index,
+                object: UseObject::Ingress(ingress_index),
                 field,
             });
         }

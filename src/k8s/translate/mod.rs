@@ -7,27 +7,37 @@
 
 mod backends;
 mod classes;
+mod gateway;
+mod httproute;
 mod incremental;
 mod ingress;
 mod tls;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::k8s::gateway_api::gatewayclasses::GatewayClass;
+use crate::k8s::gateway_api::gateways::Gateway;
+use crate::k8s::gateway_api::httproutes::HttpRoute;
+use crate::k8s::gateway_api::referencegrants::ReferenceGrant;
+
+use crate::model::gateway::GatewayReport;
 use crate::model::{
-    CertEntry, Cluster, Diagnostic, IgnoredIngress, ObjectRef, PortRef, RouteKind, RouteTable,
-    Severity, Snapshot, TlsTable, Upstream,
+    CertEntry, Cluster, Diagnostic, IgnoredIngress, ObjectRef, PortRef, Route, RouteKind,
+    RouteTable, Severity, Snapshot, TlsTable, Upstream,
 };
 
 use backends::{PortKey, Prior, Resolver};
 use classes::IngressClasses;
-use ingress::Use;
+use ingress::{Use, UseObject};
 
 pub use incremental::{Rebuild, rebuild};
 pub use tls::{SecretError, parse_tls_secret};
@@ -57,6 +67,14 @@ pub struct Inputs {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub secrets: Vec<Arc<Secret>>,
+    /// Namespaces, for their labels (Gateway API `allowedRoutes` selectors). A namespace
+    /// without an object here has just the `kubernetes.io/metadata.name` label.
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub gateway_classes: Vec<Arc<GatewayClass>>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    /// ReferenceGrants, v1beta1 and v1 alike (the two versions have one schema).
+    pub reference_grants: Vec<Arc<ReferenceGrant>>,
     /// Certificates in force before this build, by Secret.
     pub last_good_certs: HashMap<ObjectRef, Arc<CertEntry>>,
 }
@@ -115,6 +133,13 @@ pub struct Options {
     /// `--path-normalization on`: rule paths are normalised as request paths are
     /// ([`crate::model::path::normalize`]), with a diagnostic when that changes one.
     pub normalize_paths: bool,
+    /// `spec.controllerName` of the GatewayClasses we serve. With `assume_class`, a
+    /// GatewayClass `portcullis` of ours is assumed when the inputs define none of ours.
+    pub gateway_controller_name: String,
+    /// The Gateway listener port (protocol HTTP) served on the HTTP listener.
+    pub gateway_http_port: u16,
+    /// The Gateway listener port (protocol HTTPS) served on the HTTPS listener.
+    pub gateway_https_port: u16,
 }
 
 impl Default for Options {
@@ -129,6 +154,9 @@ impl Default for Options {
             own_addresses: Vec::new(),
             default_ssl_certificate: None,
             normalize_paths: true,
+            gateway_controller_name: "portcullis.io/gateway-controller".into(),
+            gateway_http_port: 80,
+            gateway_https_port: 443,
         }
     }
 }
@@ -136,6 +164,31 @@ impl Default for Options {
 /// The hasher for maps that live only during a build: keys come from the API server
 /// and the build must be fast at 10,000s of objects.
 type FastMap<K, V> = foldhash::HashMap<K, V>;
+
+/// A rule path as routing matches it: with `--path-normalization on` (`normalize`),
+/// requests are routed by their normalised path, so the rule is too. A rule that
+/// normalisation rewrites is matched in its normal form (with the warning to give); one
+/// it refuses could never match (the error to give).
+pub(super) fn normalize_rule_path(
+    raw: &str,
+    normalize: bool,
+) -> Result<(Cow<'_, str>, Option<String>), String> {
+    if !normalize {
+        return Ok((Cow::Borrowed(raw), None));
+    }
+    match crate::model::path::normalize(raw) {
+        Ok(Cow::Borrowed(p)) => Ok((Cow::Borrowed(p), None)),
+        Ok(Cow::Owned(normal)) => {
+            let warning = format!(
+                "path {raw} is matched as {normal}: request paths are normalised before routing (--path-normalization on)"
+            );
+            Ok((Cow::Owned(normal), Some(warning)))
+        }
+        Err(e) => Err(format!(
+            "path {raw} can never match a request: {e} (--path-normalization on refuses such requests)"
+        )),
+    }
+}
 
 /// `(namespace, name)` borrowed from object metadata; namespace `default` when unset.
 fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
@@ -261,6 +314,15 @@ fn build_from<'a>(
         mut tls_secrets,
         tls_policies,
     } = ingress::translate(&ours, &mut resolver, options, &mut diags);
+    let mut gateways = gateway::Gateways::new(inputs, options, &mut diags);
+    let (gateway_routes, route_infos) =
+        httproute::translate(inputs, &mut gateways, &mut resolver, options, &mut diags);
+    let routes = merge_by_age(inputs, routes, gateway_routes);
+    let gateway_report = GatewayReport {
+        classes: gateways.classes,
+        gateways: gateways.infos.into_values().collect(),
+        routes: route_infos,
+    };
     if default_backend.is_none()
         && let Some(flag) = &options.default_backend_service
     {
@@ -323,7 +385,7 @@ fn build_from<'a>(
         refused: resolver.refused,
         orphans,
     };
-    let diagnostics = reuse.diagnostics(&clusters, &inputs.ingresses);
+    let diagnostics = reuse.diagnostics(&clusters, inputs);
     let snapshot = Snapshot {
         generation: 0,
         routes: Arc::new(table),
@@ -338,31 +400,88 @@ fn build_from<'a>(
         }),
         ignored,
         served_ingresses,
-        gateway: Default::default(),
+        gateway: Arc::new(gateway_report),
         diagnostics,
     };
     (snapshot, reuse)
 }
 
+/// Routes of every kind in one age order (oldest object first, then rule, then match),
+/// numbered in that order: `ingress` and `gateway` are each in their own age order.
+fn merge_by_age(inputs: &Inputs, ingress: Vec<Route>, gateway: Vec<Route>) -> Vec<Route> {
+    let mut routes = if gateway.is_empty() {
+        ingress
+    } else if ingress.is_empty() {
+        gateway
+    } else {
+        type Age<'i> = (Option<i64>, (&'i str, &'i str));
+        let ages: FastMap<(RouteKind, &str, &str), Age<'_>> = inputs
+            .ingresses
+            .iter()
+            .map(|i| (RouteKind::Ingress, ingress::age_key(i)))
+            .chain(
+                inputs
+                    .http_routes
+                    .iter()
+                    .map(|r| (RouteKind::HttpRoute, httproute::age_key(r))),
+            )
+            .map(|(kind, age)| ((kind, age.1.0, age.1.1), age))
+            .collect();
+        let age = |r: &Route| {
+            ages.get(&(
+                r.source.kind,
+                r.source.object.namespace.as_str(),
+                r.source.object.name.as_str(),
+            ))
+            .copied()
+        };
+        let mut out = Vec::with_capacity(ingress.len() + gateway.len());
+        let mut a = ingress.into_iter().peekable();
+        let mut b = gateway.into_iter().peekable();
+        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+            if age(y) < age(x) {
+                out.extend(b.next());
+            } else {
+                out.extend(a.next());
+            }
+        }
+        out.extend(a);
+        out.extend(b);
+        out
+    };
+    for (i, r) in routes.iter_mut().enumerate() {
+        r.order = i as u32;
+    }
+    routes
+}
+
 impl Reuse {
     /// All diagnostics of a build: the fixed ones and those the clusters' endpoints
     /// cause, sorted, without duplicates.
-    fn diagnostics(
-        &self,
-        clusters: &[Arc<Cluster>],
-        ingresses: &[Arc<Ingress>],
-    ) -> Vec<Diagnostic> {
+    fn diagnostics(&self, clusters: &[Arc<Cluster>], inputs: &Inputs) -> Vec<Diagnostic> {
         let mut diags = Diags(self.fixed.clone());
         for u in &self.uses {
             let cluster = &clusters[u.cluster as usize];
             if matches!(cluster.upstream, Upstream::Endpoints { .. })
                 && cluster.active_endpoints().is_empty()
             {
+                let (kind, meta, field) = match u.object {
+                    UseObject::Ingress(i) => (
+                        "Ingress",
+                        &inputs.ingresses[i as usize].metadata,
+                        format!("{}.service", u.field),
+                    ),
+                    UseObject::HttpRoute(i) => (
+                        "HTTPRoute",
+                        &inputs.http_routes[i as usize].metadata,
+                        u.field.to_string(),
+                    ),
+                };
                 diags.push(
                     Severity::Warning,
-                    "Ingress",
-                    &object_ref(&ingresses[u.ingress as usize].metadata),
-                    format!("{}.service", u.field),
+                    kind,
+                    &object_ref(meta),
+                    field,
                     format!(
                         "Service {} port {} has no ready or serving endpoints; the route answers 503",
                         cluster.service, cluster.port

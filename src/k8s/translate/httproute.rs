@@ -1,0 +1,1005 @@
+//! HTTPRoute, one source kind of translation: each match of each rule of an HTTPRoute
+//! attached to a programmed listener of one of our Gateways becomes a route per
+//! hostname it serves there, with Gateway API's matches, filters, weighted backends and
+//! timeouts. What became of each parentRef (Gateway API's `Accepted` and
+//! `ResolvedRefs` reasons) goes into the [`GatewayReport`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use http::header::{HeaderName, HeaderValue};
+
+use super::backends::{PortKey, Resolver};
+use super::gateway::{GATEWAY_GROUP, Gateways, gateway_host, intersect};
+use super::ingress::{BackendField, Use, UseObject};
+use super::{Diags, FastMap, Inputs, Options, normalize_rule_path, ns_name, object_ref};
+use crate::k8s::gateway_api::httproutes::{
+    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectScheme,
+    HttpRouteRulesFiltersType, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+use crate::model::gateway::{AttachReason, RefsReason, RouteInfo, RouteParentStatus};
+use crate::model::{
+    Action, BackendTarget, Backends, Conditions, Filters, HeaderCondition, HeaderModifier,
+    HostPattern, Mirror, ObjectRef, PathModifier, PathRule, PathType, Pattern, QueryCondition,
+    Redirect, Route, RouteKind, RouteSource, Severity, Timeouts, Upstream, UrlRewrite, ValueMatch,
+    WeightedBackend,
+};
+
+const KIND: &str = "HTTPRoute";
+
+/// Routes of the HTTPRoutes attached to our Gateways, oldest HTTPRoute first (then rule,
+/// then match), and what became of every HTTPRoute that names one of our Gateways.
+pub(super) fn translate<'a>(
+    inputs: &'a Inputs,
+    gateways: &mut Gateways<'a>,
+    resolver: &mut Resolver<'a>,
+    options: &Options,
+    diags: &mut Diags,
+) -> (Vec<Route>, Vec<RouteInfo>) {
+    let mut routes = Vec::new();
+    let mut infos = Vec::new();
+    if gateways.gateways.is_empty() {
+        return (routes, infos);
+    }
+    let mut order: Vec<(u32, &HttpRoute)> = inputs
+        .http_routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i as u32, r.as_ref()))
+        .collect();
+    order.sort_by_cached_key(|(_, r)| age_key(r));
+    for (index, route) in order {
+        if let Some(info) = one_route(
+            index,
+            route,
+            gateways,
+            resolver,
+            options,
+            diags,
+            &mut routes,
+        ) {
+            infos.push(info);
+        }
+    }
+    infos.sort_by(|a, b| a.object.cmp(&b.object));
+    (routes, infos)
+}
+
+/// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
+/// namespace/name.
+pub(super) fn age_key(route: &HttpRoute) -> (Option<i64>, (&str, &str)) {
+    let ts = route
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_nanosecond() as i64);
+    (ts, ns_name(&route.metadata))
+}
+
+/// Translates one HTTPRoute; `None` when none of its parentRefs names a Gateway of ours.
+fn one_route<'a>(
+    index: u32,
+    route: &'a HttpRoute,
+    gateways: &mut Gateways<'a>,
+    resolver: &mut Resolver<'a>,
+    options: &Options,
+    diags: &mut Diags,
+    out: &mut Vec<Route>,
+) -> Option<RouteInfo> {
+    let id = object_ref(&route.metadata);
+    let namespace = id.namespace.as_str();
+
+    // The route's own hostnames; an invalid one is dropped with a diagnostic.
+    let mut hostnames = Vec::new();
+    for (hi, h) in route
+        .spec
+        .hostnames
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match gateway_host(h) {
+            Ok(p) => hostnames.push(p),
+            Err(e) => diags.push(
+                Severity::Error,
+                KIND,
+                &id,
+                format!("spec.hostnames[{hi}]"),
+                format!("`{h}`: {e}; ignored"),
+            ),
+        }
+    }
+    let had_hostnames =
+        !hostnames.is_empty() || route.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty());
+    if had_hostnames && hostnames.is_empty() {
+        // Every hostname was invalid: serving "every host" instead would widen the route.
+        diags.push(
+            Severity::Error,
+            KIND,
+            &id,
+            "spec.hostnames",
+            "no valid hostname; the route is not served",
+        );
+    }
+
+    // Attachment: per parentRef that names one of our Gateways.
+    let mut parents = Vec::new();
+    let mut served_hosts: Vec<HostPattern> = Vec::new();
+    for (pi, parent) in route
+        .spec
+        .parent_refs
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let group = parent.group.as_deref().unwrap_or(GATEWAY_GROUP);
+        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+        if group != GATEWAY_GROUP || kind != "Gateway" {
+            continue;
+        }
+        let gw_ns = parent.namespace.as_deref().unwrap_or(namespace);
+        let Some(gw) = gateways.gateways.get(&(gw_ns, parent.name.as_str())) else {
+            continue;
+        };
+        let gw_object = gw.object.clone();
+        let candidates: Vec<usize> = gw
+            .listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| {
+                parent.section_name.as_deref().is_none_or(|s| s == l.name)
+                    && parent.port.is_none_or(|p| p == l.port)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut status = RouteParentStatus {
+            gateway: gw_object.clone(),
+            section_name: parent.section_name.clone(),
+            port: parent.port,
+            accepted: AttachReason::Accepted,
+            accepted_message: String::new(),
+            resolved_refs: RefsReason::ResolvedRefs,
+            resolved_refs_message: String::new(),
+        };
+        let allowed: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let l = &gw.listeners[i];
+                l.admits_http_route && gateways.admits(l, gw_ns, namespace)
+            })
+            .collect();
+        let mut attached = Vec::new();
+        if candidates.is_empty() {
+            status.accepted = AttachReason::NoMatchingParent;
+            status.accepted_message = match (&parent.section_name, parent.port) {
+                (Some(s), _) => format!("Gateway {gw_object} has no listener named {s}"),
+                (None, Some(p)) => format!("Gateway {gw_object} has no listener on port {p}"),
+                (None, None) => format!("Gateway {gw_object} has no listeners"),
+            };
+        } else if allowed.is_empty() {
+            status.accepted = AttachReason::NotAllowedByListeners;
+            status.accepted_message = format!(
+                "no listener of Gateway {gw_object} admits HTTPRoutes from namespace {namespace}"
+            );
+        } else if !(had_hostnames && hostnames.is_empty()) {
+            for &i in &allowed {
+                let l = &gw.listeners[i];
+                if let Ok(hosts) = intersect(l.hostname.as_ref(), &hostnames) {
+                    attached.push(l.info);
+                    if l.served_on.is_some() {
+                        for h in hosts {
+                            if !served_hosts.contains(&h) {
+                                served_hosts.push(h);
+                            }
+                        }
+                    }
+                }
+            }
+            if attached.is_empty() {
+                status.accepted = AttachReason::NoMatchingListenerHostname;
+                status.accepted_message =
+                    format!("no hostname of the route matches a listener of Gateway {gw_object}");
+            }
+        } else {
+            status.accepted = AttachReason::NoMatchingListenerHostname;
+            status.accepted_message = "the route has no valid hostname".into();
+        }
+        if status.accepted != AttachReason::Accepted {
+            diags.push(
+                Severity::Warning,
+                KIND,
+                &id,
+                format!("spec.parentRefs[{pi}]"),
+                format!(
+                    "not attached to Gateway {gw_object} ({}): {}",
+                    status.accepted.as_str(),
+                    status.accepted_message
+                ),
+            );
+        }
+        if let Some(info) = gateways.infos.get_mut(&gw_object) {
+            for li in attached {
+                if let Some(l) = info.listeners.get_mut(li) {
+                    l.attached_routes += 1;
+                }
+            }
+        }
+        parents.push(status);
+    }
+    if parents.is_empty() {
+        return None;
+    }
+
+    // Rules, resolved once and then entered for every hostname served.
+    let mut refs = RefsReason::ResolvedRefs;
+    let mut refs_message = String::new();
+    let mut made = Vec::new();
+    let rules = route.spec.rules.as_deref().unwrap_or_default();
+    for (ri, rule) in rules.iter().enumerate() {
+        let ctx = RuleCtx {
+            id: &id,
+            namespace: ns_name(&route.metadata).0,
+            index,
+            ri,
+            options,
+        };
+        let (action, filters, timeouts, problem) =
+            rule_action(&ctx, rule, gateways, resolver, diags);
+        if let Some((reason, message)) = problem
+            && refs == RefsReason::ResolvedRefs
+        {
+            refs = reason;
+            refs_message = message;
+        }
+        let matches: Vec<HttpRouteRulesMatches> = match rule.matches.as_deref() {
+            Some(m) if !m.is_empty() => m.to_vec(),
+            _ => vec![HttpRouteRulesMatches::default()],
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let Some((path, conditions)) = route_match(&ctx, mi, m, diags) else {
+                continue;
+            };
+            if let Action::Redirect(Redirect {
+                path: Some(PathModifier::ReplacePrefixMatch(_)),
+                ..
+            }) = &action
+                && path.path_type != PathType::Prefix
+            {
+                diags.push(
+                    Severity::Error,
+                    KIND,
+                    &id,
+                    format!("spec.rules[{ri}].filters"),
+                    "ReplacePrefixMatch needs a PathPrefix match; this match is not served",
+                );
+                continue;
+            }
+            if filters
+                .as_ref()
+                .and_then(|f| f.rewrite.as_ref())
+                .is_some_and(|r| matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_))))
+                && path.path_type != PathType::Prefix
+            {
+                diags.push(
+                    Severity::Error,
+                    KIND,
+                    &id,
+                    format!("spec.rules[{ri}].filters"),
+                    "ReplacePrefixMatch needs a PathPrefix match; this match is not served",
+                );
+                continue;
+            }
+            made.push(Route {
+                host: HostPattern::Any,
+                path,
+                conditions,
+                source: RouteSource {
+                    kind: RouteKind::HttpRoute,
+                    object: id.clone(),
+                    rule: ri,
+                    match_index: mi,
+                },
+                order: 0,
+                action: action.clone(),
+                filters: filters.clone(),
+                timeouts,
+                max_body_size: None,
+            });
+        }
+    }
+    for p in &mut parents {
+        p.resolved_refs = refs;
+        p.resolved_refs_message = refs_message.clone();
+    }
+    for host in &served_hosts {
+        for r in &made {
+            let mut r = r.clone();
+            r.host = host.clone();
+            out.push(r);
+        }
+    }
+    Some(RouteInfo {
+        kind: RouteKind::HttpRoute,
+        object: id,
+        generation: route.metadata.generation,
+        hostnames: served_hosts
+            .iter()
+            .map(|h| match h {
+                HostPattern::Any => "*".to_string(),
+                h => h.to_string(),
+            })
+            .collect(),
+        parents,
+    })
+}
+
+/// Where a rule is, for diagnostics.
+struct RuleCtx<'r, 'a> {
+    id: &'r ObjectRef,
+    /// The HTTPRoute's namespace.
+    namespace: &'a str,
+    /// Index in [`Inputs::http_routes`].
+    index: u32,
+    ri: usize,
+    options: &'r Options,
+}
+
+/// What a rule does: its action, route-level filters and timeouts, and the first
+/// reference problem (for `ResolvedRefs`).
+type RuleAction = (
+    Action,
+    Option<Arc<Filters>>,
+    Timeouts,
+    Option<(RefsReason, String)>,
+);
+
+fn rule_action<'a>(
+    ctx: &RuleCtx<'_, 'a>,
+    rule: &'a HttpRouteRules,
+    gateways: &Gateways<'a>,
+    resolver: &mut Resolver<'a>,
+    diags: &mut Diags,
+) -> RuleAction {
+    let ri = ctx.ri;
+    let id = ctx.id;
+    let mut problem: Option<(RefsReason, String)> = None;
+    let timeouts = rule_timeouts(ctx, rule, diags);
+    let invalid = |why: &str| Action::Respond {
+        status: 500,
+        body: Arc::from(format!("invalid backend for {id}{why}")),
+    };
+
+    let built = translate_filters(
+        ctx,
+        &format!("spec.rules[{ri}].filters"),
+        rule.filters.as_deref().unwrap_or_default(),
+        gateways,
+        resolver,
+        diags,
+        &mut problem,
+    );
+    let (filters, redirect) = match built {
+        Ok(f) => f,
+        Err(()) => {
+            return (invalid(""), None, timeouts, problem);
+        }
+    };
+    if let Some(rd) = redirect {
+        return (Action::Redirect(rd), filters, timeouts, problem);
+    }
+
+    let refs = rule.backend_refs.as_deref().unwrap_or_default();
+    if refs.is_empty() {
+        diags.push(
+            Severity::Error,
+            KIND,
+            id,
+            format!("spec.rules[{ri}].backendRefs"),
+            "no backendRefs and no RequestRedirect; the rule answers 500",
+        );
+        return (invalid(""), filters, timeouts, problem);
+    }
+    let mut list = Vec::with_capacity(refs.len());
+    for (bi, b) in refs.iter().enumerate() {
+        let field = format!("spec.rules[{ri}].backendRefs[{bi}]");
+        let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
+        let target = match service_ref(
+            ctx,
+            &field,
+            (b.group.as_deref(), b.kind.as_deref()),
+            (b.namespace.as_deref(), &b.name, b.port),
+            gateways,
+            resolver,
+            diags,
+        ) {
+            Ok(cluster) => {
+                if matches!(
+                    resolver.clusters[cluster as usize].upstream,
+                    Upstream::Endpoints { .. }
+                ) {
+                    resolver.uses.push(Use {
+                        cluster,
+                        object: UseObject::HttpRoute(ctx.index),
+                        field: BackendField::RouteBackend {
+                            rule: ri as u32,
+                            backend: bi as u32,
+                        },
+                    });
+                }
+                BackendTarget::Cluster(cluster)
+            }
+            Err((reason, message)) => {
+                if problem.is_none() {
+                    problem = Some((reason, message.clone()));
+                }
+                BackendTarget::Invalid {
+                    reason: Arc::from(message),
+                }
+            }
+        };
+        let backend_filters = match b.filters.as_deref() {
+            Some(fs) if !fs.is_empty() => {
+                // The backendRef filter type has the rule filter's schema, generated
+                // twice; one conversion keeps one filter translation.
+                let converted: Result<Vec<HttpRouteRulesFilters>, _> = fs
+                    .iter()
+                    .map(|f| serde_json::to_value(f).and_then(serde_json::from_value))
+                    .collect();
+                match converted {
+                    Ok(fs) => match translate_filters(
+                        ctx,
+                        &format!("{field}.filters"),
+                        &fs,
+                        gateways,
+                        resolver,
+                        diags,
+                        &mut problem,
+                    ) {
+                        Ok((f, None)) => f,
+                        Ok((_, Some(_))) => {
+                            diags.push(
+                                Severity::Error,
+                                KIND,
+                                id,
+                                format!("{field}.filters"),
+                                "RequestRedirect is not supported on a backendRef; its share answers 500",
+                            );
+                            list.push(WeightedBackend {
+                                target: BackendTarget::Invalid {
+                                    reason: Arc::from("redirect on a backendRef"),
+                                },
+                                weight,
+                                filters: None,
+                            });
+                            continue;
+                        }
+                        Err(()) => {
+                            list.push(WeightedBackend {
+                                target: BackendTarget::Invalid {
+                                    reason: Arc::from("unsupported filter"),
+                                },
+                                weight,
+                                filters: None,
+                            });
+                            continue;
+                        }
+                    },
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        list.push(WeightedBackend {
+            target,
+            weight,
+            filters: backend_filters,
+        });
+    }
+    match Backends::weighted(list) {
+        Some(backends) => (Action::Forward(backends), filters, timeouts, problem),
+        None => {
+            diags.push(
+                Severity::Warning,
+                KIND,
+                id,
+                format!("spec.rules[{ri}].backendRefs"),
+                "every backendRef has weight 0; the rule answers 500",
+            );
+            (invalid(""), filters, timeouts, problem)
+        }
+    }
+}
+
+/// A Service reference (backendRef or mirror): the cluster, or why it is invalid.
+fn service_ref<'a>(
+    ctx: &RuleCtx<'_, 'a>,
+    field: &str,
+    (group, kind): (Option<&str>, Option<&str>),
+    (namespace, name, port): (Option<&str>, &str, Option<i32>),
+    gateways: &Gateways<'a>,
+    resolver: &mut Resolver<'a>,
+    diags: &mut Diags,
+) -> Result<u32, (RefsReason, String)> {
+    let id = ctx.id;
+    let mut fail = |reason: RefsReason, message: String| {
+        diags.push(
+            Severity::Error,
+            KIND,
+            id,
+            field.to_string(),
+            format!("{message}; its share of the traffic answers 500"),
+        );
+        Err((reason, message))
+    };
+    let group = group.unwrap_or("");
+    let kind = kind.unwrap_or("Service");
+    if !(group.is_empty() || group == "core") || kind != "Service" {
+        let shown = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{group}/{kind}")
+        };
+        return fail(
+            RefsReason::InvalidKind,
+            format!("{shown} is not a supported backend kind (Service)"),
+        );
+    }
+    let route_ns = ctx.namespace;
+    let ns = namespace.unwrap_or(route_ns);
+    if !gateways.permits(KIND, route_ns, "Service", ns, name) {
+        return fail(
+            RefsReason::RefNotPermitted,
+            format!(
+                "Service {ns}/{name} is in another namespace and no ReferenceGrant there permits it"
+            ),
+        );
+    }
+    let Some(port) = port else {
+        return fail(
+            RefsReason::BackendNotFound,
+            format!("Service {ns}/{name}: port is required"),
+        );
+    };
+    let Some(key) = resolver.service_key(ns, name) else {
+        return fail(
+            RefsReason::BackendNotFound,
+            format!("Service {ns}/{name} not found"),
+        );
+    };
+    let cluster = resolver.cluster(key, PortKey::Number(port));
+    if let Some(reason) = resolver.unresolved(cluster) {
+        diags.push(
+            Severity::Error,
+            KIND,
+            id,
+            field.to_string(),
+            format!("{reason}; the backend answers 503 until it is fixed"),
+        );
+    }
+    Ok(cluster)
+}
+
+/// A rule's (or backendRef's) filters: the filters to apply and a redirect, or `Err`
+/// when one cannot be served (the rule or share answers 500).
+#[allow(clippy::too_many_arguments)]
+fn translate_filters<'a>(
+    ctx: &RuleCtx<'_, 'a>,
+    field: &str,
+    list: &[HttpRouteRulesFilters],
+    gateways: &Gateways<'a>,
+    resolver: &mut Resolver<'a>,
+    diags: &mut Diags,
+    problem: &mut Option<(RefsReason, String)>,
+) -> Result<(Option<Arc<Filters>>, Option<Redirect>), ()> {
+    let id = ctx.id;
+    let mut out = Filters::default();
+    let mut redirect = None;
+    let error = |diags: &mut Diags, fi: usize, reason: String| {
+        diags.push(
+            Severity::Error,
+            KIND,
+            id,
+            format!("{field}[{fi}]"),
+            format!("{reason}; the rule answers 500"),
+        );
+    };
+    for (fi, f) in list.iter().enumerate() {
+        match f.r#type {
+            HttpRouteRulesFiltersType::RequestHeaderModifier => {
+                let Some(m) = &f.request_header_modifier else {
+                    error(
+                        diags,
+                        fi,
+                        "RequestHeaderModifier without requestHeaderModifier".into(),
+                    );
+                    return Err(());
+                };
+                let set: Vec<(String, String)> = m
+                    .set
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect();
+                let add: Vec<(String, String)> = m
+                    .add
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect();
+                match header_modifier(&set, &add, m.remove.as_deref().unwrap_or_default()) {
+                    Ok(hm) => out.request_headers = Some(hm),
+                    Err(e) => {
+                        error(diags, fi, e);
+                        return Err(());
+                    }
+                }
+            }
+            HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+                let Some(m) = &f.response_header_modifier else {
+                    error(
+                        diags,
+                        fi,
+                        "ResponseHeaderModifier without responseHeaderModifier".into(),
+                    );
+                    return Err(());
+                };
+                let set: Vec<(String, String)> = m
+                    .set
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect();
+                let add: Vec<(String, String)> = m
+                    .add
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect();
+                match header_modifier(&set, &add, m.remove.as_deref().unwrap_or_default()) {
+                    Ok(hm) => out.response_headers = Some(hm),
+                    Err(e) => {
+                        error(diags, fi, e);
+                        return Err(());
+                    }
+                }
+            }
+            HttpRouteRulesFiltersType::RequestRedirect => {
+                let Some(r) = &f.request_redirect else {
+                    error(diags, fi, "RequestRedirect without requestRedirect".into());
+                    return Err(());
+                };
+                let status = r.status_code.unwrap_or(302);
+                if ![301, 302, 303, 307, 308].contains(&status) {
+                    error(
+                        diags,
+                        fi,
+                        format!("statusCode {status} is not one of 301, 302, 303, 307, 308"),
+                    );
+                    return Err(());
+                }
+                let path = match &r.path {
+                    None => None,
+                    Some(p) => match path_modifier(
+                        p.replace_full_path.as_deref(),
+                        p.replace_prefix_match.as_deref(),
+                    ) {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            error(diags, fi, e);
+                            return Err(());
+                        }
+                    },
+                };
+                let port = match r.port.map(u16::try_from) {
+                    None => None,
+                    Some(Ok(p)) if p > 0 => Some(p),
+                    Some(_) => {
+                        error(diags, fi, "port is out of range".into());
+                        return Err(());
+                    }
+                };
+                redirect = Some(Redirect {
+                    scheme: r.scheme.as_ref().map(|s| {
+                        match s {
+                            HttpRouteRulesFiltersRequestRedirectScheme::Http => "http",
+                            HttpRouteRulesFiltersRequestRedirectScheme::Https => "https",
+                        }
+                        .to_string()
+                    }),
+                    hostname: r.hostname.clone(),
+                    port,
+                    path,
+                    status: status as u16,
+                    listener_port: Some(ctx.options.gateway_http_port),
+                });
+            }
+            HttpRouteRulesFiltersType::UrlRewrite => {
+                let Some(r) = &f.url_rewrite else {
+                    error(diags, fi, "URLRewrite without urlRewrite".into());
+                    return Err(());
+                };
+                let hostname = match r.hostname.as_deref().map(HeaderValue::from_str) {
+                    None => None,
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(_)) => {
+                        error(diags, fi, "hostname is not a valid Host value".into());
+                        return Err(());
+                    }
+                };
+                let path = match &r.path {
+                    None => None,
+                    Some(p) => match path_modifier(
+                        p.replace_full_path.as_deref(),
+                        p.replace_prefix_match.as_deref(),
+                    ) {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            error(diags, fi, e);
+                            return Err(());
+                        }
+                    },
+                };
+                out.rewrite = Some(UrlRewrite { hostname, path });
+            }
+            HttpRouteRulesFiltersType::RequestMirror => {
+                let Some(m) = &f.request_mirror else {
+                    error(diags, fi, "RequestMirror without requestMirror".into());
+                    return Err(());
+                };
+                if m.percent.is_some() || m.fraction.is_some() {
+                    diags.push(
+                        Severity::Warning,
+                        KIND,
+                        id,
+                        format!("{field}[{fi}].requestMirror"),
+                        "percent and fraction are not supported; every request is mirrored",
+                    );
+                }
+                let b = &m.backend_ref;
+                match service_ref(
+                    ctx,
+                    &format!("{field}[{fi}].requestMirror.backendRef"),
+                    (b.group.as_deref(), b.kind.as_deref()),
+                    (b.namespace.as_deref(), &b.name, b.port),
+                    gateways,
+                    resolver,
+                    diags,
+                ) {
+                    Ok(cluster) => out.mirrors.push(Mirror { cluster }),
+                    Err((reason, message)) => {
+                        // A mirror that cannot be resolved is left out; the real request
+                        // is unaffected.
+                        if problem.is_none() {
+                            *problem = Some((reason, message));
+                        }
+                    }
+                }
+            }
+            HttpRouteRulesFiltersType::ExtensionRef => {
+                let name = f
+                    .extension_ref
+                    .as_ref()
+                    .map(|e| format!("{}/{} {}", e.group, e.kind, e.name))
+                    .unwrap_or_default();
+                error(diags, fi, format!("ExtensionRef {name} is not supported"));
+                return Err(());
+            }
+            HttpRouteRulesFiltersType::Cors => {
+                error(diags, fi, "the CORS filter is not supported yet".into());
+                return Err(());
+            }
+        }
+    }
+    if redirect.is_some() && out.rewrite.is_some() {
+        error(
+            diags,
+            0,
+            "RequestRedirect and URLRewrite cannot be used together".into(),
+        );
+        return Err(());
+    }
+    let filters = (!out.is_empty()).then(|| Arc::new(out));
+    Ok((filters, redirect))
+}
+
+fn path_modifier(full: Option<&str>, prefix: Option<&str>) -> Result<PathModifier, String> {
+    match (full, prefix) {
+        (Some(p), None) if p.starts_with('/') => Ok(PathModifier::ReplaceFullPath(p.into())),
+        (None, Some(p)) if p.starts_with('/') => Ok(PathModifier::ReplacePrefixMatch(p.into())),
+        (Some(_), None) | (None, Some(_)) => Err("a replacement path must start with `/`".into()),
+        _ => Err("path needs exactly one of replaceFullPath and replacePrefixMatch".into()),
+    }
+}
+
+/// Header changes from `set`, `add` and `remove` lists; names and values validated.
+fn header_modifier(
+    set: &[(String, String)],
+    add: &[(String, String)],
+    remove: &[String],
+) -> Result<HeaderModifier, String> {
+    let pair = |(n, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
+        let name = HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| format!("`{n}` is not a header name"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("header {n}: value is not valid"))?;
+        Ok((name, value))
+    };
+    Ok(HeaderModifier {
+        set: set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: remove
+            .iter()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("`{n}` is not a header name"))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// The rule's `timeouts`: Gateway API durations (`10s`, `1h30m`, `500ms`); `0s` means
+/// no limit.
+fn rule_timeouts(ctx: &RuleCtx<'_, '_>, rule: &HttpRouteRules, diags: &mut Diags) -> Timeouts {
+    let Some(t) = &rule.timeouts else {
+        return Timeouts::default();
+    };
+    let parse = |name: &str, v: &Option<String>, diags: &mut Diags| -> Option<Duration> {
+        let v = v.as_deref()?;
+        match humantime::parse_duration(v) {
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(d),
+            Err(e) => {
+                diags.push(
+                    Severity::Error,
+                    KIND,
+                    ctx.id,
+                    format!("spec.rules[{}].timeouts.{name}", ctx.ri),
+                    format!("`{v}` is not a duration ({e}); ignored"),
+                );
+                None
+            }
+        }
+    };
+    Timeouts {
+        request: parse("request", &t.request, diags),
+        backend_request: parse("backendRequest", &t.backend_request, diags),
+    }
+}
+
+/// One match: the path rule and the conditions; `None` (with a diagnostic) when it
+/// cannot be served.
+fn route_match(
+    ctx: &RuleCtx<'_, '_>,
+    mi: usize,
+    m: &HttpRouteRulesMatches,
+    diags: &mut Diags,
+) -> Option<(PathRule, Option<Box<Conditions>>)> {
+    let field = format!("spec.rules[{}].matches[{mi}]", ctx.ri);
+    let id = ctx.id;
+    let fail = |diags: &mut Diags, at: String, reason: String| {
+        diags.push(
+            Severity::Error,
+            KIND,
+            id,
+            at,
+            format!("{reason}; this match is not served"),
+        );
+    };
+    let (path_type, value) = match &m.path {
+        None => (HttpRouteRulesMatchesPathType::PathPrefix, "/"),
+        Some(p) => (
+            p.r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix),
+            p.value.as_deref().unwrap_or("/"),
+        ),
+    };
+    let path = match path_type {
+        HttpRouteRulesMatchesPathType::RegularExpression => PathRule::regex(value),
+        literal => {
+            let pt = if literal == HttpRouteRulesMatchesPathType::Exact {
+                PathType::Exact
+            } else {
+                PathType::Prefix
+            };
+            match normalize_rule_path(value, ctx.options.normalize_paths) {
+                Ok((normal, warning)) => {
+                    if let Some(w) = warning {
+                        diags.push(Severity::Warning, KIND, id, format!("{field}.path"), w);
+                    }
+                    PathRule::new(&normal, pt)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let path = match path {
+        Ok(p) => p,
+        Err(e) => {
+            fail(diags, format!("{field}.path"), e);
+            return None;
+        }
+    };
+
+    let mut conditions = Conditions {
+        method: m.method.as_ref().map(method),
+        ..Conditions::default()
+    };
+    let mut seen: FastMap<HeaderName, ()> = FastMap::default();
+    for (hi, h) in m.headers.as_deref().unwrap_or_default().iter().enumerate() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            fail(
+                diags,
+                format!("{field}.headers[{hi}].name"),
+                format!("`{}` is not a header name", h.name),
+            );
+            return None;
+        };
+        // Only the first match of a name counts (the spec's rule).
+        if seen.insert(name.clone(), ()).is_some() {
+            continue;
+        }
+        let value = match h.r#type {
+            Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => {
+                match Pattern::new(&h.value) {
+                    Ok(p) => ValueMatch::Regex(p),
+                    Err(e) => {
+                        fail(diags, format!("{field}.headers[{hi}].value"), e);
+                        return None;
+                    }
+                }
+            }
+            _ => ValueMatch::Exact(h.value.clone()),
+        };
+        conditions.headers.push(HeaderCondition { name, value });
+    }
+    for (qi, q) in m
+        .query_params
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        if conditions.query.iter().any(|c| c.name == q.name) {
+            continue;
+        }
+        let value = match q.r#type {
+            Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => {
+                match Pattern::new(&q.value) {
+                    Ok(p) => ValueMatch::Regex(p),
+                    Err(e) => {
+                        fail(diags, format!("{field}.queryParams[{qi}].value"), e);
+                        return None;
+                    }
+                }
+            }
+            _ => ValueMatch::Exact(q.value.clone()),
+        };
+        conditions.query.push(QueryCondition {
+            name: q.name.clone(),
+            value,
+        });
+    }
+    let conditions = (conditions != Conditions::default()).then(|| Box::new(conditions));
+    Some((path, conditions))
+}
+
+fn method(m: &HttpRouteRulesMatchesMethod) -> Method {
+    match m {
+        HttpRouteRulesMatchesMethod::Get => Method::GET,
+        HttpRouteRulesMatchesMethod::Head => Method::HEAD,
+        HttpRouteRulesMatchesMethod::Post => Method::POST,
+        HttpRouteRulesMatchesMethod::Put => Method::PUT,
+        HttpRouteRulesMatchesMethod::Delete => Method::DELETE,
+        HttpRouteRulesMatchesMethod::Connect => Method::CONNECT,
+        HttpRouteRulesMatchesMethod::Options => Method::OPTIONS,
+        HttpRouteRulesMatchesMethod::Trace => Method::TRACE,
+        HttpRouteRulesMatchesMethod::Patch => Method::PATCH,
+    }
+}
