@@ -238,9 +238,10 @@ fn write_text<W: Write>(w: &mut W, e: &Entry) -> io::Result<()> {
         None => w.write_all(b" upstream_duration=-")?,
     }
     for (key, v) in [
-        (" namespace=", &e.route.namespace),
-        (" ingress=", &e.route.ingress),
-        (" service=", &e.route.service),
+        (" namespace=", &*e.route.namespace),
+        (" route_kind=", e.route.route_kind),
+        (" route=", &*e.route.route),
+        (" service=", &*e.route.service),
     ] {
         w.write_all(key.as_bytes())?;
         text_opt(w, Some(v.as_bytes()).filter(|b| !b.is_empty()))?;
@@ -325,9 +326,10 @@ fn write_json<W: Write>(w: &mut W, e: &Entry) -> io::Result<()> {
         None => w.write_all(b"null")?,
     }
     for (key, v) in [
-        (&b",\"namespace\":"[..], &e.route.namespace),
-        (b",\"ingress\":", &e.route.ingress),
-        (b",\"service\":", &e.route.service),
+        (&b",\"namespace\":"[..], &*e.route.namespace),
+        (b",\"route_kind\":", e.route.route_kind),
+        (b",\"route\":", &*e.route.route),
+        (b",\"service\":", &*e.route.service),
     ] {
         w.write_all(key)?;
         if v.is_empty() {
@@ -526,7 +528,8 @@ mod tests {
             upstream_duration: Some(Duration::from_micros(1000)),
             route: RouteLabels {
                 namespace: "ns".into(),
-                ingress: "web".into(),
+                route_kind: "Ingress",
+                route: "web".into(),
                 service: "svc".into(),
             },
             request_id: HeaderValue::from_static("req-1"),
@@ -562,8 +565,8 @@ mod tests {
             l,
             "time=2025-11-28T03:51:35.123Z client=127.0.0.1:5000 method=GET host=a.example \
              path=/x/y status=200 bytes_in=3 bytes_out=12 duration=0.001500 \
-             upstream=10.0.0.1:8080 upstream_duration=0.001000 namespace=ns ingress=web \
-             service=svc request_id=req-1 user_agent=\"curl/8.5.0 (x)\" tls=-\n"
+             upstream=10.0.0.1:8080 upstream_duration=0.001000 namespace=ns route_kind=Ingress \
+             route=web service=svc request_id=req-1 user_agent=\"curl/8.5.0 (x)\" tls=-\n"
         );
     }
 
@@ -576,7 +579,10 @@ mod tests {
         e.upstream_duration = None;
         let l = line(AccessLogFormat::Text, &e);
         assert!(l.contains(r#" host="a\" b=c\xff" "#), "{l}");
-        assert!(l.contains(" namespace=- ingress=- service=- "), "{l}");
+        assert!(
+            l.contains(" namespace=- route_kind=- route=- service=- "),
+            "{l}"
+        );
         assert!(l.contains(" upstream=- upstream_duration=- "), "{l}");
         assert_eq!(l.matches('\n').count(), 1);
     }
@@ -588,7 +594,7 @@ mod tests {
         e.uri = "/p%20q".parse().expect("uri");
         e.user_agent = Some(HeaderValue::from_bytes(b"ua \xe2\x82\xac").expect("header"));
         // Header values cannot hold control characters other than tab; labels can.
-        e.route.ingress = "x\u{1}y\n".into();
+        e.route.route = "x\u{1}y\n".into();
         e.duration = Duration::new(2, 0);
         e.upstream_duration = Some(Duration::new(0, 123_456_789));
         e.client = "[2001:db8::1]:443".parse().expect("addr");
@@ -597,8 +603,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&l).expect("json");
         assert_eq!(v["host"], "a\"b\\c\td\u{fffd}", "{l}");
         assert_eq!(v["user_agent"], "ua \u{20ac}", "{l}");
-        assert_eq!(v["ingress"], "x\u{1}y\n", "{l}");
-        assert!(l.contains(r#""ingress":"x\u0001y\n""#), "{l}");
+        assert_eq!(v["route"], "x\u{1}y\n", "{l}");
+        assert!(l.contains(r#""route":"x\u0001y\n""#), "{l}");
+        assert_eq!(v["route_kind"], "Ingress", "{l}");
         assert_eq!(v["path"], "/p%20q");
         assert_eq!(v["client"], "[2001:db8::1]:443");
         assert_eq!(v["time"], "2000-02-29T00:00:00.007Z");
@@ -613,7 +620,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 17, "{keys:?}");
+        assert_eq!(keys.len(), 18, "{keys:?}");
     }
 
     #[test]
@@ -633,6 +640,7 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&line(AccessLogFormat::Json, &e)).expect("json");
         assert!(v["namespace"].is_null());
+        assert!(v["route_kind"].is_null() && v["route"].is_null());
         assert!(v["user_agent"].is_null());
     }
 }

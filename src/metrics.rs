@@ -3,8 +3,8 @@
 //!
 //! Everything registers into [`Metrics::registry`], never into the global default
 //! registry, so that each test (and each proxy in one process) reads its own counters.
-//! Labels stay bounded: namespace, ingress, service, method (standard methods or
-//! `OTHER`) and the status class; never a path, host or client address.
+//! Labels stay bounded: namespace, route kind, route, service, method (standard methods
+//! or `OTHER`) and the status class; never a path, host or client address.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -55,28 +55,38 @@ const PUBLISH_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
 ];
 
-/// The route a request took, as metric labels. Empty strings when no route matched.
-/// Shared strings: a clone (one per logged request) copies no text.
+/// The values of the `route_kind` label: the kind of object a route came from, or `""`
+/// when no route matched and for the `--default-backend-service` default backend.
+pub const ROUTE_KINDS: [&str; 4] = ["", "Ingress", "HTTPRoute", "GRPCRoute"];
+
+/// The route a request took, as metric labels, in label order. Empty strings when no
+/// route matched. Shared strings: a clone (one per logged request) copies no text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteLabels {
+    /// The route's namespace; for a default backend, its Service's.
     pub namespace: Arc<str>,
-    pub ingress: Arc<str>,
+    /// One of [`ROUTE_KINDS`]: `Ingress`, `HTTPRoute`, `GRPCRoute`, or `""` when no
+    /// route matched and for the `--default-backend-service` default backend.
+    pub route_kind: &'static str,
+    /// The name of the object the route came from (an Ingress' `spec.defaultBackend`
+    /// is that Ingress'); `""` when `route_kind` is.
+    pub route: Arc<str>,
     pub service: Arc<str>,
 }
 
 /// The registry and every metric handle of the process.
 pub struct Metrics {
     pub registry: Registry,
-    /// `portcullis_requests_total{namespace,ingress,service,method,code}`.
+    /// `portcullis_requests_total{namespace,route_kind,route,service,method,code}`.
     pub requests_total: IntCounterVec,
-    /// `portcullis_request_duration_seconds{namespace,ingress,service,code}`: until the
-    /// response headers are sent downstream.
+    /// `portcullis_request_duration_seconds{namespace,route_kind,route,service,code}`:
+    /// until the response headers are sent downstream.
     pub request_duration_seconds: HistogramVec,
-    /// `portcullis_request_size_bytes{namespace,ingress,service}`: request body bytes
-    /// read from downstream, observed when the exchange ends.
+    /// `portcullis_request_size_bytes{namespace,route_kind,route,service}`: request body
+    /// bytes read from downstream, observed when the exchange ends.
     pub request_size_bytes: HistogramVec,
-    /// `portcullis_response_size_bytes{namespace,ingress,service}`: response body bytes
-    /// sent downstream, observed when the response body ends.
+    /// `portcullis_response_size_bytes{namespace,route_kind,route,service}`: response
+    /// body bytes sent downstream, observed when the response body ends.
     pub response_size_bytes: HistogramVec,
     /// `portcullis_upstream_connect_duration_seconds{service}`, service as `ns/name`.
     pub upstream_connect_duration_seconds: HistogramVec,
@@ -116,9 +126,10 @@ pub struct Metrics {
     /// second time; reason `connect` (another endpoint after a failed connect) or
     /// `stale_connection` (a fresh connection after a pooled one turned out closed).
     pub upstream_retries_total: IntCounterVec,
-    /// `portcullis_upstream_body_errors_total{namespace,ingress,service}`: responses whose
-    /// upstream body failed (the upstream closed, reset or broke framing) after the head
-    /// had been sent downstream, so the downstream connection or stream was aborted.
+    /// `portcullis_upstream_body_errors_total{namespace,route_kind,route,service}`:
+    /// responses whose upstream body failed (the upstream closed, reset or broke framing)
+    /// after the head had been sent downstream, so the downstream connection or stream was
+    /// aborted.
     pub upstream_body_errors_total: IntCounterVec,
     /// `portcullis_retry_budget_exhausted_total{namespace,service}`: failed attempts that
     /// could have been retried, answered instead because the Service's retry budget was
@@ -194,7 +205,14 @@ impl Metrics {
                 "portcullis_requests_total",
                 "Requests answered, by route and status class.",
             ),
-            &["namespace", "ingress", "service", "method", "code"],
+            &[
+                "namespace",
+                "route_kind",
+                "route",
+                "service",
+                "method",
+                "code",
+            ],
         )
         .expect("static metric definition is valid");
         let request_duration_seconds = HistogramVec::new(
@@ -203,7 +221,7 @@ impl Metrics {
                 "Time from receiving a request to sending its response headers.",
             )
             .buckets(REQUEST_BUCKETS.to_vec()),
-            &["namespace", "ingress", "service", "code"],
+            &["namespace", "route_kind", "route", "service", "code"],
         )
         .expect("static metric definition is valid");
         let request_size_bytes = HistogramVec::new(
@@ -212,7 +230,7 @@ impl Metrics {
                 "Request body bytes read from downstream, per request.",
             )
             .buckets(SIZE_BUCKETS.to_vec()),
-            &["namespace", "ingress", "service"],
+            &["namespace", "route_kind", "route", "service"],
         )
         .expect("static metric definition is valid");
         let response_size_bytes = HistogramVec::new(
@@ -221,7 +239,7 @@ impl Metrics {
                 "Response body bytes sent downstream, per request.",
             )
             .buckets(SIZE_BUCKETS.to_vec()),
-            &["namespace", "ingress", "service"],
+            &["namespace", "route_kind", "route", "service"],
         )
         .expect("static metric definition is valid");
         let upstream_connect_duration_seconds = HistogramVec::new(
@@ -351,7 +369,7 @@ impl Metrics {
                 "portcullis_upstream_body_errors_total",
                 "Responses cut short because the upstream body failed after the head was sent.",
             ),
-            &["namespace", "ingress", "service"],
+            &["namespace", "route_kind", "route", "service"],
         )
         .expect("static metric definition is valid");
         let retry_budget_exhausted_total = IntCounterVec::new(
@@ -468,10 +486,18 @@ impl Metrics {
         })
     }
 
-    /// The series of the route `namespace`/`ingress` → `service` (empty strings when no
-    /// route matched), looked up once per request instead of once per metric.
-    pub fn route(&self, namespace: &str, ingress: &str, service: &str) -> Arc<RouteSeries> {
-        self.route_series.get(namespace, ingress, service)
+    /// The series of the route `route_kind` `namespace`/`route` → `service`, looked up
+    /// once per request instead of once per metric. `route_kind` is one of
+    /// [`ROUTE_KINDS`]; all four are empty when no route matched, and `route_kind` and
+    /// `route` are for the `--default-backend-service` default backend.
+    pub fn route(
+        &self,
+        namespace: &str,
+        route_kind: &'static str,
+        route: &str,
+        service: &str,
+    ) -> Arc<RouteSeries> {
+        self.route_series.get(namespace, route_kind, route, service)
     }
 
     /// Counts one failed list or watch of `kind`.
@@ -490,7 +516,12 @@ impl Metrics {
 
     /// Records the body sizes of one finished exchange.
     pub fn observe_sizes(&self, route: &RouteLabels, request_bytes: u64, response_bytes: u64) {
-        let labels = [&*route.namespace, &*route.ingress, &*route.service];
+        let labels = [
+            &*route.namespace,
+            route.route_kind,
+            &*route.route,
+            &*route.service,
+        ];
         self.request_size_bytes
             .with_label_values(&labels)
             .observe(request_bytes as f64);
@@ -512,14 +543,21 @@ impl Metrics {
         self.requests_total
             .with_label_values(&[
                 &*route.namespace,
-                &*route.ingress,
+                route.route_kind,
+                &*route.route,
                 &*route.service,
                 method_label(method),
                 code,
             ])
             .inc();
         self.request_duration_seconds
-            .with_label_values(&[&*route.namespace, &*route.ingress, &*route.service, code])
+            .with_label_values(&[
+                &*route.namespace,
+                route.route_kind,
+                &*route.route,
+                &*route.service,
+                code,
+            ])
             .observe(seconds);
     }
 
@@ -657,7 +695,7 @@ const CODE_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// themselves stay in the registry, only their handles are forgotten.
 const MAX_CACHED_ROUTES: usize = 16 * 1024;
 
-/// The metric series of one route (namespace, ingress, service), resolved once and
+/// The metric series of one route (namespace, route kind, route, service), resolved once and
 /// shared by every request that takes the route, so that the request path neither
 /// hashes label values nor formats the `ns/name` service label per request. Each series
 /// is created in the registry on first use, exactly as `with_label_values` would: a
@@ -705,10 +743,12 @@ impl RouteSeries {
         }
     }
 
-    fn route_labels(&self) -> [&str; 3] {
+    /// The label values in label order: namespace, route_kind, route, service.
+    fn route_labels(&self) -> [&str; 4] {
         [
             &*self.labels.namespace,
-            &*self.labels.ingress,
+            self.labels.route_kind,
+            &*self.labels.route,
             &*self.labels.service,
         ]
     }
@@ -725,12 +765,13 @@ impl RouteSeries {
     ) {
         let m = method_index(method);
         let c = status_index(status);
-        let [ns, ingress, service] = self.route_labels();
+        let [ns, kind, route, service] = self.route_labels();
         self.requests[m][c]
             .get_or_init(|| {
                 metrics.requests_total.with_label_values(&[
                     ns,
-                    ingress,
+                    kind,
+                    route,
                     service,
                     METHOD_LABELS[m],
                     CODE_LABELS[c],
@@ -741,7 +782,8 @@ impl RouteSeries {
             .get_or_init(|| {
                 metrics.request_duration_seconds.with_label_values(&[
                     ns,
-                    ingress,
+                    kind,
+                    route,
                     service,
                     CODE_LABELS[c],
                 ])
@@ -783,7 +825,7 @@ impl RouteSeries {
 /// [`RouteSeries`] by route: see [`Metrics::route`].
 #[derive(Default)]
 pub struct RouteSeriesCache {
-    /// Keyed by a hash of the three labels; entries with equal hashes share a bucket.
+    /// Keyed by a hash of the four labels; entries with equal hashes share a bucket.
     routes: RwLock<HashMap<u64, Vec<Arc<RouteSeries>>>>,
     len: std::sync::atomic::AtomicUsize,
 }
@@ -797,14 +839,26 @@ impl fmt::Debug for RouteSeriesCache {
 }
 
 impl RouteSeriesCache {
-    /// The series of the route `namespace`/`ingress` → `service`, created on first use.
-    pub fn get(&self, namespace: &str, ingress: &str, service: &str) -> Arc<RouteSeries> {
+    /// The series of the route `route_kind` `namespace`/`route` → `service`, created on
+    /// first use.
+    pub fn get(
+        &self,
+        namespace: &str,
+        route_kind: &'static str,
+        route: &str,
+        service: &str,
+    ) -> Arc<RouteSeries> {
         use std::hash::BuildHasher;
+        debug_assert!(
+            ROUTE_KINDS.contains(&route_kind),
+            "route_kind {route_kind:?} is not one of {ROUTE_KINDS:?}"
+        );
         let key = foldhash::fast::FixedState::with_seed(0x706f_7274)
-            .hash_one((namespace, ingress, service));
+            .hash_one((namespace, route_kind, route, service));
         let matches = |s: &Arc<RouteSeries>| {
             *s.labels.namespace == *namespace
-                && *s.labels.ingress == *ingress
+                && s.labels.route_kind == route_kind
+                && *s.labels.route == *route
                 && *s.labels.service == *service
         };
         {
@@ -823,7 +877,8 @@ impl RouteSeriesCache {
         }
         let series = Arc::new(RouteSeries::new(RouteLabels {
             namespace: namespace.into(),
-            ingress: ingress.into(),
+            route_kind,
+            route: route.into(),
             service: service.into(),
         }));
         routes.entry(key).or_default().push(series.clone());
@@ -880,14 +935,16 @@ mod tests {
         let m = Metrics::new();
         let route = RouteLabels {
             namespace: "ns".into(),
-            ingress: "web".into(),
+            route_kind: "Ingress",
+            route: "web".into(),
             service: "svc".into(),
         };
         m.observe_request(&route, &Method::GET, StatusCode::OK, 0.01);
         m.observe_request(&route, &Method::GET, StatusCode::OK, 0.01);
+        m.observe_sizes(&route, 3, 12);
         let n = m
             .requests_total
-            .with_label_values(&["ns", "web", "svc", "GET", "2xx"])
+            .with_label_values(&["ns", "Ingress", "web", "svc", "GET", "2xx"])
             .get();
         assert_eq!(n, 2);
         let text = m.render();
@@ -898,30 +955,43 @@ mod tests {
     #[test]
     fn route_series_record_into_the_labelled_series() {
         let m = Metrics::new();
-        let web = m.route("ns", "web", "svc");
-        assert!(Arc::ptr_eq(&web, &m.route("ns", "web", "svc")));
-        let other = m.route("ns", "web", "svc2");
+        let web = m.route("ns", "Ingress", "web", "svc");
+        assert!(Arc::ptr_eq(&web, &m.route("ns", "Ingress", "web", "svc")));
+        let other = m.route("ns", "Ingress", "web", "svc2");
         assert!(!Arc::ptr_eq(&web, &other));
+        // The same name of another kind is another route.
+        let http_route = m.route("ns", "HTTPRoute", "web", "svc");
+        assert!(!Arc::ptr_eq(&web, &http_route));
         web.observe_request(&m, &Method::GET, StatusCode::OK, 0.01);
-        m.route("ns", "web", "svc")
-            .observe_request(&m, &Method::GET, StatusCode::OK, 0.01);
+        m.route("ns", "Ingress", "web", "svc").observe_request(
+            &m,
+            &Method::GET,
+            StatusCode::OK,
+            0.01,
+        );
+        http_route.observe_request(&m, &Method::GET, StatusCode::OK, 0.01);
         web.observe_request(&m, &Method::POST, StatusCode::BAD_GATEWAY, 0.01);
         web.observe_sizes(&m, 3, 12);
         web.upstream_response(&m).observe(0.001);
         let get = m
             .requests_total
-            .with_label_values(&["ns", "web", "svc", "GET", "2xx"])
+            .with_label_values(&["ns", "Ingress", "web", "svc", "GET", "2xx"])
             .get();
         let post = m
             .requests_total
-            .with_label_values(&["ns", "web", "svc", "POST", "5xx"])
+            .with_label_values(&["ns", "Ingress", "web", "svc", "POST", "5xx"])
             .get();
-        assert_eq!((get, post), (2, 1));
+        let http_get = m
+            .requests_total
+            .with_label_values(&["ns", "HTTPRoute", "web", "svc", "GET", "2xx"])
+            .get();
+        assert_eq!((get, post, http_get), (2, 1, 1));
         let size = m
             .response_size_bytes
-            .with_label_values(&["ns", "web", "svc"])
+            .with_label_values(&["ns", "Ingress", "web", "svc"])
             .get_sample_sum();
         assert_eq!(size, 12.0);
+        // Upstream histograms label the Service alone, whatever routed to it.
         let upstream = m
             .upstream_response_duration_seconds
             .with_label_values(&["ns/svc"])
@@ -931,6 +1001,48 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("method=\"HEAD\""), "{text}");
         assert!(!text.contains("svc2"), "{text}");
+    }
+
+    #[test]
+    fn route_series_are_labelled_route_kind_and_route_in_order() {
+        use prometheus::core::Collector;
+        let m = Metrics::new();
+        let route = ["namespace", "route_kind", "route", "service"];
+        let defined = |c: &dyn Collector| c.desc()[0].variable_labels.clone();
+        let with = |tail: &[&str]| -> Vec<String> {
+            route.iter().chain(tail).map(|l| l.to_string()).collect()
+        };
+        assert_eq!(defined(&m.requests_total), with(&["method", "code"]));
+        assert_eq!(defined(&m.request_duration_seconds), with(&["code"]));
+        assert_eq!(defined(&m.request_size_bytes), with(&[]));
+        assert_eq!(defined(&m.response_size_bytes), with(&[]));
+        assert_eq!(defined(&m.upstream_body_errors_total), with(&[]));
+
+        // The exposition sorts labels by name.
+        m.route("ns", "Ingress", "web", "svc").observe_request(
+            &m,
+            &Method::GET,
+            StatusCode::OK,
+            0.01,
+        );
+        m.route("", "", "", "")
+            .observe_request(&m, &Method::GET, StatusCode::NOT_FOUND, 0.01);
+        m.route("ns", "GRPCRoute", "rpc", "svc")
+            .observe_sizes(&m, 1, 2);
+        assert_eq!(
+            series(&m.registry, "portcullis_requests_total"),
+            BTreeSet::from([
+                "code=2xx,method=GET,namespace=ns,route=web,route_kind=Ingress,service=svc"
+                    .to_string(),
+                "code=4xx,method=GET,namespace=,route=,route_kind=,service=".to_string(),
+            ])
+        );
+        assert_eq!(
+            series(&m.registry, "portcullis_response_size_bytes"),
+            BTreeSet::from(["namespace=ns,route=rpc,route_kind=GRPCRoute,service=svc".into()])
+        );
+        let text = m.render();
+        assert!(!text.contains("ingress="), "{text}");
     }
 
     fn snapshot(services: &[(&str, &[(&str, bool)])], diagnostics: &[&str]) -> Snapshot {

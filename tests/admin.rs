@@ -99,7 +99,8 @@ async fn probes_and_metrics() {
     assert_eq!(status, 200);
     let routed = [
         ("namespace", "ns"),
-        ("ingress", "web"),
+        ("route_kind", "Ingress"),
+        ("route", "web"),
         ("service", "svc"),
         ("code", "2xx"),
     ];
@@ -117,7 +118,8 @@ async fn probes_and_metrics() {
     );
     let unrouted = [
         ("namespace", ""),
-        ("ingress", ""),
+        ("route_kind", ""),
+        ("route", ""),
         ("service", ""),
         ("method", "GET"),
         ("code", "4xx"),
@@ -228,6 +230,162 @@ async fn probes_and_metrics() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Scrapes `/metrics` from an admin listener over `proxy`.
+async fn scrape(proxy: &TestProxy) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin = listener.local_addr().expect("admin address");
+    let (_stop, rx) = Stopper::new();
+    tokio::spawn(serve_admin(
+        listener,
+        AdminState {
+            snapshots: proxy.snapshots.clone(),
+            metrics: proxy.metrics.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+        },
+        rx,
+    ));
+    let (status, text) = fetch(&format!("http://{admin}/metrics")).await;
+    assert_eq!(status, 200);
+    text
+}
+
+/// The label names of every sample in a scrape.
+fn label_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((_, mut rest)) = line.split_once('{') else {
+            continue;
+        };
+        // `name="value"` pairs separated by commas; values escape `"` with `\`.
+        while let Some((name, after)) = rest.split_once("=\"") {
+            names.insert(name.trim_start_matches(',').to_string());
+            let mut escaped = false;
+            let end = after
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = !escaped && c == '"';
+                    escaped = !escaped && c == '\\';
+                    close
+                })
+                .map_or(after.len(), |(i, _)| i);
+            rest = after.get(end + 1..).unwrap_or("");
+            if rest.starts_with('}') {
+                break;
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn route_series_are_labelled_route_kind_and_route_never_ingress() {
+    let a = start_echo("a").await;
+    let world = World::new()
+        .ingress(
+            ingress("shop", "storefront")
+                .host("a.example")
+                .prefix("/", "web", 80),
+        )
+        .backend("shop", "web", 80, &[a.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    get_echo(&proxy, "a.example", "/").await;
+    assert_eq!(get(&proxy, "nowhere.example", "/").await.0, 404);
+    let text = scrape(&proxy).await;
+    let routed = [
+        ("namespace", "shop"),
+        ("route_kind", "Ingress"),
+        ("route", "storefront"),
+        ("service", "web"),
+        ("method", "GET"),
+        ("code", "2xx"),
+    ];
+    assert_eq!(
+        sample(&text, "portcullis_requests_total", &routed),
+        Some(1.0),
+        "{text}"
+    );
+    let unrouted = [
+        ("namespace", ""),
+        ("route_kind", ""),
+        ("route", ""),
+        ("service", ""),
+        ("method", "GET"),
+        ("code", "4xx"),
+    ];
+    assert_eq!(
+        sample(&text, "portcullis_requests_total", &unrouted),
+        Some(1.0),
+        "{text}"
+    );
+    // Every route series carries both labels; none carries `ingress` any more.
+    let names = label_names(&text);
+    assert!(
+        names.contains("route_kind") && names.contains("route"),
+        "{names:?}"
+    );
+    assert!(!names.contains("ingress"), "{names:?}\n{text}");
+    for line in text.lines().filter(|l| {
+        [
+            "portcullis_requests_total{",
+            "portcullis_request_duration_seconds_",
+            "portcullis_request_size_bytes_",
+            "portcullis_response_size_bytes_",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    }) {
+        assert!(
+            line.contains("route_kind=\"") && line.contains(",route=\""),
+            "{line}"
+        );
+    }
+
+    // An Ingress' spec.defaultBackend is that Ingress' route.
+    let world = World::new()
+        .ingress(ingress("shop", "fallback").default_backend("web", 80))
+        .backend("shop", "web", 80, &[a.addr]);
+    let proxy = start_proxy(world.snapshot()).await;
+    get_echo(&proxy, "anything.example", "/").await;
+    let text = scrape(&proxy).await;
+    let from_ingress = [
+        ("namespace", "shop"),
+        ("route_kind", "Ingress"),
+        ("route", "fallback"),
+        ("service", "web"),
+        ("code", "2xx"),
+    ];
+    assert_eq!(
+        sample(&text, "portcullis_requests_total", &from_ingress),
+        Some(1.0),
+        "{text}"
+    );
+
+    // --default-backend-service is no route: kind and name empty, the Service's namespace.
+    let world = World::new().backend("shop", "web", 80, &[a.addr]);
+    let proxy = start_proxy(world.snapshot_with(portcullis::k8s::Options {
+        assume_class: true,
+        allow_local_endpoints: true,
+        default_backend_service: Some("shop/web:80".parse().expect("service ref")),
+        ..Default::default()
+    }))
+    .await;
+    get_echo(&proxy, "anything.example", "/").await;
+    let text = scrape(&proxy).await;
+    let from_flag = [
+        ("namespace", "shop"),
+        ("route_kind", ""),
+        ("route", ""),
+        ("service", "web"),
+        ("code", "2xx"),
+    ];
+    assert_eq!(
+        sample(&text, "portcullis_requests_total", &from_flag),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!label_names(&text).contains("ingress"), "{text}");
 }
 
 #[tokio::test]

@@ -955,7 +955,7 @@ async fn garbage_or_a_close_before_the_response_head_is_a_counted_502() {
             proxy
                 .metrics
                 .requests_total
-                .with_label_values(&[NS, "web", service, "GET", "5xx"])
+                .with_label_values(&[NS, "Ingress", "web", service, "GET", "5xx"])
                 .get(),
             50,
             "{service}: every bad answer counted as a 5xx"
@@ -965,7 +965,7 @@ async fn garbage_or_a_close_before_the_response_head_is_a_counted_502() {
         proxy
             .metrics
             .requests_total
-            .with_label_values(&[NS, "web", "good", "GET", "2xx"])
+            .with_label_values(&[NS, "Ingress", "web", "good", "GET", "2xx"])
             .get(),
         200,
         "the good requests between them, on the same connections"
@@ -1036,7 +1036,7 @@ async fn an_upstream_closing_mid_body_cuts_the_downstream_response_visibly() {
             proxy
                 .metrics
                 .upstream_body_errors_total
-                .with_label_values(&[NS, "web", service])
+                .with_label_values(&[NS, "Ingress", "web", service])
                 .get(),
             20,
             "{service}: every cut body counted"
@@ -1046,7 +1046,7 @@ async fn an_upstream_closing_mid_body_cuts_the_downstream_response_visibly() {
         proxy
             .metrics
             .upstream_body_errors_total
-            .with_label_values(&[NS, "web", "good"])
+            .with_label_values(&[NS, "Ingress", "web", "good"])
             .get(),
         0
     );

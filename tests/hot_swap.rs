@@ -161,12 +161,12 @@ async fn thousand_swaps_under_load_never_misroute_or_fail() {
     let served: u64 = proxy
         .metrics
         .requests_total
-        .with_label_values(&["ns", "web", "svc-a", "GET", "2xx"])
+        .with_label_values(&["ns", "Ingress", "web", "svc-a", "GET", "2xx"])
         .get()
         + proxy
             .metrics
             .requests_total
-            .with_label_values(&["ns", "web", "svc-b", "GET", "2xx"])
+            .with_label_values(&["ns", "Ingress", "web", "svc-b", "GET", "2xx"])
             .get();
     assert_eq!(served, (CONNECTIONS * PER_CONNECTION) as u64);
 }

@@ -171,7 +171,9 @@ async fn json_access_log_has_every_field_and_no_query_string() {
             >= get["upstream_duration_seconds"].as_f64().expect("upstream")
     );
     assert_eq!(get["namespace"], "ns");
-    assert_eq!(get["ingress"], "web");
+    assert_eq!(get["route_kind"], "Ingress");
+    assert_eq!(get["route"], "web");
+    assert!(get.get("ingress").is_none(), "{get}");
     assert_eq!(get["service"], "svc");
     assert_eq!(get["user_agent"], "obs-test/1.0 (access log)");
     assert!(get["tls_version"].is_null(), "plain HTTP");
@@ -194,7 +196,7 @@ async fn json_access_log_has_every_field_and_no_query_string() {
     let lost = by_id(&sent[2].0);
     assert_eq!(lost["status"], 404);
     assert_eq!(lost["path"], "/missing");
-    assert!(lost["namespace"].is_null() && lost["ingress"].is_null());
+    assert!(lost["namespace"].is_null() && lost["route_kind"].is_null() && lost["route"].is_null());
     assert!(lost["upstream"].is_null() && lost["upstream_duration_seconds"].is_null());
     assert_eq!(lost["bytes_out"], sent[2].1 as u64);
 
@@ -221,7 +223,7 @@ async fn text_access_log_is_one_logfmt_line_per_request() {
         "bytes_in=0",
         &format!("bytes_out={}", sent[0].1),
         &format!("upstream={}", echo.addr),
-        "namespace=ns ingress=web service=svc",
+        "namespace=ns route_kind=Ingress route=web service=svc",
         "user_agent=\"obs-test/1.0 (access log)\"",
         "tls=-",
     ] {
@@ -235,7 +237,7 @@ async fn text_access_log_is_one_logfmt_line_per_request() {
         .find(|l| l.contains(&format!("request_id={}", sent[2].0)))
         .expect("line of the 404");
     assert!(
-        lost.contains("status=404") && lost.contains("namespace=- ingress=- service=-"),
+        lost.contains("status=404") && lost.contains("namespace=- route_kind=- route=- service=-"),
         "{lost}"
     );
 }
@@ -345,7 +347,8 @@ fn hist_sum(metrics: &Metrics, name: &str) -> (f64, f64) {
         text.lines()
             .find(|l| {
                 l.starts_with(&format!("{name}_{suffix}{{"))
-                    && l.contains("ingress=\"web\"")
+                    && l.contains("route_kind=\"Ingress\"")
+                    && l.contains("route=\"web\"")
                     && l.contains("service=\"svc\"")
             })
             .and_then(|l| l.rsplit(' ').next())

@@ -384,7 +384,7 @@ async fn a_real_prometheus_scrapes_the_admin_listener_and_counts_requests() {
     }
     let query = format!(
         "/api/v1/query?query={}",
-        encode(r#"sum(portcullis_requests_total{ingress="obs"})"#)
+        encode(r#"sum(portcullis_requests_total{route_kind="Ingress", route="obs"})"#)
     );
     let deadline = Instant::now() + PROMETHEUS_PATIENCE;
     loop {

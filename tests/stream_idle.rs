@@ -166,7 +166,7 @@ async fn an_upstream_that_stalls_after_its_head_is_cut_off_over_http1() {
         proxy
             .metrics
             .upstream_body_errors_total
-            .with_label_values(&[NS, "web", "svc"])
+            .with_label_values(&[NS, "Ingress", "web", "svc"])
             .get(),
         0,
         "an idle upstream is counted as that, not as a body error"

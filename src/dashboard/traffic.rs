@@ -1,8 +1,9 @@
 //! Live traffic per Ingress for the dashboard: requests per second, error rate and
 //! latency percentiles over a short rolling window of the proxy's own counters.
 //!
-//! The source is `portcullis_request_duration_seconds{namespace,ingress,service,code}`,
-//! the histogram every answered request is observed in. A sampler copies its counts,
+//! The source is
+//! `portcullis_request_duration_seconds{namespace,route_kind,route,service,code}`, the
+//! histogram every answered request is observed in. A sampler copies its counts,
 //! summed per Ingress, every [`INTERVAL`] while someone reads the dashboard; a read
 //! compares the counts at that moment with the oldest sample at most [`WINDOW`] old.
 //! When nobody has read for [`IDLE`], sampling pauses and the next read measures over
@@ -26,7 +27,7 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Sampling pauses when nobody has read the figures for this long.
 pub const IDLE: Duration = Duration::from_secs(60);
 
-/// `(namespace, ingress)` as the metrics label a request; both empty when no route
+/// `(namespace, route)` as the metrics label a request; both empty when no route
 /// matched (a 404 answered by Portcullis itself).
 pub type IngressKey = (String, String);
 
@@ -96,7 +97,7 @@ pub fn read_counts(metrics: &Metrics) -> CountsByIngress {
             for l in m.get_label() {
                 match l.name() {
                     "namespace" => namespace = l.value(),
-                    "ingress" => ingress = l.value(),
+                    "route" => ingress = l.value(),
                     "code" => code = l.value(),
                     _ => {}
                 }

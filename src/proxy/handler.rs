@@ -347,7 +347,7 @@ pub async fn handle(
     let elapsed = start.elapsed().as_secs_f64();
     let series = exchange
         .series
-        .get_or_insert_with(|| inner.metrics.route("", "", ""))
+        .get_or_insert_with(|| inner.metrics.route("", "", "", ""))
         .clone();
     let labels = &series.labels;
     debug!(
@@ -355,7 +355,8 @@ pub async fn handle(
         %method,
         status = resp.status().as_u16(),
         namespace = %labels.namespace,
-        ingress = %labels.ingress,
+        route_kind = labels.route_kind,
+        route = %labels.route,
         service = %labels.service,
         seconds = elapsed,
         "answered"
@@ -439,14 +440,25 @@ fn route(
         Decision::Route(m) => {
             let r = m.route;
             let source = &r.source.object;
+            let kind = r.source.kind.as_str();
             let backends = match &r.action {
                 Action::Forward(backends) => backends,
                 Action::Redirect(rd) => {
-                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    *route_series = Some(inner.metrics.route(
+                        &source.namespace,
+                        kind,
+                        &source.name,
+                        "",
+                    ));
                     return Err(redirect(conn, host, uri, path, r, rd));
                 }
                 Action::Respond { status, body } => {
-                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    *route_series = Some(inner.metrics.route(
+                        &source.namespace,
+                        kind,
+                        &source.name,
+                        "",
+                    ));
                     return Err(ProxyError::Direct(
                         StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                         body.clone(),
@@ -461,7 +473,12 @@ fn route(
             let id = match &backend.target {
                 BackendTarget::Cluster(id) => *id,
                 BackendTarget::Invalid { .. } => {
-                    *route_series = Some(inner.metrics.route(&source.namespace, &source.name, ""));
+                    *route_series = Some(inner.metrics.route(
+                        &source.namespace,
+                        kind,
+                        &source.name,
+                        "",
+                    ));
                     return Err(ProxyError::InvalidBackend(source.clone()));
                 }
             };
@@ -481,7 +498,7 @@ fn route(
                 id,
                 inner
                     .metrics
-                    .route(&source.namespace, &source.name, service),
+                    .route(&source.namespace, kind, &source.name, service),
                 r.max_body_size,
                 [r.filters.clone(), backend.filters.clone()],
                 r.timeouts,
@@ -492,6 +509,11 @@ fn route(
             snapshot.default_backend.unwrap_or_default(),
             inner.metrics.route(
                 &cluster.service.namespace,
+                // An Ingress' spec.defaultBackend is that Ingress' route; the flag's is none.
+                snapshot
+                    .default_backend_source
+                    .as_ref()
+                    .map_or("", |_| "Ingress"),
                 snapshot
                     .default_backend_source
                     .as_ref()

@@ -106,7 +106,7 @@ impl Finish {
             .map_or(0, |p| p.received());
         let route = match &self.exchange.series {
             Some(series) => series.clone(),
-            None => self.metrics.route("", "", ""),
+            None => self.metrics.route("", "", "", ""),
         };
         route.observe_sizes(&self.metrics, bytes_in, bytes_out);
         let Some(head) = self.head else { return };
@@ -221,7 +221,8 @@ impl Body for Counted {
                         if idle {
                             tracing::info!(
                                 namespace = %l.namespace,
-                                ingress = %l.ingress,
+                                route_kind = l.route_kind,
+                                route = %l.route,
                                 service = %l.service,
                                 request_id = ?f.request_id,
                                 "response body idle: no byte from the upstream for the stream idle timeout; aborting"
@@ -229,7 +230,12 @@ impl Body for Counted {
                         } else {
                             f.metrics
                                 .upstream_body_errors_total
-                                .with_label_values(&[&l.namespace, &l.ingress, &l.service])
+                                .with_label_values(&[
+                                    &l.namespace,
+                                    l.route_kind,
+                                    &l.route,
+                                    &l.service,
+                                ])
                                 .inc();
                         }
                     }
