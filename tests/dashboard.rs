@@ -1,5 +1,5 @@
 //! The dashboard listener: the page and its assets, the `/api/v1/state` JSON API with
-//! live endpoint state and live traffic per Ingress, and the Host check. Real sockets, a
+//! live endpoint state and live traffic per route, and the Host check. Real sockets, a
 //! real proxy in front of real upstreams, real clients.
 
 mod support;
@@ -118,13 +118,13 @@ fn endpoint_of(cluster: &Value, addr: SocketAddr) -> &Value {
         .unwrap_or_else(|| panic!("no endpoint {addr}: {cluster:#}"))
 }
 
-fn traffic_of<'a>(state: &'a Value, namespace: &str, name: &str) -> &'a Value {
-    state["traffic"]["ingresses"]
+fn traffic_of<'a>(state: &'a Value, kind: &str, namespace: &str, name: &str) -> &'a Value {
+    state["traffic"]["routes"]
         .as_array()
-        .expect("traffic.ingresses")
+        .expect("traffic.routes")
         .iter()
-        .find(|i| i["namespace"] == namespace && i["name"] == name)
-        .unwrap_or_else(|| panic!("no traffic for {namespace}/{name}: {state:#}"))
+        .find(|i| i["kind"] == kind && i["namespace"] == namespace && i["name"] == name)
+        .unwrap_or_else(|| panic!("no traffic for {kind} {namespace}/{name}: {state:#}"))
 }
 
 #[tokio::test]
@@ -311,7 +311,7 @@ async fn state_shows_routes_endpoints_certificates_and_diagnostics() {
 }
 
 #[tokio::test]
-async fn live_traffic_per_ingress_comes_from_the_proxy_counters() {
+async fn live_traffic_per_route_comes_from_the_proxy_counters() {
     let web = start_echo("web").await;
     // Every answer takes at least 30 ms: the percentiles have a floor the test knows.
     let (slow, _slow_stop) = start_hyper(|_req| async {
@@ -347,7 +347,7 @@ async fn live_traffic_per_ingress_comes_from_the_proxy_counters() {
 
     // Before any traffic: the served Ingresses, no traffic rows.
     let s = state(dashboard).await;
-    assert_eq!(s["traffic"]["ingresses"], json!([]));
+    assert_eq!(s["traffic"]["routes"], json!([]));
     assert_eq!(s["traffic"]["total"]["requests_total"], 0);
 
     for _ in 0..6 {
@@ -368,7 +368,7 @@ async fn live_traffic_per_ingress_comes_from_the_proxy_counters() {
         .expect("a window after two reads");
     assert!(window > 0.0);
 
-    let web_live = traffic_of(&s, "ns", "web");
+    let web_live = traffic_of(&s, "Ingress", "ns", "web");
     assert_eq!(web_live["requests_total"], 6);
     assert_eq!(web_live["errors_total"], 0);
     let requests = web_live["requests"].as_u64().expect("requests");
@@ -380,28 +380,29 @@ async fn live_traffic_per_ingress_comes_from_the_proxy_counters() {
     );
     assert_eq!(web_live["error_rate"], 0.0);
 
-    let slow_live = traffic_of(&s, "ns", "slow");
+    let slow_live = traffic_of(&s, "Ingress", "ns", "slow");
     assert_eq!(slow_live["requests_total"], 4);
     let p50 = slow_live["p50_seconds"].as_f64().expect("p50");
     let p99 = slow_live["p99_seconds"].as_f64().expect("p99");
     assert!(p50 >= 0.025, "p50 {p50}: every request took at least 30 ms");
     assert!(p99 >= p50 && p99 <= 10.0, "p50 {p50}, p99 {p99}");
 
-    let broken = traffic_of(&s, "ns", "broken");
+    let broken = traffic_of(&s, "Ingress", "ns", "broken");
     assert_eq!(broken["requests_total"], 3);
     assert_eq!(broken["errors_total"], 3);
     assert_eq!(broken["error_rate"], 1.0);
 
-    // The request no route matched: its own entry with empty names, a 404 is no error.
-    let unrouted = traffic_of(&s, "", "");
+    // The request no route matched: its own entry with empty names and kind, a 404 is
+    // no error.
+    let unrouted = traffic_of(&s, "", "", "");
     assert_eq!(unrouted["requests_total"], 1);
     assert_eq!(unrouted["errors_total"], 0);
 
     // An Ingress without traffic has no row; the page lists it from served_ingresses.
     assert!(
-        !t["ingresses"]
+        !t["routes"]
             .as_array()
-            .expect("ingresses")
+            .expect("routes")
             .iter()
             .any(|i| i["name"] == "idle")
     );

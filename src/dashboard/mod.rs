@@ -5,7 +5,7 @@
 //!   external fonts), so it works in an air-gapped cluster.
 //! - `GET /api/v1/state`: [`StateView`] as JSON: virtual hosts → routes → clusters →
 //!   endpoints with their live state (ready, terminating, ejected, in flight), TLS
-//!   certificates, diagnostics, and live traffic per Ingress (see [`traffic`]).
+//!   certificates, diagnostics, and live traffic per route (see [`traffic`]).
 //! - `GET /debug/snapshot`: [`crate::admin::SnapshotView`].
 //!
 //! The listener belongs on loopback. Requests whose `Host` is neither an IP address nor

@@ -1,10 +1,11 @@
-//! Live traffic per Ingress for the dashboard: requests per second, error rate and
+//! Live traffic per route for the dashboard: requests per second, error rate and
 //! latency percentiles over a short rolling window of the proxy's own counters.
 //!
 //! The source is
 //! `portcullis_request_duration_seconds{namespace,route_kind,route,service,code}`, the
-//! histogram every answered request is observed in. A sampler copies its counts,
-//! summed per Ingress, every [`INTERVAL`] while someone reads the dashboard; a read
+//! histogram every answered request is observed in. A sampler copies its counts, summed
+//! per route (namespace, kind and name), every [`INTERVAL`] while someone reads the
+//! dashboard; a read
 //! compares the counts at that moment with the oldest sample at most [`WINDOW`] old.
 //! When nobody has read for [`IDLE`], sampling pauses and the next read measures over
 //! the whole pause (the window it used is always in the answer), then sampling resumes.
@@ -27,11 +28,12 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Sampling pauses when nobody has read the figures for this long.
 pub const IDLE: Duration = Duration::from_secs(60);
 
-/// `(namespace, route)` as the metrics label a request; both empty when no route
-/// matched (a 404 answered by Portcullis itself).
-pub type IngressKey = (String, String);
+/// `(namespace, route_kind, route)` as the metrics label a request: all empty when no
+/// route matched (a 404 answered by Portcullis itself); kind and name empty for the
+/// `--default-backend-service` default backend.
+pub type RouteKey = (String, String, String);
 
-/// Cumulative counts of one Ingress at one moment.
+/// Cumulative counts of one route at one moment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
     /// Requests answered.
@@ -82,22 +84,24 @@ impl Counts {
     }
 }
 
-/// Cumulative counts of every Ingress that has answered a request.
-pub type CountsByIngress = BTreeMap<IngressKey, Counts>;
+/// Cumulative counts of every route that has answered a request.
+pub type CountsByRoute = BTreeMap<RouteKey, Counts>;
 
-/// Reads the request duration histogram, summed per Ingress over Services and status
+/// Reads the request duration histogram, summed per route over Services and status
 /// classes.
-pub fn read_counts(metrics: &Metrics) -> CountsByIngress {
-    let mut out = CountsByIngress::new();
+pub fn read_counts(metrics: &Metrics) -> CountsByRoute {
+    let mut out = CountsByRoute::new();
     for family in metrics.request_duration_seconds.collect() {
         for m in family.get_metric() {
             let mut namespace = "";
-            let mut ingress = "";
+            let mut kind = "";
+            let mut route = "";
             let mut code = "";
             for l in m.get_label() {
                 match l.name() {
                     "namespace" => namespace = l.value(),
-                    "route" => ingress = l.value(),
+                    "route_kind" => kind = l.value(),
+                    "route" => route = l.value(),
                     "code" => code = l.value(),
                     _ => {}
                 }
@@ -112,7 +116,7 @@ pub fn read_counts(metrics: &Metrics) -> CountsByIngress {
                 .collect();
             buckets.push((f64::INFINITY, count));
             let errors = if code == "5xx" { count } else { 0 };
-            out.entry((namespace.to_string(), ingress.to_string()))
+            out.entry((namespace.to_string(), kind.to_string(), route.to_string()))
                 .or_default()
                 .add(count, errors, &buckets);
         }
@@ -120,7 +124,7 @@ pub fn read_counts(metrics: &Metrics) -> CountsByIngress {
     out
 }
 
-/// The live figures of one Ingress (or of all together).
+/// The live figures of one route (or of all together).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Live {
     /// Requests answered since the process started.
@@ -160,11 +164,15 @@ impl Live {
     }
 }
 
-/// The live figures of one Ingress.
+/// The live figures of one route.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct IngressLive {
-    /// Empty, as is `name`, for requests no route matched.
+pub struct RouteLive {
+    /// Empty, as are `kind` and `name`, for requests no route matched; for the
+    /// `--default-backend-service` default backend, its Service's.
     pub namespace: String,
+    /// The `route_kind` label: `Ingress`, `HTTPRoute`, `GRPCRoute`, or empty.
+    pub kind: String,
+    /// The `route` label: the name of the object the route came from, or empty.
     pub name: String,
     #[serde(flatten)]
     pub live: Live,
@@ -176,11 +184,11 @@ pub struct TrafficView {
     /// Seconds between the base sample and this answer; null when there is no sample
     /// to compare with yet.
     pub window_seconds: Option<f64>,
-    /// All Ingresses together.
+    /// All routes together.
     pub total: Live,
-    /// Every Ingress that has answered a request since the process started, sorted by
-    /// namespace and name; the unrouted entry (empty names) first when present.
-    pub ingresses: Vec<IngressLive>,
+    /// Every route that has answered a request since the process started, sorted by
+    /// namespace, kind and name; the unrouted entry (all empty) first when present.
+    pub routes: Vec<RouteLive>,
 }
 
 /// The `q` quantile (0 < q ≤ 1) of a histogram given as `(upper bound, cumulative
@@ -214,13 +222,13 @@ pub fn quantile(q: f64, buckets: &[(f64, u64)]) -> Option<f64> {
 /// Samples kept for the rolling window, oldest first.
 #[derive(Debug, Default)]
 pub struct Window {
-    samples: VecDeque<(Instant, CountsByIngress)>,
+    samples: VecDeque<(Instant, CountsByRoute)>,
 }
 
 impl Window {
     /// Adds a sample taken at `at`, dropping those no read can use any more: all
     /// older than [`WINDOW`] but the newest of them.
-    pub fn push(&mut self, at: Instant, counts: CountsByIngress) {
+    pub fn push(&mut self, at: Instant, counts: CountsByRoute) {
         self.samples.push_back((at, counts));
         while self.samples.len() > 1
             && self
@@ -239,7 +247,7 @@ impl Window {
 
     /// The live figures at `now`, given the counts at `now`: against the oldest
     /// sample at most [`WINDOW`] old, else the newest older one.
-    pub fn view(&self, now: Instant, counts: &CountsByIngress) -> TrafficView {
+    pub fn view(&self, now: Instant, counts: &CountsByRoute) -> TrafficView {
         let base = self
             .samples
             .iter()
@@ -250,7 +258,7 @@ impl Window {
         let base_counts = base.map(|(_, c)| c);
         let mut total_now = Counts::default();
         let mut total_base = Counts::default();
-        let ingresses = counts
+        let routes = counts
             .iter()
             .map(|(key, c)| {
                 let b = base_counts.and_then(|m| m.get(key));
@@ -258,9 +266,10 @@ impl Window {
                 if let Some(b) = b {
                     total_base.add(b.requests, b.errors, &b.buckets);
                 }
-                IngressLive {
+                RouteLive {
                     namespace: key.0.clone(),
-                    name: key.1.clone(),
+                    kind: key.1.clone(),
+                    name: key.2.clone(),
                     live: Live::new(c, b, window),
                 }
             })
@@ -268,7 +277,7 @@ impl Window {
         TrafficView {
             window_seconds: window,
             total: Live::new(&total_now, Some(&total_base), window),
-            ingresses,
+            routes,
         }
     }
 }
@@ -317,7 +326,7 @@ impl Traffic {
             .push(now, counts);
     }
 
-    /// Reads the counters on a blocking thread: with thousands of Ingresses that takes
+    /// Reads the counters on a blocking thread: with thousands of routes that takes
     /// milliseconds, and the proxy's connections share the async workers.
     async fn sample_off_workers(self: &Arc<Self>) {
         let me = self.clone();
@@ -362,10 +371,38 @@ mod tests {
         }
     }
 
-    fn by(key: &str, c: Counts) -> CountsByIngress {
-        let mut m = CountsByIngress::new();
-        m.insert(("ns".into(), key.into()), c);
+    fn by(key: &str, c: Counts) -> CountsByRoute {
+        let mut m = CountsByRoute::new();
+        m.insert(("ns".into(), "Ingress".into(), key.into()), c);
         m
+    }
+
+    #[test]
+    fn counts_are_summed_per_route_kind_and_name() {
+        use http::{Method, StatusCode};
+        let m = Metrics::new();
+        let get = |kind, route, service, status| {
+            m.route("ns", kind, route, service)
+                .observe_request(&m, &Method::GET, status, 0.001);
+        };
+        get("Ingress", "web", "a", StatusCode::OK);
+        get("Ingress", "web", "b", StatusCode::BAD_GATEWAY);
+        get("HTTPRoute", "web", "a", StatusCode::OK);
+        m.route("", "", "", "")
+            .observe_request(&m, &Method::GET, StatusCode::NOT_FOUND, 0.001);
+        let counts = read_counts(&m);
+        let key = |kind: &str, name: &str| ("ns".to_string(), kind.to_string(), name.to_string());
+        assert_eq!(
+            counts.keys().cloned().collect::<Vec<_>>(),
+            [
+                (String::new(), String::new(), String::new()),
+                key("HTTPRoute", "web"),
+                key("Ingress", "web")
+            ]
+        );
+        let ingress = &counts[&key("Ingress", "web")];
+        assert_eq!((ingress.requests, ingress.errors), (2, 1));
+        assert_eq!(counts[&key("HTTPRoute", "web")].requests, 1);
     }
 
     #[test]
@@ -402,8 +439,11 @@ mod tests {
         let now = t0 + Duration::from_secs(13);
         let v = w.view(now, &by("a", counts(140, 13, 10)));
         assert_eq!(v.window_seconds, Some(10.0));
-        let a = &v.ingresses[0];
-        assert_eq!((a.namespace.as_str(), a.name.as_str()), ("ns", "a"));
+        let a = &v.routes[0];
+        assert_eq!(
+            (a.namespace.as_str(), a.kind.as_str(), a.name.as_str()),
+            ("ns", "Ingress", "a")
+        );
         assert_eq!(a.live.requests_total, 140);
         assert_eq!(a.live.requests, 100);
         assert_eq!(a.live.errors, 10);
@@ -423,8 +463,8 @@ mod tests {
         let now = t0 + Duration::from_secs(300);
         let v = w.view(now, &by("a", counts(600, 0, 600)));
         assert_eq!(v.window_seconds, Some(300.0));
-        assert_eq!(v.ingresses[0].live.requests_per_second, Some(2.0));
-        assert_eq!(v.ingresses[0].live.error_rate, Some(0.0));
+        assert_eq!(v.routes[0].live.requests_per_second, Some(2.0));
+        assert_eq!(v.routes[0].live.error_rate, Some(0.0));
         // Samples older than the window go, except the newest of them.
         w.push(now, by("a", counts(600, 0, 600)));
         w.push(now + Duration::from_secs(11), by("a", counts(600, 0, 600)));
@@ -433,12 +473,12 @@ mod tests {
     }
 
     #[test]
-    fn an_ingress_new_in_the_window_counts_from_zero() {
+    fn a_route_new_in_the_window_counts_from_zero() {
         let t0 = Instant::now();
         let mut w = Window::default();
-        w.push(t0, CountsByIngress::new());
+        w.push(t0, CountsByRoute::new());
         let v = w.view(t0 + Duration::from_secs(2), &by("b", counts(4, 4, 0)));
-        let b = &v.ingresses[0].live;
+        let b = &v.routes[0].live;
         assert_eq!(b.requests, 4);
         assert_eq!(b.requests_per_second, Some(2.0));
         assert_eq!(b.error_rate, Some(1.0));
@@ -446,7 +486,7 @@ mod tests {
         let mut w = Window::default();
         w.push(t0, by("b", counts(4, 4, 0)));
         let v = w.view(t0 + Duration::from_secs(2), &by("b", counts(4, 4, 0)));
-        let b = &v.ingresses[0].live;
+        let b = &v.routes[0].live;
         assert_eq!(b.requests_per_second, Some(0.0));
         assert_eq!(b.error_rate, None);
         assert_eq!(b.p99_seconds, None);

@@ -187,13 +187,13 @@ async function main() {
   assert.match(vhostHead, /TLS demo\/demo-tls/);
 
   // Live traffic: send requests while the page polls, until it shows a rate above 0.
-  const rpsCell = page.locator('tr[data-ingress="demo/demo"] td[data-field="rps"]');
+  const rpsCell = page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="rps"]');
   let rps = 0;
   for (let round = 0; round < 15 && rps <= 0; round++) {
     await sendTraffic(demo.http, 5);
     try {
       await page.waitForFunction(() => {
-        const c = document.querySelector('tr[data-ingress="demo/demo"] td[data-field="rps"]');
+        const c = document.querySelector('tr[data-traffic="Ingress demo/demo"] td[data-field="rps"]');
         return c && Number(c.dataset.value) > 0;
       }, null, { timeout: 5_000 });
     } catch {
@@ -204,11 +204,11 @@ async function main() {
   assert.ok(rps > 0, `the demo Ingress shows requests/s ${rps} after ${sent} requests`);
   const shown = (await rpsCell.innerText()).trim();
   assert.ok(Number(shown.replace(/,/g, "")) > 0, `requests/s as shown: "${shown}"`);
-  const total = Number(await page.locator('tr[data-ingress="demo/demo"] td[data-field="total"]').getAttribute("data-value"));
+  const total = Number(await page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="total"]').getAttribute("data-value"));
   assert.ok(total > 0 && total <= sent, `total ${total}, sent ${sent}`);
-  const errorRate = await page.locator('tr[data-ingress="demo/demo"] td[data-field="error_rate"]').innerText();
+  const errorRate = await page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="error_rate"]').innerText();
   assert.match(errorRate, /^0%$/);
-  const p99 = await page.locator('tr[data-ingress="demo/demo"] td[data-field="p99"]').innerText();
+  const p99 = await page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="p99"]').innerText();
   assert.match(p99, /\d.* (ms|s)$/);
   const summaryRps = await page.locator('[data-card="rps"] .value').innerText();
   assert.ok(Number(summaryRps.replace(/,/g, "")) > 0, `summary requests/s "${summaryRps}"`);
@@ -244,7 +244,7 @@ async function main() {
     inner: window.innerWidth,
   }));
   assert.ok(widths.scroll <= widths.inner, `horizontal overflow at phone width: ${JSON.stringify(widths)}`);
-  assert.ok(await page.locator('tr[data-ingress="demo/demo"] td[data-field="rps"]').isVisible());
+  assert.ok(await page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="rps"]').isVisible());
   assert.ok(await page.locator('[data-route="demo.localhost/api"]').isVisible());
   if (SCREENSHOT_DIR) {
     await page.screenshot({ path: path.join(SCREENSHOT_DIR, "dashboard-phone.png"), fullPage: true });

@@ -147,25 +147,28 @@ function renderTraffic(s) {
   $("window").textContent = tr.window_seconds === null
     ? "(waiting for a second sample)"
     : "(last " + Math.round(tr.window_seconds) + " s)";
+  // A route is its kind, namespace and name, as the metrics label it.
+  const keyOf = (kind, namespace, name) => kind + " " + namespace + "/" + name;
   const byKey = new Map();
-  for (const i of tr.ingresses) byKey.set(i.namespace + "/" + i.name, i);
+  for (const r of tr.routes) byKey.set(keyOf(r.kind, r.namespace, r.name), r);
   const rows = [];
   const seen = new Set();
-  const add = (key, label, live) => {
+  const add = (key, label, special, live) => {
     seen.add(key);
-    rows.push({ key, label, live });
+    rows.push({ key, label, special, live });
   };
   for (const ing of s.served_ingresses) {
-    const key = ing.namespace + "/" + ing.name;
-    add(key, key, byKey.get(key) || null);
+    const key = keyOf("Ingress", ing.namespace, ing.name);
+    add(key, key, false, byKey.get(key) || null);
   }
   for (const [key, live] of byKey) {
     if (seen.has(key)) continue;
-    // Empty names: a request no route matched; an empty Ingress name alone: the
-    // default backend of --default-backend-service.
-    const label = key === "/" ? "no route (404)"
-      : key.endsWith("/") ? "default backend (" + live.namespace + ")" : key;
-    add(key, label, live);
+    // No kind: a request no route matched (no namespace either), or the default
+    // backend of --default-backend-service (its Service's namespace).
+    const special = live.kind === "";
+    const label = !special ? key
+      : live.namespace === "" ? "no route (404)" : "default backend (" + live.namespace + ")";
+    add(key, label, special, live);
   }
   rows.sort((a, b) => {
     const ra = a.live ? a.live.requests : -1;
@@ -180,8 +183,8 @@ function renderTraffic(s) {
     const rps = l ? l.requests_per_second : null;
     const err = l ? l.error_rate : null;
     const errCls = severity(err, 0.01, 0.05);
-    body.push(el("tr", { "data-ingress": r.key },
-      el("td", { class: "first" }, r.label !== r.key ? el("span", { class: "muted" }, r.label) : r.label),
+    body.push(el("tr", { "data-traffic": r.key },
+      el("td", { class: "first" }, r.special ? el("span", { class: "muted" }, r.label) : r.label),
       td("Requests/s", fmtRate(l ? rps : 0), { class: "num", "data-field": "rps", "data-value": rps === null ? "" : rps }),
       td("Errors (5xx)", fmtPercent(err), { class: "num " + (errCls ? errCls + "-text" : ""), "data-field": "error_rate", "data-value": err === null ? "" : err }),
       td("p50", fmtSeconds(l ? l.p50_seconds : null), { class: "num", "data-field": "p50" }),
@@ -190,7 +193,7 @@ function renderTraffic(s) {
   }
   if (!body.length) {
     body.push(el("tr", {}, el("td", { colspan: 6, class: "empty" },
-      filter ? "No Ingress matches the filter." : "No Ingress is served yet.")));
+      filter ? "No route matches the filter." : "No route is served yet.")));
   }
   $("traffic").tBodies[0].replaceChildren(...body);
 }
