@@ -245,7 +245,8 @@ fn dashboard_queries() -> Vec<String> {
             out.push(
                 expr.replace("$__rate_interval", "1m")
                     .replace("$namespace", ".*")
-                    .replace("$ingress", ".*"),
+                    .replace("$route_kind", ".*")
+                    .replace("$route", ".*"),
             );
         }
     }
