@@ -11,8 +11,9 @@ use proptest::prelude::*;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use portcullis::model::{
-    Conditions, HeaderCondition, HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route,
-    RouteKind, RouteMatch, RouteSource, RouteTable, ValueMatch, reference_lookup,
+    Conditions, HeaderCondition, HostPattern, ListenerKind, ObjectRef, PathRule, PathType,
+    RequestFacts, Route, RouteKind, RouteMatch, RouteSource, RouteTable, ValueMatch,
+    reference_lookup,
 };
 
 /// Rule hosts: exact, one-label wildcard, or none. Few names, so that an exact host,
@@ -165,6 +166,12 @@ fn routes_of(rules: &[Rule]) -> Vec<Route> {
                         .into_iter()
                         .collect(),
                     query: Vec::new(),
+                    // Some conditioned routes exist on one listener only.
+                    listener: match i % 4 {
+                        1 => Some(ListenerKind::Http),
+                        3 => Some(ListenerKind::Https),
+                        _ => None,
+                    },
                 })
             });
             route
@@ -240,7 +247,9 @@ proptest! {
                 headers.insert("x-a", HeaderValue::from_static(v));
             }
             let method = if *post { Method::POST } else { Method::GET };
-            let facts = RequestFacts { method: &method, headers: &headers, query: None };
+            // Every other request arrives over TLS.
+            let listener = if path.len() % 2 == 0 { ListenerKind::Https } else { ListenerKind::Http };
+            let facts = RequestFacts { method: &method, headers: &headers, query: None, listener };
             let want = identity(reference_lookup(&routes, host.as_deref(), path, &facts));
             for (name, t) in [("default", &table), ("scanned", &scanned), ("hashed", &hashed)] {
                 let got = identity(t.lookup(host.as_deref(), path, &facts));

@@ -21,9 +21,9 @@ use serde::Serialize;
 
 pub use matching::{HostMatch, HostPattern, PathRule, PathType, Pattern, Precedence, request_host};
 pub use route::{
-    Action, BackendTarget, Backends, Conditions, Filters, HeaderCondition, HeaderModifier, Mirror,
-    PathModifier, QueryCondition, Redirect, RequestFacts, Route, RouteKind, RouteSource, Timeouts,
-    UrlRewrite, ValueMatch, WeightedBackend,
+    Action, BackendTarget, Backends, Conditions, Filters, HeaderCondition, HeaderModifier,
+    ListenerKind, Mirror, PathModifier, QueryCondition, Redirect, RequestFacts, Route, RouteKind,
+    RouteSource, Timeouts, UrlRewrite, ValueMatch, WeightedBackend,
 };
 pub use router::{RouteMatch, RouteTable, VirtualHost, reference_lookup};
 pub use tls::{CertEntry, IngressTls, TlsTable};

@@ -103,12 +103,24 @@ pub struct QueryCondition {
     pub value: ValueMatch,
 }
 
+/// Which of our listeners a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    Http,
+    Https,
+}
+
 /// What a request must have besides host and path; all conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Conditions {
     pub method: Option<Method>,
     pub headers: Vec<HeaderCondition>,
     pub query: Vec<QueryCondition>,
+    /// The listener the route is served on; `None` for both. A Gateway API route is
+    /// served only on the listeners of the Gateway listeners it attached to. Not part
+    /// of precedence: it only says where a route exists.
+    pub listener: Option<ListenerKind>,
 }
 
 /// What conditions are checked against: the parts of a request beyond host and path.
@@ -118,17 +130,20 @@ pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
     /// The query string, without `?`.
     pub query: Option<&'a str>,
+    /// The listener the request came in on.
+    pub listener: ListenerKind,
 }
 
 static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
 
 impl RequestFacts<'static> {
-    /// A `GET` without headers or query: what a path-only lookup assumes.
+    /// A plain-HTTP `GET` without headers or query: what a path-only lookup assumes.
     pub fn get() -> RequestFacts<'static> {
         RequestFacts {
             method: &Method::GET,
             headers: &NO_HEADERS,
             query: None,
+            listener: ListenerKind::Http,
         }
     }
 }
@@ -138,6 +153,11 @@ impl Conditions {
     /// compared as its values joined by `,` (RFC 9110 5.3); a query parameter sent
     /// several times by its first value, percent-decoded.
     pub fn matches(&self, req: &RequestFacts<'_>) -> bool {
+        if let Some(l) = self.listener
+            && l != req.listener
+        {
+            return false;
+        }
         if let Some(m) = &self.method
             && m != req.method
         {
@@ -556,6 +576,7 @@ mod tests {
                 name: "v".into(),
                 value: ValueMatch::Regex(Pattern::new("[0-9]+").unwrap()),
             }],
+            listener: None,
         };
         let mut h = HeaderMap::new();
         h.insert("X-Env", HeaderValue::from_static("canary"));
@@ -563,6 +584,7 @@ mod tests {
             method: m,
             headers: &h,
             query: q,
+            listener: ListenerKind::Http,
         };
         assert!(c.matches(&facts(&Method::POST, Some("a=1&v=2"))));
         assert!(c.matches(&facts(&Method::POST, Some("v=%32%33"))));

@@ -49,8 +49,8 @@ use super::upgrade;
 use crate::metrics::RouteSeries;
 use crate::model::path::normalize;
 use crate::model::{
-    Action, BackendTarget, Cluster, Decision, Filters, PathType, Redirect, RequestFacts, Route,
-    RouteKind, Timeouts, request_host,
+    Action, BackendTarget, Cluster, Decision, Filters, ListenerKind, PathType, Redirect,
+    RequestFacts, Route, RouteKind, Timeouts, request_host,
 };
 
 /// The longest path and query accepted (414 beyond), as nginx's default
@@ -670,6 +670,11 @@ async fn proxy(
         method: &parts.method,
         headers: &parts.headers,
         query: parts.uri.query(),
+        listener: if conn.tls.is_some() {
+            ListenerKind::Https
+        } else {
+            ListenerKind::Http
+        },
     };
     let routed = route(
         inner,

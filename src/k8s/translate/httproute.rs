@@ -23,9 +23,9 @@ use crate::k8s::gateway_api::httproutes::{
 use crate::model::gateway::{AttachReason, RefsReason, RouteInfo, RouteParentStatus};
 use crate::model::{
     Action, BackendTarget, Backends, Conditions, Filters, HeaderCondition, HeaderModifier,
-    HostPattern, Mirror, ObjectRef, PathModifier, PathRule, PathType, Pattern, QueryCondition,
-    Redirect, Route, RouteKind, RouteSource, Severity, Timeouts, Upstream, UrlRewrite, ValueMatch,
-    WeightedBackend,
+    HostPattern, ListenerKind, Mirror, ObjectRef, PathModifier, PathRule, PathType, Pattern,
+    QueryCondition, Redirect, Route, RouteKind, RouteSource, Severity, Timeouts, Upstream,
+    UrlRewrite, ValueMatch, WeightedBackend,
 };
 
 const KIND: &str = "HTTPRoute";
@@ -929,6 +929,9 @@ fn route_match(
 
     let mut conditions = Conditions {
         method: m.method.as_ref().map(method),
+        // Gateway listeners are served on the HTTP listener only (HTTPS ones are not
+        // programmed yet): the route does not exist on the HTTPS listener.
+        listener: Some(ListenerKind::Http),
         ..Conditions::default()
     };
     let mut seen: FastMap<HeaderName, ()> = FastMap::default();
@@ -986,8 +989,7 @@ fn route_match(
             value,
         });
     }
-    let conditions = (conditions != Conditions::default()).then(|| Box::new(conditions));
-    Some((path, conditions))
+    Some((path, Some(Box::new(conditions))))
 }
 
 fn method(m: &HttpRouteRulesMatchesMethod) -> Method {
