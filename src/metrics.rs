@@ -135,6 +135,11 @@ pub struct Metrics {
     /// could have been retried, answered instead because the Service's retry budget was
     /// spent.
     pub retry_budget_exhausted_total: IntCounterVec,
+    /// `portcullis_mirror_dropped_total{namespace,service,reason}`: request copies of a
+    /// `RequestMirror` filter that were not sent or not delivered whole, by the mirror's
+    /// Service; reason `in_flight_limit`, `no_endpoints`, `body_overflow`,
+    /// `body_aborted`, `timeout` or `upstream_error`.
+    pub mirror_dropped_total: IntCounterVec,
     /// `portcullis_stream_idle_timeouts_total{direction}`: streams aborted after moving no
     /// byte for `--stream-idle-timeout`; direction `request` (the request body from
     /// downstream), `response` (the response body from upstream) or `tunnel` (an
@@ -380,6 +385,14 @@ impl Metrics {
             &["namespace", "service"],
         )
         .expect("static metric definition is valid");
+        let mirror_dropped_total = IntCounterVec::new(
+            Opts::new(
+                "portcullis_mirror_dropped_total",
+                "Mirrored request copies not sent or not delivered whole, by the mirror's Service and reason.",
+            ),
+            &["namespace", "service", "reason"],
+        )
+        .expect("static metric definition is valid");
         let stream_idle_timeouts_total = IntCounterVec::new(
             Opts::new(
                 "portcullis_stream_idle_timeouts_total",
@@ -440,6 +453,7 @@ impl Metrics {
             Box::new(upstream_retries_total.clone()),
             Box::new(upstream_body_errors_total.clone()),
             Box::new(retry_budget_exhausted_total.clone()),
+            Box::new(mirror_dropped_total.clone()),
             Box::new(stream_idle_timeouts_total.clone()),
             Box::new(path_normalization_rejected_total.clone()),
             Box::new(leader.clone()),
@@ -475,6 +489,7 @@ impl Metrics {
             upstream_retries_total,
             upstream_body_errors_total,
             retry_budget_exhausted_total,
+            mirror_dropped_total,
             stream_idle_timeouts_total,
             path_normalization_rejected_total,
             leader,
