@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use super::balance::InFlight;
 use super::errors::BoxError;
 use super::forward::UpstreamBody;
+use super::mirror::{MirrorFeed, Tee};
 
 /// The response body type of every answer the proxy gives.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -187,6 +188,51 @@ pub enum RequestBodyError {
     /// Reading from downstream failed (the client went away, or sent bad framing).
     #[error("reading the request body failed")]
     Downstream(#[source] hyper::Error),
+    /// A mirror's copy of the body was abandoned before its end: the mirror fell
+    /// behind, or the request it copies stopped short.
+    #[error("mirrored request body abandoned")]
+    MirrorAbandoned,
+}
+
+/// Where a request body's bytes come from: the downstream client, or (for a mirror's
+/// copy) the request body it copies.
+enum Inbound {
+    Client(Incoming),
+    Mirror(MirrorFeed),
+}
+
+impl Inbound {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        match self {
+            Inbound::Client(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(RequestBodyError::Downstream),
+            Inbound::Mirror(feed) => feed.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inbound::Client(body) => body.is_end_stream(),
+            Inbound::Mirror(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::Client(body) => body.size_hint(),
+            Inbound::Mirror(feed) => feed.size_hint(),
+        }
+    }
+}
+
+/// A body no attempt has taken yet, with the mirrors' copies of it.
+struct Pending {
+    body: Inbound,
+    tee: Option<Tee>,
 }
 
 /// The downstream body, shared by every attempt to send one request upstream. It stays
@@ -194,7 +240,7 @@ pub enum RequestBodyError {
 /// of the body (a refused connect, a pooled connection found closed) leaves it for the
 /// next one.
 struct BodySource {
-    slot: Mutex<Option<Incoming>>,
+    slot: Mutex<Option<Pending>>,
     progress: Arc<BodyProgress>,
     idle: RequestIdle,
 }
@@ -228,6 +274,11 @@ impl BodyProgress {
     /// Body bytes read from downstream so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// The progress of a body that had no bytes from the start: complete, never over.
+    pub(crate) fn of_empty() -> &'static BodyProgress {
+        &EMPTY_PROGRESS
     }
 }
 
@@ -290,7 +341,9 @@ static EMPTY_PROGRESS: BodyProgress = BodyProgress {
 pub struct RequestBody {
     /// `None` when the body was empty from the start: any attempt can send it again.
     source: Option<Arc<BodySource>>,
-    inner: Option<Incoming>,
+    inner: Option<Inbound>,
+    /// The mirrors' copies, fed with every frame read; taken with the body.
+    tee: Option<Tee>,
     taken: bool,
     limit: Option<u64>,
     seen: u64,
@@ -302,16 +355,71 @@ impl RequestBody {
     /// `inner` limited to `limit` bytes, failing with [`RequestBodyError::Idle`] when
     /// the client sends nothing for `idle.limit`.
     pub fn new(inner: Incoming, limit: Option<u64>, idle: &RequestIdle) -> RequestBody {
-        let source = (!inner.is_end_stream()).then(|| {
+        RequestBody::teed(inner, limit, idle, None)
+    }
+
+    /// [`RequestBody::new`], also feeding every frame read to the mirrors' copies in
+    /// `tee` (never waiting for them). A body empty from the start feeds nothing.
+    pub(crate) fn teed(
+        inner: Incoming,
+        limit: Option<u64>,
+        idle: &RequestIdle,
+        tee: Option<Tee>,
+    ) -> RequestBody {
+        let empty = inner.is_end_stream();
+        RequestBody::with_source(
+            (!empty).then(|| Pending {
+                body: Inbound::Client(inner),
+                tee,
+            }),
+            limit,
+            idle.clone(),
+        )
+    }
+
+    /// A mirror's copy of a request body, ending as the body it copies ends, failing
+    /// with [`RequestBodyError::MirrorAbandoned`] when that one stops short. Without a
+    /// limit or idle timeout of its own: the body it copies has them.
+    pub(crate) fn mirror(feed: MirrorFeed, idle: &RequestIdle) -> RequestBody {
+        let idle = RequestIdle {
+            limit: Duration::ZERO,
+            timeouts: idle.timeouts.clone(),
+        };
+        RequestBody::with_source(
+            Some(Pending {
+                body: Inbound::Mirror(feed),
+                tee: None,
+            }),
+            None,
+            idle,
+        )
+    }
+
+    /// An empty body, for a mirror's copy of a request without one.
+    pub(crate) fn empty() -> RequestBody {
+        RequestBody {
+            source: None,
+            inner: None,
+            tee: None,
+            taken: false,
+            limit: None,
+            seen: 0,
+            idle: None,
+        }
+    }
+
+    fn with_source(pending: Option<Pending>, limit: Option<u64>, idle: RequestIdle) -> RequestBody {
+        let source = pending.map(|pending| {
             Arc::new(BodySource {
-                slot: Mutex::new(Some(inner)),
+                slot: Mutex::new(Some(pending)),
                 progress: Arc::default(),
-                idle: idle.clone(),
+                idle,
             })
         });
         RequestBody {
             source,
             inner: None,
+            tee: None,
             taken: false,
             limit,
             seen: 0,
@@ -359,6 +467,7 @@ impl RequestBody {
         Some(RequestBody {
             source: self.source.clone(),
             inner: None,
+            tee: None,
             taken: false,
             limit: self.limit,
             seen: 0,
@@ -367,7 +476,7 @@ impl RequestBody {
     }
 
     /// The shared slot; `None` for a body that was empty from the start.
-    fn slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Incoming>>> {
+    fn slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Pending>>> {
         self.source
             .as_ref()
             .map(|s| s.slot.lock().unwrap_or_else(|e| e.into_inner()))
@@ -386,13 +495,16 @@ impl Body for RequestBody {
         if !this.taken {
             this.taken = true;
             let taken = this.slot().and_then(|mut slot| slot.take());
-            this.inner = taken;
+            if let Some(pending) = taken {
+                this.inner = Some(pending.body);
+                this.tee = pending.tee;
+            }
             this.idle = this.source.as_ref().map(|s| IdleTimer::new(s.idle.limit));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let polled = inner.poll_frame(cx);
         if let Some(idle) = this.idle.as_mut() {
             if polled.is_pending() {
                 if idle.expired(cx) {
@@ -402,6 +514,8 @@ impl Body for RequestBody {
                         source.idle_timeout("no byte from the client");
                     }
                     this.inner = None;
+                    // Dropping the tee abandons the mirrors' copies.
+                    this.tee = None;
                     return Poll::Ready(Some(Err(RequestBodyError::Idle(StreamIdle))));
                 }
             } else if matches!(&polled, Poll::Ready(Some(Ok(f))) if f.data_ref().is_none_or(|d| !d.is_empty()))
@@ -422,8 +536,16 @@ impl Body for RequestBody {
         }
         match polled {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Downstream(e)))),
+            Poll::Ready(None) => {
+                if let Some(tee) = this.tee.take() {
+                    tee.finish();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.tee = None;
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen = this.seen.saturating_add(data.len() as u64);
@@ -435,7 +557,14 @@ impl Body for RequestBody {
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if this.limit.is_some_and(|limit| this.seen > limit) {
                         progress.exceeded.store(true, Ordering::Release);
+                        this.tee = None;
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge)));
+                    }
+                }
+                if let Some(tee) = this.tee.as_mut() {
+                    tee.offer(&frame);
+                    if ended && let Some(tee) = this.tee.take() {
+                        tee.finish();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -449,7 +578,7 @@ impl Body for RequestBody {
             (None, true) => true,
             (None, false) => self
                 .slot()
-                .is_none_or(|slot| slot.as_ref().is_none_or(Body::is_end_stream)),
+                .is_none_or(|slot| slot.as_ref().is_none_or(|p| p.body.is_end_stream())),
         }
     }
 
@@ -461,7 +590,7 @@ impl Body for RequestBody {
                 || SizeHint::with_exact(0),
                 |slot| {
                     slot.as_ref()
-                        .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+                        .map_or_else(|| SizeHint::with_exact(0), |p| p.body.size_hint())
                 },
             ),
         }

@@ -302,8 +302,8 @@ impl UpstreamClient {
     /// Sends `req` to `target` and waits for the response headers until `timer` fires
     /// (`None`: the timer already fired, so this is a timeout at once). HTTP/1 requests
     /// carry an origin-form URI; h2c requests an absolute one naming `target`. The
-    /// upstream metrics go to `route`'s Service series, timed from `start` (when this
-    /// attempt began). `body` tells whether the request body passed its limit (a 413,
+    /// upstream metrics go to `route`'s Service series (none without one: a mirror's
+    /// copy), timed from `start` (when this attempt began). `body` tells whether the request body passed its limit (a 413,
     /// whatever hyper reports).
     #[allow(clippy::too_many_arguments)]
     pub async fn send(
@@ -311,7 +311,7 @@ impl UpstreamClient {
         req: Request<RequestBody>,
         target: &Target,
         via: Via,
-        route: &RouteSeries,
+        route: Option<&RouteSeries>,
         body: &BodyProgress,
         start: Instant,
         timer: Option<Pin<&mut tokio::time::Sleep>>,
@@ -340,9 +340,11 @@ impl UpstreamClient {
             return Err(timeout());
         };
         let resp = result?;
-        route
-            .upstream_response(&self.metrics)
-            .observe(start.elapsed().as_secs_f64());
+        if let Some(route) = route {
+            route
+                .upstream_response(&self.metrics)
+                .observe(start.elapsed().as_secs_f64());
+        }
         Ok(resp)
     }
 
@@ -355,7 +357,7 @@ impl UpstreamClient {
         mut req: Request<RequestBody>,
         target: &Target,
         fresh: bool,
-        route: &RouteSeries,
+        route: Option<&RouteSeries>,
         body: &BodyProgress,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
@@ -387,7 +389,7 @@ impl UpstreamClient {
             .await;
             match sent {
                 Ok(resp) => {
-                    if let Some(seconds) = connect_seconds {
+                    if let (Some(seconds), Some(route)) = (connect_seconds, route) {
                         route.upstream_connect(&self.metrics).observe(seconds);
                     }
                     // After a protocol switch the connection belongs to the tunnel: its
@@ -443,7 +445,7 @@ impl UpstreamClient {
         &self,
         req: Request<RequestBody>,
         fresh: bool,
-        route: &RouteSeries,
+        route: Option<&RouteSeries>,
         body: &BodyProgress,
     ) -> Result<Response<UpstreamBody>, Failure> {
         let client = if fresh { &self.h2c_fresh } else { &self.h2c };
@@ -453,6 +455,7 @@ impl UpstreamClient {
             .map_err(|e| classify_legacy(e, body))?;
         if let Some(timing) = resp.extensions().get::<ConnectTiming>()
             && !timing.reported.swap(true, Ordering::Relaxed)
+            && let Some(route) = route
         {
             route
                 .upstream_connect(&self.metrics)

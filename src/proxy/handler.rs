@@ -33,7 +33,7 @@ use http::header::{
 };
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use prometheus::{IntCounter, IntGauge};
 use tokio::time::Sleep;
 use tracing::debug;
@@ -44,13 +44,14 @@ use super::body::{Answer, ProxyBody, RequestBody, full};
 use super::errors::ProxyError;
 use super::forward::{FailureKind, Via};
 use super::headers::{self, ConnForwarded, X_REQUEST_ID};
+use super::mirror;
 use super::observe::{Exchange, Observer, RequestHead, finish_with};
 use super::upgrade;
 use crate::metrics::RouteSeries;
 use crate::model::path::normalize;
 use crate::model::{
     Action, BackendTarget, Cluster, Decision, Filters, ListenerKind, PathType, Redirect,
-    RequestFacts, Route, RouteKind, Timeouts, request_host,
+    RequestFacts, Route, RouteKind, Snapshot, Timeouts, request_host,
 };
 
 /// The longest path and query accepted (414 beyond), as nginx's default
@@ -406,6 +407,8 @@ struct Routed {
     timeouts: Timeouts,
     /// The part of the path a Prefix route matched (its key), for `ReplacePrefixMatch`.
     matched_prefix: Option<Arc<str>>,
+    /// The clusters of the route's and the chosen backend's `RequestMirror` filters.
+    mirrors: Vec<Arc<Cluster>>,
 }
 
 /// Routes `path` (normalised, unless normalisation is off) with the snapshot in force:
@@ -436,7 +439,7 @@ fn route(
         };
         *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
     }
-    let (id, series, max_body_size, filters, timeouts, matched_prefix) = match decision {
+    let (id, series, max_body_size, filters, timeouts, matched_prefix, mirrors) = match decision {
         Decision::Route(m) => {
             let r = m.route;
             let source = &r.source.object;
@@ -503,6 +506,7 @@ fn route(
                 [r.filters.clone(), backend.filters.clone()],
                 r.timeouts,
                 matched_prefix,
+                mirror_clusters(&snapshot, [&r.filters, &backend.filters]),
             )
         }
         Decision::DefaultBackend(cluster) => (
@@ -524,6 +528,7 @@ fn route(
             [None, None],
             Timeouts::default(),
             None,
+            Vec::new(),
         ),
         Decision::NotFound => {
             return Err(ProxyError::NoRoute {
@@ -549,7 +554,25 @@ fn route(
         filters,
         timeouts,
         matched_prefix,
+        mirrors,
     })
+}
+
+/// The clusters that `filters` (the route's, then the backend's) mirror requests to.
+fn mirror_clusters(snapshot: &Snapshot, filters: [&Option<Arc<Filters>>; 2]) -> Vec<Arc<Cluster>> {
+    filters
+        .into_iter()
+        .flatten()
+        .flat_map(|f| &f.mirrors)
+        .filter_map(|m| snapshot.clusters.get(m.cluster as usize).cloned())
+        .collect()
+}
+
+/// `limit` after `from`; a limit too large to add is about 30 years.
+fn later(from: Instant, limit: Duration) -> Instant {
+    from.checked_add(limit)
+        .or_else(|| from.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(from)
 }
 
 /// The answer of a route's `RequestRedirect`. Unset parts keep the request's own:
@@ -790,8 +813,6 @@ async fn proxy(
         }
     }
 
-    let body = RequestBody::new(body, routed.max_body_size, &inner.request_idle);
-    obs.request_bytes = body.progress();
     let upstream_start = Instant::now();
     // Until the response head: the global limit, or a route's tighter `timeouts`
     // (Gateway API: `request` for the whole exchange, `backendRequest` per attempt;
@@ -800,10 +821,25 @@ async fn proxy(
         .into_iter()
         .flatten()
         .fold(inner.upstream.response_timeout(), Duration::min);
-    let mut lease = TimerLease::new(
-        conn,
-        tokio::time::Instant::from_std(upstream_start) + response_limit,
-    );
+    let first_deadline = later(upstream_start, response_limit);
+    let tee = if routed.mirrors.is_empty() || upgrade_protocol.is_some() {
+        None
+    } else {
+        mirror::send(
+            inner,
+            &routed.mirrors,
+            mirror::Original {
+                method: &parts.method,
+                path_and_query: &path_and_query,
+                headers: &parts.headers,
+                body: (!body.is_end_stream()).then(|| body.size_hint()),
+                deadline: first_deadline,
+            },
+        )
+    };
+    let body = RequestBody::teed(body, routed.max_body_size, &inner.request_idle, tee);
+    obs.request_bytes = body.progress();
+    let mut lease = TimerLease::new(conn, tokio::time::Instant::from_std(first_deadline));
     let mut attempt_start = upstream_start;
     let mut via = Via { h2c, fresh: false };
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -857,7 +893,7 @@ async fn proxy(
                 upstream_req,
                 &picked.target,
                 via,
-                &routed.series,
+                Some(&routed.series),
                 body.progress_ref(),
                 attempt_start,
                 lease.timer(),

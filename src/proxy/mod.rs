@@ -16,7 +16,8 @@
 //! asks every client to go elsewhere (HTTP/1 responses carry `Connection: close`,
 //! HTTP/2 connections get GOAWAY); the `shutdown` signal of [`Proxy::serve_http`] then
 //! closes the listener and waits for open connections, and
-//! [`Proxy::tunnels_closed`] for upgraded ones.
+//! [`Proxy::tunnels_closed`] for upgraded ones. Mirror copies of requests are never
+//! waited for: they hold no downstream connection, and end when the proxy is dropped.
 
 mod balance;
 pub mod body;
@@ -25,6 +26,7 @@ mod forward;
 mod handler;
 pub mod headers;
 pub(crate) mod listener;
+mod mirror;
 mod observe;
 pub mod retry;
 pub mod tls;
@@ -44,6 +46,7 @@ use crate::model::safety::EndpointPolicy;
 
 pub use balance::{Ejection, LoadBalance};
 pub use errors::{Origin, ProxyError};
+pub use mirror::{DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_MIRRORS_IN_FLIGHT, DropReason};
 pub use tls::TlsSettings;
 
 /// Limits and timeouts of the data path. `Default` gives the documented defaults.
@@ -92,6 +95,10 @@ pub struct ProxyConfig {
     /// rules ([`EndpointPolicy`]). The default is Kubernetes mode's (loopback,
     /// link-local and unspecified refused); file mode allows local addresses.
     pub endpoint_policy: EndpointPolicy,
+    /// Copies of requests (Gateway API `RequestMirror`) in flight at once, across the
+    /// proxy; a copy beyond this is not sent and counted in
+    /// `portcullis_mirror_dropped_total{reason="in_flight_limit"}`.
+    pub max_mirrors_in_flight: usize,
 }
 
 impl Default for ProxyConfig {
@@ -112,6 +119,7 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(30),
             access_log: AccessLogFormat::Off,
             endpoint_policy: EndpointPolicy::default(),
+            max_mirrors_in_flight: mirror::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -128,7 +136,8 @@ pub(crate) struct Inner {
     pub(crate) snapshots: Arc<ArcSwap<Snapshot>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) balancer: balance::Balancer,
-    pub(crate) upstream: forward::UpstreamClient,
+    /// Shared with the mirror copies' tasks.
+    pub(crate) upstream: Arc<forward::UpstreamClient>,
     /// True once draining began: see [`Proxy::start_draining`].
     pub(crate) draining: watch::Sender<bool>,
     /// Open upgrade tunnels.
@@ -145,6 +154,8 @@ pub(crate) struct Inner {
     pub(crate) request_idle: body::RequestIdle,
     /// `stream_idle_timeouts_total{direction="tunnel"}`.
     pub(crate) tunnel_idle_timeouts: prometheus::IntCounter,
+    /// Mirror copies in flight, and their bound.
+    pub(crate) mirrors: mirror::Mirrors,
 }
 
 impl Proxy {
@@ -167,7 +178,8 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: AccessLog,
     ) -> Proxy {
-        let upstream = forward::UpstreamClient::new(&cfg, metrics.clone());
+        let upstream = Arc::new(forward::UpstreamClient::new(&cfg, metrics.clone()));
+        let mirrors = mirror::Mirrors::new(cfg.max_mirrors_in_flight);
         let cfg_limit = cfg
             .max_connections
             .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
@@ -191,6 +203,7 @@ impl Proxy {
                 retry_budget: retry::RetryBudget::default(),
                 request_idle,
                 tunnel_idle_timeouts,
+                mirrors,
                 cfg,
                 snapshots,
                 metrics,
@@ -272,6 +285,11 @@ impl Proxy {
     /// Resolves once no upgrade tunnel (such as a WebSocket) is open.
     pub async fn tunnels_closed(&self) {
         self.inner.tunnels.closed().await;
+    }
+
+    /// Request copies for mirrors in flight now, across the proxy.
+    pub fn mirrors_in_flight(&self) -> usize {
+        self.inner.mirrors.in_flight()
     }
 
     /// Requests in flight on the endpoint `addr`, across all clusters (response bodies
