@@ -274,9 +274,17 @@ impl<'a> TimerLease<'a> {
         }
     }
 
-    /// The timer, firing at the deadline given to [`TimerLease::new`].
+    /// The timer, firing at the deadline given to [`TimerLease::new`] or the last
+    /// [`TimerLease::reset`].
     fn timer(&mut self) -> Option<Pin<&mut Sleep>> {
         self.timer.as_mut().map(Pin::as_mut)
+    }
+
+    /// Moves the deadline.
+    fn reset(&mut self, deadline: tokio::time::Instant) {
+        if let Some(timer) = self.timer.as_mut() {
+            timer.as_mut().reset(deadline);
+        }
     }
 }
 
@@ -324,6 +332,7 @@ pub async fn handle(
         inner,
         &conn,
         req,
+        start,
         &request_id,
         &mut exchange,
         &mut hsts,
@@ -625,11 +634,13 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// The inner handler.
+/// The inner handler; `arrived` is when the request head was complete.
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     inner: &Inner,
     conn: &ConnState,
     mut req: Request<Incoming>,
+    arrived: Instant,
     request_id: &HeaderValue,
     obs: &mut Exchange,
     hsts: &mut Option<HeaderValue>,
@@ -814,14 +825,22 @@ async fn proxy(
     }
 
     let upstream_start = Instant::now();
-    // Until the response head: the global limit, or a route's tighter `timeouts`
-    // (Gateway API: `request` for the whole exchange, `backendRequest` per attempt;
-    // attempts share the one deadline).
-    let response_limit = [routed.timeouts.request, routed.timeouts.backend_request]
-        .into_iter()
-        .flatten()
-        .fold(inner.upstream.response_timeout(), Duration::min);
-    let first_deadline = later(upstream_start, response_limit);
+    // Until the response head, each attempt has the earliest of: the global limit,
+    // counted from the first attempt; the route's `timeouts.request`, counted from the
+    // request's arrival; its `timeouts.backendRequest`, counted from the attempt's start.
+    let exchange_deadline = {
+        let global = later(upstream_start, inner.upstream.response_timeout());
+        match routed.timeouts.request {
+            Some(limit) => global.min(later(arrived, limit)),
+            None => global,
+        }
+    };
+    let backend_request = routed.timeouts.backend_request;
+    let attempt_deadline = |attempt_start: Instant| match backend_request {
+        Some(limit) => exchange_deadline.min(later(attempt_start, limit)),
+        None => exchange_deadline,
+    };
+    let first_deadline = attempt_deadline(upstream_start);
     let tee = if routed.mirrors.is_empty() || upgrade_protocol.is_some() {
         None
     } else {
@@ -982,6 +1001,11 @@ async fn proxy(
             _ => return Err(failure.error),
         };
         attempt_start = Instant::now();
+        if backend_request.is_some() {
+            lease.reset(tokio::time::Instant::from_std(attempt_deadline(
+                attempt_start,
+            )));
+        }
         debug!(
             request_id = ?request_id,
             reason,
