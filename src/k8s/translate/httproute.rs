@@ -13,7 +13,7 @@ use http::header::{HeaderName, HeaderValue};
 use super::backends::{PortKey, Resolver};
 use super::gateway::{GATEWAY_GROUP, Gateways, gateway_host, intersect};
 use super::ingress::{BackendField, Use, UseObject};
-use super::{Diags, FastMap, Inputs, Options, normalize_rule_path, ns_name, object_ref};
+use super::{Age, Diags, FastMap, Inputs, Options, normalize_rule_path, ns_name, object_ref};
 use crate::k8s::gateway_api::httproutes::{
     HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectScheme,
     HttpRouteRulesFiltersType, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
@@ -69,14 +69,9 @@ pub(super) fn translate<'a>(
 }
 
 /// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
-/// namespace/name.
-pub(super) fn age_key(route: &HttpRoute) -> (Option<i64>, (&str, &str)) {
-    let ts = route
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_nanosecond() as i64);
-    (ts, ns_name(&route.metadata))
+/// `namespace/name`.
+pub(super) fn age_key(route: &HttpRoute) -> Age<'_> {
+    Age::of(&route.metadata)
 }
 
 /// Translates one HTTPRoute; `None` when none of its parentRefs names a Gateway of ours.

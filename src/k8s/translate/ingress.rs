@@ -10,8 +10,8 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 
 use super::backends::{PortKey, Resolver};
 use super::{
-    Diags, FastMap, HSTS_ANNOTATION, MAX_BODY_SIZE_ANNOTATION, Options, SSL_REDIRECT_ANNOTATION,
-    normalize_rule_path, ns_name, object_ref,
+    Age, Diags, FastMap, HSTS_ANNOTATION, MAX_BODY_SIZE_ANNOTATION, Options,
+    SSL_REDIRECT_ANNOTATION, normalize_rule_path, ns_name, object_ref,
 };
 use crate::model::tls::{IngressTls, TlsHost};
 use crate::model::{
@@ -525,11 +525,6 @@ pub(super) fn ingress_max_body_size(
 
 /// Sort key for "oldest wins": creationTimestamp (absent sorts first), then
 /// namespace/name.
-pub(super) fn age_key(ing: &Ingress) -> (Option<i64>, (&str, &str)) {
-    let ts = ing
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_nanosecond() as i64);
-    (ts, ns_name(&ing.metadata))
+pub(super) fn age_key(ing: &Ingress) -> Age<'_> {
+    Age::of(&ing.metadata)
 }

@@ -190,6 +190,52 @@ pub(super) fn normalize_rule_path(
     }
 }
 
+/// Where an object stands in "oldest wins": its creationTimestamp (absent sorts first),
+/// then `namespace/name` compared as one string, the order both Gateway API ("the Route
+/// appearing first in alphabetical order by {namespace}/{name}") and Ingress precedence
+/// name. (As a pair, `a` would sort before `a-b`; as `a/…` and `a-b/…`, after.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Age<'a> {
+    created: Option<i64>,
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+impl<'a> Age<'a> {
+    pub(super) fn of(meta: &'a ObjectMeta) -> Age<'a> {
+        let (namespace, name) = ns_name(meta);
+        Age {
+            created: meta
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_nanosecond() as i64),
+            namespace,
+            name,
+        }
+    }
+
+    fn joined(&self) -> impl Iterator<Item = u8> + '_ {
+        self.namespace
+            .bytes()
+            .chain(std::iter::once(b'/'))
+            .chain(self.name.bytes())
+    }
+}
+
+impl Ord for Age<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.created
+            .cmp(&other.created)
+            .then_with(|| self.joined().cmp(other.joined()))
+    }
+}
+
+impl PartialOrd for Age<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// `(namespace, name)` borrowed from object metadata; namespace `default` when unset.
 fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
     (
@@ -414,7 +460,6 @@ fn merge_by_age(inputs: &Inputs, ingress: Vec<Route>, gateway: Vec<Route>) -> Ve
     } else if ingress.is_empty() {
         gateway
     } else {
-        type Age<'i> = (Option<i64>, (&'i str, &'i str));
         let ages: FastMap<(RouteKind, &str, &str), Age<'_>> = inputs
             .ingresses
             .iter()
@@ -425,7 +470,7 @@ fn merge_by_age(inputs: &Inputs, ingress: Vec<Route>, gateway: Vec<Route>) -> Ve
                     .iter()
                     .map(|r| (RouteKind::HttpRoute, httproute::age_key(r))),
             )
-            .map(|(kind, age)| ((kind, age.1.0, age.1.1), age))
+            .map(|(kind, age)| ((kind, age.namespace, age.name), age))
             .collect();
         let age = |r: &Route| {
             ages.get(&(
@@ -495,5 +540,31 @@ impl Reuse {
         diagnostics.sort();
         diagnostics.dedup();
         diagnostics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(ns: &str, name: &str, created: Option<&str>) -> ObjectMeta {
+        serde_json::from_value(serde_json::json!({
+            "namespace": ns, "name": name, "creationTimestamp": created,
+        }))
+        .expect("metadata")
+    }
+
+    #[test]
+    fn age_is_creation_then_namespace_slash_name_as_one_string() {
+        let (a, ab) = (meta("a", "z", None), meta("a-b", "a", None));
+        // As strings `a-b/a` < `a/z` ('-' < '/'), though `a` < `a-b` as a pair.
+        assert!(Age::of(&ab) < Age::of(&a));
+        let (x1, x2) = (meta("x", "b", None), meta("x", "c", None));
+        assert!(Age::of(&x1) < Age::of(&x2));
+        let old = meta("z", "z", Some("2024-01-01T00:00:00Z"));
+        let young = meta("a", "a", Some("2024-06-01T00:00:00Z"));
+        assert!(Age::of(&old) < Age::of(&young));
+        // Without a timestamp an object sorts first.
+        assert!(Age::of(&a) < Age::of(&old));
     }
 }
