@@ -304,14 +304,23 @@ fn listener(
             }
         },
     };
-    // Which route kinds the listener admits: HTTPRoute unless `kinds` leaves it out.
-    let mut admits_http_route = true;
-    if let Some(kinds) = l.allowed_routes.as_ref().and_then(|a| a.kinds.as_ref()) {
+    // Which route kinds the listener admits. Unspecified or empty `kinds` means the
+    // kinds its protocol carries: HTTPRoute for HTTP and HTTPS, none we serve for any
+    // other protocol (TCP, UDP, TLS carry TCPRoute, UDPRoute, TLSRoute). A listed kind
+    // must also suit the protocol.
+    let http_protocol = matches!(l.protocol.as_str(), "HTTP" | "HTTPS");
+    let mut admits_http_route = http_protocol;
+    if let Some(kinds) = l
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.kinds.as_ref())
+        .filter(|k| !k.is_empty())
+    {
         let mut unsupported = Vec::new();
         admits_http_route = false;
         for k in kinds {
             let group = k.group.as_deref().unwrap_or(GATEWAY_GROUP);
-            if group == GATEWAY_GROUP && k.kind == "HTTPRoute" {
+            if group == GATEWAY_GROUP && k.kind == "HTTPRoute" && http_protocol {
                 admits_http_route = true;
             } else {
                 unsupported.push(format!("{group}/{}", k.kind));
@@ -413,38 +422,76 @@ fn listener(
     )
 }
 
-/// Listeners of one Gateway on the same port and protocol with the same hostname
-/// conflict: all but the first are not programmed (`Conflicted`, `HostnameConflict`).
+/// Listeners of one Gateway that a request could not be told apart by conflict, and
+/// none of them wins (the spec: "ALL indistinct Listeners must not be accepted"):
+/// - the same port and protocol and the same hostname (`HostnameConflict`);
+/// - the same port with different protocols (`ProtocolConflict`): one socket speaks
+///   one protocol.
+///
+/// Each is marked `Conflicted`, not programmed, and serves no route.
 fn conflicts(
     gateway: &ObjectRef,
     info: &mut GatewayInfo,
     listeners: &mut [Listener],
     diags: &mut Diags,
 ) {
-    let mut seen: FastMap<(i32, String, Option<HostPattern>), String> = FastMap::default();
-    for l in listeners.iter_mut() {
-        let li = &mut info.listeners[l.info];
-        let key = (l.port, li.protocol.clone(), l.hostname.clone());
-        if let Some(first) = seen.get(&key) {
-            li.conflicted = true;
-            li.accepted = false;
-            li.programmed = false;
-            li.reason = "HostnameConflict".into();
-            li.message = format!("listener {first} has the same port, protocol and hostname");
-            l.served_on = None;
-            diags.push(
-                Severity::Error,
-                "Gateway",
-                gateway,
-                format!("spec.listeners[{}]", l.info),
-                format!(
-                    "listener {} conflicts with listener {first} (same port, protocol and hostname); it is not programmed",
-                    l.name
-                ),
-            );
-        } else {
-            seen.insert(key, l.name.clone());
+    let conflict = |a: &Listener, b: &Listener| -> Option<&'static str> {
+        if a.port != b.port {
+            return None;
         }
+        let (pa, pb) = (
+            &info.listeners[a.info].protocol,
+            &info.listeners[b.info].protocol,
+        );
+        if pa != pb {
+            Some("ProtocolConflict")
+        } else if a.hostname == b.hostname {
+            Some("HostnameConflict")
+        } else {
+            None
+        }
+    };
+    // Per listener, the first listener it conflicts with and why.
+    let found: Vec<Option<(&'static str, String)>> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            listeners
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .find_map(|(_, b)| conflict(a, b).map(|why| (why, b.name.clone())))
+        })
+        .collect();
+    for (l, found) in listeners.iter_mut().zip(found) {
+        let Some((reason, other)) = found else {
+            continue;
+        };
+        let li = &mut info.listeners[l.info];
+        let what = if reason == "ProtocolConflict" {
+            "the same port with another protocol"
+        } else {
+            "the same port, protocol and hostname"
+        };
+        li.conflicted = true;
+        li.programmed = false;
+        li.served_on = None;
+        if li.accepted {
+            li.accepted = false;
+            li.reason = reason.into();
+            li.message = format!("listener {other} has {what}");
+        }
+        l.served_on = None;
+        diags.push(
+            Severity::Error,
+            "Gateway",
+            gateway,
+            format!("spec.listeners[{}]", l.info),
+            format!(
+                "listener {} conflicts with listener {other} ({what}); neither is programmed",
+                l.name
+            ),
+        );
     }
 }
 
