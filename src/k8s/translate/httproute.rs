@@ -124,6 +124,9 @@ fn one_route<'a>(
     // Attachment: per parentRef that names one of our Gateways.
     let mut parents = Vec::new();
     let mut served_hosts: Vec<HostPattern> = Vec::new();
+    // The listeners this route attached to: a route counts once in a listener's
+    // `attachedRoutes`, however many of its parentRefs select that listener.
+    let mut counted: Vec<(ObjectRef, usize)> = Vec::new();
     for (pi, parent) in route
         .spec
         .parent_refs
@@ -220,6 +223,11 @@ fn one_route<'a>(
         }
         if let Some(info) = gateways.infos.get_mut(&gw_object) {
             for li in attached {
+                let key = (gw_object.clone(), li);
+                if counted.contains(&key) {
+                    continue;
+                }
+                counted.push(key);
                 if let Some(l) = info.listeners.get_mut(li) {
                     l.attached_routes += 1;
                 }
@@ -234,6 +242,9 @@ fn one_route<'a>(
     // Rules, resolved once and then entered for every hostname served.
     let mut refs = RefsReason::ResolvedRefs;
     let mut refs_message = String::new();
+    // A match the spec says makes the route not accepted (`UnsupportedValue`); the
+    // rest of the route is still served.
+    let mut unsupported: Option<String> = None;
     let mut made = Vec::new();
     let rules = route.spec.rules.as_deref().unwrap_or_default();
     for (ri, rule) in rules.iter().enumerate() {
@@ -266,13 +277,7 @@ fn one_route<'a>(
             }) = &action
                 && path.path_type != PathType::Prefix
             {
-                diags.push(
-                    Severity::Error,
-                    KIND,
-                    &id,
-                    format!("spec.rules[{ri}].filters"),
-                    "ReplacePrefixMatch needs a PathPrefix match; this match is not served",
-                );
+                prefix_match_refused(&id, ri, mi, &mut unsupported, diags);
                 continue;
             }
             if filters
@@ -281,13 +286,7 @@ fn one_route<'a>(
                 .is_some_and(|r| matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_))))
                 && path.path_type != PathType::Prefix
             {
-                diags.push(
-                    Severity::Error,
-                    KIND,
-                    &id,
-                    format!("spec.rules[{ri}].filters"),
-                    "ReplacePrefixMatch needs a PathPrefix match; this match is not served",
-                );
+                prefix_match_refused(&id, ri, mi, &mut unsupported, diags);
                 continue;
             }
             made.push(Route {
@@ -311,6 +310,12 @@ fn one_route<'a>(
     for p in &mut parents {
         p.resolved_refs = refs;
         p.resolved_refs_message = refs_message.clone();
+        if let Some(message) = &unsupported
+            && p.accepted == AttachReason::Accepted
+        {
+            p.accepted = AttachReason::UnsupportedValue;
+            p.accepted_message = message.clone();
+        }
     }
     for host in &served_hosts {
         for r in &made {
@@ -332,6 +337,27 @@ fn one_route<'a>(
             .collect(),
         parents,
     })
+}
+
+/// A match left out because its rule's `ReplacePrefixMatch` needs a `PathPrefix` match:
+/// the spec makes the route not accepted (`UnsupportedValue`, kept in `unsupported`).
+fn prefix_match_refused(
+    id: &ObjectRef,
+    ri: usize,
+    mi: usize,
+    unsupported: &mut Option<String>,
+    diags: &mut Diags,
+) {
+    diags.push(
+        Severity::Error,
+        KIND,
+        id,
+        format!("spec.rules[{ri}].filters"),
+        format!("ReplacePrefixMatch needs a PathPrefix match; matches[{mi}] is not served"),
+    );
+    unsupported.get_or_insert_with(|| {
+        format!("spec.rules[{ri}].matches[{mi}]: ReplacePrefixMatch needs a PathPrefix match")
+    });
 }
 
 /// Where a rule is, for diagnostics.
@@ -747,13 +773,31 @@ fn translate_filters<'a>(
                     error(diags, fi, "RequestMirror without requestMirror".into());
                     return Err(());
                 };
-                if m.percent.is_some() || m.fraction.is_some() {
+                // `percent` and `fraction` (extended support): none and all are served
+                // as asked; any other share mirrors every request, with a warning.
+                let none =
+                    m.percent == Some(0) || m.fraction.as_ref().is_some_and(|f| f.numerator <= 0);
+                let all = m.percent.is_none_or(|p| p >= 100)
+                    && m.fraction
+                        .as_ref()
+                        .is_none_or(|f| f.numerator >= f.denominator.unwrap_or(100));
+                if none {
                     diags.push(
                         Severity::Warning,
                         KIND,
                         id,
                         format!("{field}[{fi}].requestMirror"),
-                        "percent and fraction are not supported; every request is mirrored",
+                        "mirrors 0% of the requests; the filter has no effect",
+                    );
+                    continue;
+                }
+                if !all {
+                    diags.push(
+                        Severity::Warning,
+                        KIND,
+                        id,
+                        format!("{field}[{fi}].requestMirror"),
+                        "a share of requests other than 0% or 100% is not supported; every request is mirrored",
                     );
                 }
                 let b = &m.backend_ref;
@@ -803,9 +847,12 @@ fn translate_filters<'a>(
     Ok((filters, redirect))
 }
 
+/// A `path` of a redirect or rewrite. An empty `replacePrefixMatch` removes the matched
+/// prefix, as `/` does (the spec's table: `/foo/bar` with prefix `/foo` becomes `/bar`).
 fn path_modifier(full: Option<&str>, prefix: Option<&str>) -> Result<PathModifier, String> {
     match (full, prefix) {
         (Some(p), None) if p.starts_with('/') => Ok(PathModifier::ReplaceFullPath(p.into())),
+        (None, Some("")) => Ok(PathModifier::ReplacePrefixMatch("/".into())),
         (None, Some(p)) if p.starts_with('/') => Ok(PathModifier::ReplacePrefixMatch(p.into())),
         (Some(_), None) | (None, Some(_)) => Err("a replacement path must start with `/`".into()),
         _ => Err("path needs exactly one of replaceFullPath and replacePrefixMatch".into()),
