@@ -181,8 +181,12 @@ fn changed_services<'a>(
 mod tests {
     use std::collections::HashMap;
 
-    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::core::v1::{Namespace, Service};
     use k8s_openapi::api::networking::v1::Ingress;
+
+    use crate::k8s::gateway_api::gateways::Gateway;
+    use crate::k8s::gateway_api::httproutes::HttpRoute;
+    use crate::k8s::gateway_api::referencegrants::ReferenceGrant;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -263,8 +267,100 @@ mod tests {
                 ),
                 service("unused", json!({"ports": [{"port": 80}]})),
             ],
+            gateway_classes: vec![obj(json!({"metadata": {"name": "ours"},
+                "spec": {"controllerName": "portcullis.io/gateway-controller"}}))],
+            gateways: vec![gateway_variant(0)],
+            http_routes: vec![http_route_variant(9, 0), http_route_variant(8, 1)],
             ..Inputs::default()
         }
+    }
+
+    /// Gateway `a/gw` in one of a few shapes: one listener for every host and
+    /// namespace; a wildcard listener admitting namespaces by label; and a listener
+    /// pair that conflicts beside one on another port.
+    fn gateway_variant(variant: u8) -> Arc<Gateway> {
+        let listeners = match variant {
+            0 => json!([{"name": "http", "port": 80, "protocol": "HTTP",
+                "allowedRoutes": {"namespaces": {"from": "All"}}}]),
+            1 => json!([{"name": "http", "port": 80, "protocol": "HTTP",
+                "hostname": "*.gw.example",
+                "allowedRoutes": {"namespaces": {"from": "Selector",
+                    "selector": {"matchLabels": {"team": "x"}}}}},
+                {"name": "same", "port": 80, "protocol": "HTTP", "hostname": "same.gw.example"}]),
+            _ => json!([
+                {"name": "http", "port": 80, "protocol": "HTTP", "hostname": "dup.gw.example"},
+                {"name": "dup", "port": 80, "protocol": "HTTP", "hostname": "dup.gw.example"},
+                {"name": "alt", "port": 8080, "protocol": "HTTP"}]),
+        };
+        obj(json!({"metadata": {"namespace": "a", "name": "gw"},
+            "spec": {"gatewayClassName": "ours", "listeners": listeners}}))
+    }
+
+    /// One of a few HTTPRoutes for slot `slot`: shared hosts and paths between slots,
+    /// weighted backends (one missing, one ExternalName, weight 0), conditions,
+    /// filters with a mirror, a redirect, a cross-namespace backend (ReferenceGrant),
+    /// a parentRef that matches no listener, another namespace.
+    fn http_route_variant(slot: usize, variant: u8) -> Arc<HttpRoute> {
+        let name = format!("r{slot}");
+        let created = format!("2024-01-01T00:00:{:02}Z", 30 + slot);
+        let gw = json!([{"name": "gw", "namespace": "a"}]);
+        let (ns, spec) = match variant {
+            0 => (
+                "a",
+                json!({"parentRefs": gw, "hostnames": ["shared.gw.example"],
+                "rules": [{"backendRefs": [{"name": "one", "port": 80}]}]}),
+            ),
+            1 => (
+                "a",
+                json!({"parentRefs": gw, "hostnames": ["shared.gw.example", "same.gw.example"],
+                "rules": [{"matches": [{"path": {"type": "Exact", "value": "/x"},
+                    "headers": [{"name": "x-env", "value": "canary"}]}],
+                    "filters": [{"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"name": "unused", "port": 80}}}],
+                    "backendRefs": [{"name": "two", "port": 80, "weight": 3},
+                        {"name": "missing", "port": 80, "weight": 1}]}]}),
+            ),
+            2 => (
+                "b",
+                json!({"parentRefs": gw, "hostnames": ["cross.gw.example"],
+                "rules": [{"backendRefs": [{"name": "one", "namespace": "a", "port": 80}]}]}),
+            ),
+            3 => (
+                "a",
+                json!({"parentRefs": [{"name": "gw", "sectionName": "nope"}],
+                "rules": [{"backendRefs": [{"name": "two", "port": 9090}]}]}),
+            ),
+            4 => (
+                "a",
+                json!({"parentRefs": gw,
+                "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]+"}}],
+                    "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/ext"}}],
+                    "backendRefs": [{"name": "external", "port": 443}]}]}),
+            ),
+            _ => (
+                "b",
+                json!({"parentRefs": gw, "hostnames": ["*.wild.gw.example"],
+                "rules": [{"backendRefs": [{"name": "unused", "port": 80, "weight": 0},
+                    {"name": "two", "namespace": "a", "port": 80, "weight": 2}]}]}),
+            ),
+        };
+        obj(
+            json!({"metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+            "spec": spec}),
+        )
+    }
+
+    /// A ReferenceGrant in `a` for HTTPRoutes of `b` to every Service there.
+    fn grant() -> Arc<ReferenceGrant> {
+        obj(json!({"metadata": {"namespace": "a", "name": "from-b"},
+            "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                "namespace": "b"}], "to": [{"group": "", "kind": "Service"}]}}))
+    }
+
+    /// Namespace `b` with label `team` set to `team`.
+    fn namespace_b(team: &str) -> Arc<Namespace> {
+        obj(json!({"metadata": {"name": "b", "labels": {"team": team}}}))
     }
 
     /// An EndpointSlice in one of a few slots (its name), labelled with one of the
@@ -339,6 +435,7 @@ mod tests {
         assert_eq!(got.tls.policies, want.tls.policies);
         assert_eq!(got.ignored, want.ignored);
         assert_eq!(got.served_ingresses, want.served_ingresses);
+        assert_eq!(got.gateway, want.gateway);
         assert_eq!(got.diagnostics, want.diagnostics);
     }
 
@@ -428,70 +525,115 @@ mod tests {
         }
     }
 
-    /// Per step: Ingress slots that change (a variant, or removed), EndpointSlice slots
-    /// that change, and whether a Service changes.
-    type Step = (
-        Vec<(usize, Option<u8>)>,
-        Vec<(usize, Option<SliceSpec>)>,
-        bool,
-    );
+    /// One step of changes: Ingress and HTTPRoute slots that change (a variant, or
+    /// removed), EndpointSlice slots that change, whether a Service changes, the
+    /// Gateway's new variant, whether the ReferenceGrant is there, namespace `b`'s
+    /// label.
+    #[derive(Debug, Clone)]
+    struct Step {
+        ingresses: Vec<(usize, Option<u8>)>,
+        routes: Vec<(usize, Option<u8>)>,
+        slices: Vec<(usize, Option<SliceSpec>)>,
+        service: bool,
+        gateway: Option<u8>,
+        grant: Option<bool>,
+        team: Option<&'static str>,
+    }
 
     fn mixed_steps() -> impl Strategy<Value = Vec<Step>> {
         let ingress = (0usize..4, prop::option::weighted(0.8, 0u8..6));
+        let route = (0usize..4, prop::option::weighted(0.8, 0u8..6));
         let slice = (0usize..5, prop::option::weighted(0.8, slice_spec()));
         let step = (
             prop::collection::vec(ingress, 0..3),
+            prop::collection::vec(route, 0..3),
             prop::collection::vec(slice, 0..3),
             prop::bool::weighted(0.15),
-        );
+            prop::option::weighted(0.15, 0u8..3),
+            prop::option::weighted(0.2, any::<bool>()),
+            prop::option::weighted(0.15, prop::sample::select(vec!["x", "y"])),
+        )
+            .prop_map(
+                |(ingresses, routes, slices, service, gateway, grant, team)| Step {
+                    ingresses,
+                    routes,
+                    slices,
+                    service,
+                    gateway,
+                    grant,
+                    team,
+                },
+            );
         prop::collection::vec(step, 1..8)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// Chained rebuilds after any mix of Ingress, EndpointSlice and Service changes
-        /// give what a full build gives, and take the cheapest way that is valid.
+        /// Chained rebuilds after any mix of Ingress, HTTPRoute, Gateway, ReferenceGrant,
+        /// Namespace, EndpointSlice and Service changes give what a full build gives
+        /// (the Gateway report included), and take the cheapest way that is valid.
         #[test]
         fn rebuilds_equal_full_builds(steps in mixed_steps()) {
             let options = Options::default();
             let no_certs = HashMap::new();
             let mut ingresses: Vec<Option<Arc<Ingress>>> =
                 (0..4).map(|i| Some(ingress_variant(i, i as u8))).collect();
+            let mut routes: Vec<Option<Arc<HttpRoute>>> =
+                (0..4).map(|i| Some(http_route_variant(i, 2 * i as u8))).collect();
             let mut slices: Vec<Option<Arc<EndpointSlice>>> = (0..5)
                 .map(|i| Some(slice(i, &SliceSpec { label: Some(["one", "two", "unused", "ghost", "one"][i]), ports: 1, endpoints: vec![(i as u8, None, None)] })))
                 .collect();
-            let with = |base: &Inputs, ingresses: &[Option<Arc<Ingress>>], slices: &[Option<Arc<EndpointSlice>>]| {
+            let with = |base: &Inputs, ingresses: &[Option<Arc<Ingress>>], routes: &[Option<Arc<HttpRoute>>], slices: &[Option<Arc<EndpointSlice>>]| {
                 let mut next = base.clone();
-                next.ingresses = fixed_inputs().ingresses;
                 next.ingresses.truncate(1);
                 next.ingresses.extend(ingresses.iter().flatten().cloned());
+                next.http_routes.truncate(2);
+                next.http_routes.extend(routes.iter().flatten().cloned());
                 next.endpoint_slices = slices.iter().flatten().cloned().collect();
                 next
             };
-            let mut inputs = with(&fixed_inputs(), &ingresses, &slices);
+            let mut base = fixed_inputs();
+            base.ingresses.truncate(1);
+            base.namespaces = vec![namespace_b("x")];
+            let mut inputs = with(&base, &ingresses, &routes, &slices);
             let (mut snapshot, mut reuse) = build_reusable(&inputs, &no_certs, &options);
-            for (ingress_changes, slice_changes, service_change) in steps {
-                for (slot, variant) in &ingress_changes {
+            for step in steps {
+                for (slot, variant) in &step.ingresses {
                     ingresses[*slot] = variant.map(|v| ingress_variant(*slot, v));
                 }
-                for (slot, spec) in &slice_changes {
+                for (slot, variant) in &step.routes {
+                    routes[*slot] = variant.map(|v| http_route_variant(*slot, v));
+                }
+                for (slot, spec) in &step.slices {
                     slices[*slot] = spec.as_ref().map(|s| slice(*slot, s));
                 }
                 // Rebuilt from the same specs: changed objects are new `Arc`s, the rest
                 // keep theirs, as in a watch cache.
-                let mut next = with(&inputs, &ingresses, &slices);
-                next.ingresses[0] = inputs.ingresses[0].clone();
-                if service_change {
+                let mut next = with(&inputs, &ingresses, &routes, &slices);
+                if step.service {
                     next.services[3] = service("unused", json!({"ports": [{"port": 80, "targetPort": 8080}]}));
+                }
+                if let Some(v) = step.gateway {
+                    next.gateways = vec![gateway_variant(v)];
+                }
+                if let Some(present) = step.grant {
+                    next.reference_grants = if present { vec![grant()] } else { Vec::new() };
+                }
+                if let Some(team) = step.team {
+                    next.namespaces = vec![namespace_b(team)];
                 }
                 let (want, _) = build_reusable(&next, &snapshot.tls.certs, &options);
                 let (got, got_reuse, how) = rebuild(&inputs, &next, &snapshot, &reuse, &options);
                 assert_same(&got, &want);
                 let services_same = same(&inputs.services, &next.services);
                 let slices_same = same(&inputs.endpoint_slices, &next.endpoint_slices);
-                let ingresses_same = same(&inputs.ingresses, &next.ingresses);
-                let expected = if ingresses_same && services_same {
+                let routing_same = same(&inputs.ingresses, &next.ingresses)
+                    && same(&inputs.http_routes, &next.http_routes)
+                    && same(&inputs.gateways, &next.gateways)
+                    && same(&inputs.reference_grants, &next.reference_grants)
+                    && same(&inputs.namespaces, &next.namespaces);
+                let expected = if routing_same && services_same {
                     Rebuild::Endpoints
                 } else if services_same && slices_same {
                     Rebuild::Routes
@@ -502,6 +644,19 @@ mod tests {
                 (inputs, snapshot, reuse) = (next, got, got_reuse);
             }
         }
+    }
+
+    /// The fixed inputs attach HTTPRoutes (with a mirror, weights and a missing
+    /// Service), so the proptests above exercise them; a check that they do.
+    #[test]
+    fn the_fixed_inputs_serve_http_routes() {
+        let snapshot = build_reusable(&fixed_inputs(), &HashMap::new(), &Options::default()).0;
+        let kinds: Vec<_> = snapshot.routes.routes().map(|r| r.source.kind).collect();
+        assert!(
+            kinds.contains(&crate::model::RouteKind::HttpRoute),
+            "{kinds:?}"
+        );
+        assert_eq!(snapshot.gateway.routes.len(), 2, "{:?}", snapshot.gateway);
     }
 
     #[test]
@@ -530,6 +685,18 @@ mod tests {
             json!({"defaultBackend": backend("one", json!({"number": 80}))}),
         );
         assert!(rebuild(&next).is_none(), "an Ingress changed");
+        let mut next = inputs.clone();
+        next.http_routes[0] = http_route_variant(9, 3);
+        assert!(rebuild(&next).is_none(), "an HTTPRoute changed");
+        let mut next = inputs.clone();
+        next.gateways[0] = gateway_variant(1);
+        assert!(rebuild(&next).is_none(), "a Gateway changed");
+        let mut next = inputs.clone();
+        next.reference_grants.push(grant());
+        assert!(rebuild(&next).is_none(), "a ReferenceGrant came");
+        let mut next = inputs.clone();
+        next.namespaces.push(namespace_b("x"));
+        assert!(rebuild(&next).is_none(), "a Namespace came");
         let mut next = inputs.clone();
         next.services.pop();
         assert!(rebuild(&next).is_none(), "a Service was removed");
