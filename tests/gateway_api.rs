@@ -15,7 +15,8 @@ use portcullis::files;
 use portcullis::k8s::{self, Options};
 use portcullis::model::gateway::{AttachReason, GatewayInfo, RefsReason, RouteInfo};
 use portcullis::model::{
-    Action, BackendTarget, Decision, PathModifier, RequestFacts, Route, Severity, Snapshot,
+    Action, BackendTarget, Decision, ListenerKind, PathModifier, RequestFacts, Route, Severity,
+    Snapshot,
 };
 use serde_json::{Value, json};
 use support::data_path::{Binary, manifest_dir};
@@ -199,6 +200,7 @@ fn decide<'a>(snap: &'a Snapshot, r: &Req) -> Option<&'a Route> {
         method: &r.method,
         headers: &r.headers,
         query: r.query.as_deref(),
+        listener: ListenerKind::Http,
     };
     match snap.decide_request(Some(&r.host), &r.path, &facts) {
         Decision::Route(m) => Some(m.route),
