@@ -667,7 +667,7 @@ fn replace_prefix_match_on_a_non_prefix_match_is_unsupported_and_an_empty_one_st
 }
 
 #[test]
-fn a_mirror_of_zero_percent_mirrors_nothing() {
+fn mirror_shares_zero_all_and_between() {
     let snap = build(&[
         open_gateway(),
         service("gw", "app"),
@@ -684,9 +684,28 @@ fn a_mirror_of_zero_percent_mirrors_nothing() {
                  "filters": [{"type": "RequestMirror", "requestMirror": {
                     "backendRef": {"name": "shadow", "port": 80}, "percent": 100}}],
                  "backendRefs": [{"name": "app", "port": 80}]},
+                {"matches": [path("PathPrefix", "/half")],
+                 "filters": [{"type": "RequestMirror", "requestMirror": {
+                    "backendRef": {"name": "shadow", "port": 80}, "percent": 50}}],
+                 "backendRefs": [{"name": "app", "port": 80}]},
+                {"matches": [path("PathPrefix", "/third")],
+                 "filters": [{"type": "RequestMirror", "requestMirror": {
+                    "backendRef": {"name": "shadow", "port": 80},
+                    "fraction": {"numerator": 1, "denominator": 3}}}],
+                 "backendRefs": [{"name": "app", "port": 80}]},
             ]}),
         ),
     ]);
+    let share = |p: &str| {
+        route_of(&snap, req("m.example", p))
+            .filters
+            .as_ref()
+            .and_then(|f| f.mirrors.first())
+            .map(|m| m.share)
+    };
+    assert_eq!(share("/all"), Some(None));
+    assert_eq!(share("/half"), Some(Some((50, 100))));
+    assert_eq!(share("/third"), Some(Some((1, 3))));
     let mirrors = |p: &str| {
         route_of(&snap, req("m.example", p))
             .filters

@@ -844,7 +844,10 @@ fn mirrored(real: SocketAddr, mirror: SocketAddr) -> Snapshot {
             hostname: None,
             path: Some(PathModifier::ReplacePrefixMatch("/out".into())),
         }),
-        mirrors: vec![Mirror { cluster: shadow }],
+        mirrors: vec![Mirror {
+            cluster: shadow,
+            share: None,
+        }],
         ..Default::default()
     });
     t.snapshot()

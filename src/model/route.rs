@@ -313,6 +313,20 @@ pub struct UrlRewrite {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mirror {
     pub cluster: ClusterId,
+    /// The share of requests mirrored, as (numerator, denominator) with
+    /// 0 < numerator < denominator; `None` mirrors every request.
+    pub share: Option<(u32, u32)>,
+}
+
+impl Mirror {
+    /// Whether this request is mirrored: always without a share, else with the
+    /// share's probability.
+    pub fn sampled(&self) -> bool {
+        match self.share {
+            None => true,
+            Some((n, d)) => fastrand::u32(0..d) < n,
+        }
+    }
 }
 
 /// The changes a route (or one of its weighted backends) makes on the way.
@@ -592,6 +606,23 @@ mod tests {
         assert!(!c.matches(&facts(&Method::POST, Some("v=x"))));
         assert!(!c.matches(&facts(&Method::POST, None)));
         assert!(!c.matches(&RequestFacts::get()));
+    }
+
+    #[test]
+    fn mirror_shares_are_sampled_per_request() {
+        let quarter = Mirror {
+            cluster: 0,
+            share: Some((1, 4)),
+        };
+        let n = 20_000;
+        let hits = (0..n).filter(|_| quarter.sampled()).count();
+        // Binomial(20000, 0.25): mean 5000, sd ~61; 6 sd either way.
+        assert!((4634..=5366).contains(&hits), "{hits} of {n}");
+        let all = Mirror {
+            cluster: 0,
+            share: None,
+        };
+        assert!((0..100).all(|_| all.sampled()));
     }
 
     #[test]

@@ -573,6 +573,7 @@ fn mirror_clusters(snapshot: &Snapshot, filters: [&Option<Arc<Filters>>; 2]) -> 
         .into_iter()
         .flatten()
         .flat_map(|f| &f.mirrors)
+        .filter(|m| m.sampled())
         .filter_map(|m| snapshot.clusters.get(m.cluster as usize).cloned())
         .collect()
 }

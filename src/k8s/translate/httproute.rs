@@ -773,8 +773,8 @@ fn translate_filters<'a>(
                     error(diags, fi, "RequestMirror without requestMirror".into());
                     return Err(());
                 };
-                // `percent` and `fraction` (extended support): none and all are served
-                // as asked; any other share mirrors every request, with a warning.
+                // `percent` and `fraction` (extended support): the share of requests
+                // mirrored, sampled per request; 0% leaves the filter out.
                 let none =
                     m.percent == Some(0) || m.fraction.as_ref().is_some_and(|f| f.numerator <= 0);
                 let all = m.percent.is_none_or(|p| p >= 100)
@@ -791,15 +791,20 @@ fn translate_filters<'a>(
                     );
                     continue;
                 }
-                if !all {
-                    diags.push(
-                        Severity::Warning,
-                        KIND,
-                        id,
-                        format!("{field}[{fi}].requestMirror"),
-                        "a share of requests other than 0% or 100% is not supported; every request is mirrored",
-                    );
-                }
+                let share = if all {
+                    None
+                } else {
+                    match (m.percent, &m.fraction) {
+                        (_, Some(f)) => Some((
+                            u32::try_from(f.numerator).unwrap_or(0),
+                            u32::try_from(f.denominator.unwrap_or(100))
+                                .unwrap_or(100)
+                                .max(1),
+                        )),
+                        (Some(p), None) => Some((u32::try_from(p).unwrap_or(0), 100)),
+                        (None, None) => None,
+                    }
+                };
                 let b = &m.backend_ref;
                 match service_ref(
                     ctx,
@@ -810,7 +815,7 @@ fn translate_filters<'a>(
                     resolver,
                     diags,
                 ) {
-                    Ok(cluster) => out.mirrors.push(Mirror { cluster }),
+                    Ok(cluster) => out.mirrors.push(Mirror { cluster, share }),
                     Err((reason, message)) => {
                         // A mirror that cannot be resolved is left out; the real request
                         // is unaffected.
