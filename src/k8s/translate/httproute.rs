@@ -632,60 +632,27 @@ fn translate_filters<'a>(
     };
     for (fi, f) in list.iter().enumerate() {
         match f.r#type {
-            HttpRouteRulesFiltersType::RequestHeaderModifier => {
-                let Some(m) = &f.request_header_modifier else {
-                    error(
-                        diags,
-                        fi,
-                        "RequestHeaderModifier without requestHeaderModifier".into(),
-                    );
-                    return Err(());
+            HttpRouteRulesFiltersType::RequestHeaderModifier
+            | HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+                let request = f.r#type == HttpRouteRulesFiltersType::RequestHeaderModifier;
+                let changes = if request {
+                    f.request_header_modifier
+                        .as_ref()
+                        .map(|m| header_changes!(m))
+                } else {
+                    f.response_header_modifier
+                        .as_ref()
+                        .map(|m| header_changes!(m))
                 };
-                let set: Vec<(String, String)> = m
-                    .set
-                    .iter()
-                    .flatten()
-                    .map(|p| (p.name.clone(), p.value.clone()))
-                    .collect();
-                let add: Vec<(String, String)> = m
-                    .add
-                    .iter()
-                    .flatten()
-                    .map(|p| (p.name.clone(), p.value.clone()))
-                    .collect();
-                match header_modifier(&set, &add, m.remove.as_deref().unwrap_or_default()) {
-                    Ok(hm) => out.request_headers = Some(hm),
-                    Err(e) => {
+                match changes {
+                    Some(Ok(hm)) if request => out.request_headers = Some(hm),
+                    Some(Ok(hm)) => out.response_headers = Some(hm),
+                    Some(Err(e)) => {
                         error(diags, fi, e);
                         return Err(());
                     }
-                }
-            }
-            HttpRouteRulesFiltersType::ResponseHeaderModifier => {
-                let Some(m) = &f.response_header_modifier else {
-                    error(
-                        diags,
-                        fi,
-                        "ResponseHeaderModifier without responseHeaderModifier".into(),
-                    );
-                    return Err(());
-                };
-                let set: Vec<(String, String)> = m
-                    .set
-                    .iter()
-                    .flatten()
-                    .map(|p| (p.name.clone(), p.value.clone()))
-                    .collect();
-                let add: Vec<(String, String)> = m
-                    .add
-                    .iter()
-                    .flatten()
-                    .map(|p| (p.name.clone(), p.value.clone()))
-                    .collect();
-                match header_modifier(&set, &add, m.remove.as_deref().unwrap_or_default()) {
-                    Ok(hm) => out.response_headers = Some(hm),
-                    Err(e) => {
-                        error(diags, fi, e);
+                    None => {
+                        error(diags, fi, format!("{:?} without its settings", f.r#type));
                         return Err(());
                     }
                 }
@@ -863,6 +830,27 @@ fn path_modifier(full: Option<&str>, prefix: Option<&str>) -> Result<PathModifie
         _ => Err("path needs exactly one of replaceFullPath and replacePrefixMatch".into()),
     }
 }
+
+/// The [`HeaderModifier`] of a generated request or response header modifier (two
+/// generated types of one schema).
+macro_rules! header_changes {
+    ($m:expr) => {
+        header_modifier(
+            &$m.set
+                .iter()
+                .flatten()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect::<Vec<_>>(),
+            &$m.add
+                .iter()
+                .flatten()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect::<Vec<_>>(),
+            $m.remove.as_deref().unwrap_or_default(),
+        )
+    };
+}
+use header_changes;
 
 /// Header changes from `set`, `add` and `remove` lists; names and values validated.
 fn header_modifier(
