@@ -41,6 +41,11 @@ pub enum Command {
     Check(CheckArgs),
     /// Explain which rule a request to URL would take, and why.
     ///
+    /// As with curl, -X sets the method and -H adds a header: Gateway API routes may
+    /// match on them and on the URL's query, so
+    /// `explain --manifests DIR -X POST -H 'x-canary: yes' 'http://shop.example/cart?v=2'`
+    /// shows the HTTPRoute rule that request takes, its filters and its weighted backends.
+    ///
     /// Exit status: 0 explained (routed or not), 2 usage or I/O error.
     Explain(ExplainArgs),
     /// A test upstream: answers every request with JSON describing it.
@@ -184,8 +189,47 @@ pub struct ExplainArgs {
     pub source: SourceArgs,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
-    /// The request, such as http://foo.example.com/aaa/bbb (the scheme may be omitted).
+    /// The request method, as curl's -X. Gateway API routes may match on it (an
+    /// HTTPRoute `method` match); Ingress rules never do.
+    #[arg(
+        short = 'X',
+        long = "request",
+        value_name = "METHOD",
+        default_value = "GET",
+        value_parser = parse_method
+    )]
+    pub method: http::Method,
+    /// A request header 'Name: value', as curl's -H (repeatable). Gateway API routes may
+    /// match on headers; Ingress rules never do. The host is the URL's, not a Host header.
+    #[arg(
+        short = 'H',
+        long = "header",
+        value_name = "NAME: VALUE",
+        value_parser = parse_header
+    )]
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The request, such as http://foo.example.com/aaa/bbb?x=1 (the scheme may be
+    /// omitted). The query takes part in Gateway API query parameter matches.
     pub url: String,
+}
+
+/// An HTTP method token, such as `GET` or `POST` (case is kept: methods are
+/// case-sensitive).
+fn parse_method(s: &str) -> Result<http::Method, String> {
+    http::Method::from_bytes(s.as_bytes()).map_err(|_| format!("`{s}` is not an HTTP method"))
+}
+
+/// A header as curl's `-H` takes it: `Name: value` (the value's surrounding whitespace
+/// trimmed; `Name:` alone is an empty value).
+fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not a header: write 'Name: value'"))?;
+    let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("`{}` is not a header name", name.trim()))?;
+    let value = http::HeaderValue::from_str(value.trim())
+        .map_err(|_| format!("the value of header {name} is not a valid header value"))?;
+    Ok((name, value))
 }
 
 #[derive(Debug, Args)]

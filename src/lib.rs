@@ -21,6 +21,8 @@
 //! - [`echo`]: a test upstream that answers with JSON about each request.
 //! - [`certs`]: the generated default certificate and `portcullis certs` (development CA).
 //! - [`tls`]: the process' rustls crypto provider.
+//! - [`views`]: routes as `check`, `explain` and the dashboard show them (conditions,
+//!   filters, weighted backends).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
@@ -38,3 +40,4 @@ pub mod proxy;
 pub mod publish;
 pub mod run;
 pub mod tls;
+pub mod views;

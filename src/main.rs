@@ -55,7 +55,8 @@ fn explain(args: portcullis::cli::ExplainArgs) -> ExitCode {
         Err(code) => return code,
     };
     let snapshot = commands::snapshot_of(loaded, &args.source.file_options(Vec::new()));
-    match commands::explain(&snapshot, &args.url) {
+    let headers: http::HeaderMap = args.headers.into_iter().collect();
+    match commands::explain_request(&snapshot, &args.url, &args.method, &headers) {
         Ok(ex) => {
             match args.output {
                 OutputFormat::Text => print!("{}", commands::explain_text(&ex)),

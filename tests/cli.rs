@@ -113,6 +113,7 @@ fn explain_json_has_the_contract_shape() {
         "path",
         "status",
         "ingress",
+        "route",
         "rule",
         "path_match",
         "default_backend",
@@ -130,6 +131,10 @@ fn explain_json_has_the_contract_shape() {
     assert_eq!(
         v["ingress"],
         serde_json::json!({"namespace": "default", "name": "shop"})
+    );
+    assert_eq!(
+        v["route"],
+        serde_json::json!({"kind": "Ingress", "namespace": "default", "name": "shop", "rule": 0, "match": 2})
     );
     assert_eq!(v["rule"]["host_match"], "exact");
     assert_eq!(v["path_match"]["path_type"], "Exact");
