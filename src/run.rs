@@ -408,6 +408,8 @@ pub async fn start_demo_upstreams(
         ("web-1", "${WEB_1_PORT}"),
         ("web-2", "${WEB_2_PORT}"),
         ("api-1", "${API_1_PORT}"),
+        ("stable-1", "${STABLE_1_PORT}"),
+        ("canary-1", "${CANARY_1_PORT}"),
     ] {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
@@ -555,6 +557,12 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         println!("  curl -s {base}/api/users -H 'Host: demo.localhost'   # path split: api-1");
         println!("  curl -s {base}/ -H 'Host: api.localhost'             # second host: api-1");
         println!("  curl -s {base}/ -H 'Host: unknown.example'           # default backend: web");
+        println!(
+            "  curl -s {base}/ -H 'Host: shop.localhost' -H 'x-canary: yes'   # HTTPRoute header match: canary-1"
+        );
+        println!(
+            "  for i in $(seq 20); do curl -s {base}/ -H 'Host: shop.localhost' | grep -o '\"name\":\"[a-z0-9-]*\"'; done | sort | uniq -c   # HTTPRoute 90/10 split: about 18 stable-1, 2 canary-1"
+        );
         println!("  curl -s {tls_base}/     # HTTPS, certificate from the demo CA");
         println!(
             "  curl -s --http2 -o /dev/null -w '%{{http_version}}\\n' {tls_base}/     # HTTP/2 via ALPN"

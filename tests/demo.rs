@@ -28,16 +28,21 @@ fn printed_curl_lines_work_as_printed() {
     let mut demo = Demo(child);
     let stdout = demo.0.stdout.take().expect("stdout");
     let mut curls = Vec::new();
+    let mut loops = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("read demo output");
         if let Some(cmd) = line.trim_start().strip_prefix("curl ") {
             curls.push(format!("curl {cmd}"));
         }
+        if let Some(cmd) = line.trim_start().strip_prefix("for ") {
+            loops.push(format!("for {cmd}"));
+        }
         if line.starts_with("The demo's manifests") {
             break;
         }
     }
-    assert_eq!(curls.len(), 9, "{curls:?}");
+    assert_eq!(curls.len(), 10, "{curls:?}");
+    assert_eq!(loops.len(), 1, "{loops:?}");
 
     let run = |cmd: &str| {
         let out = Command::new("sh")
@@ -68,17 +73,49 @@ fn printed_curl_lines_work_as_printed() {
         v["name"].as_str().unwrap_or_default().starts_with("web-"),
         "default backend: {v}"
     );
+    // The HTTPRoute's header match: every request with the header reaches the canary,
+    // through the rule's RequestHeaderModifier.
+    for _ in 0..10 {
+        let v: serde_json::Value = serde_json::from_str(&run(&curls[4])).expect("echo JSON");
+        assert_eq!(v["name"], "canary-1", "{}: {v}", curls[4]);
+        assert_eq!(v["headers"]["x-demo-route"], "canary-by-header", "{v}");
+    }
+    // The 90/10 split, by the printed loop of 20 requests, run 10 times. Both backends
+    // answer, the canary about a tenth of the time: with 200 requests at p = 0.1 the
+    // canary count is 20 ± 4.2, and a correct split falls outside 3..=40 with a
+    // probability below 1 in 100,000 (binomial tails), while an even split (about 100)
+    // or no split at all (0 or 200) fails.
+    let (mut stable, mut canary) = (0u32, 0u32);
+    for _ in 0..10 {
+        for line in run(&loops[0]).lines() {
+            let mut words = line.split_whitespace();
+            let count: u32 = words
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{}: `{line}`", loops[0]));
+            match words.next() {
+                Some(r#""name":"stable-1""#) => stable += count,
+                Some(r#""name":"canary-1""#) => canary += count,
+                other => panic!("{}: unexpected answer {other:?}", loops[0]),
+            }
+        }
+    }
+    assert_eq!(stable + canary, 200, "{}", loops[0]);
+    assert!(
+        (3..=40).contains(&canary),
+        "canary answered {canary} of 200, stable {stable}"
+    );
     // HTTPS with the demo CA, verified by curl, then HTTP/2 through ALPN.
-    let v: serde_json::Value = serde_json::from_str(&run(&curls[4])).expect("echo JSON");
+    let v: serde_json::Value = serde_json::from_str(&run(&curls[5])).expect("echo JSON");
     assert!(
         v["name"].as_str().unwrap_or_default().starts_with("web-"),
         "https: {v}"
     );
     assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{v}");
-    assert_eq!(run(&curls[5]).trim(), "2", "{}", curls[5]);
-    let snap: serde_json::Value = serde_json::from_str(&run(&curls[6])).expect("snapshot JSON");
+    assert_eq!(run(&curls[6]).trim(), "2", "{}", curls[6]);
+    let snap: serde_json::Value = serde_json::from_str(&run(&curls[7])).expect("snapshot JSON");
     assert_eq!(snap["generation"], 1);
-    let state: serde_json::Value = serde_json::from_str(&run(&curls[8])).expect("state JSON");
+    let state: serde_json::Value = serde_json::from_str(&run(&curls[9])).expect("state JSON");
     assert_eq!(state["generation"], 1);
     assert!(
         state["virtual_hosts"]
@@ -86,5 +123,7 @@ fn printed_curl_lines_work_as_printed() {
             .is_some_and(|v| v.iter().any(|h| h["host"] == "demo.localhost")),
         "{state}"
     );
-    assert!(run(&curls[7]).contains("portcullis_requests_total"));
+    // The demo serves its HTTPRoute without a problem.
+    assert_eq!(state["diagnostics"], serde_json::json!([]), "{state}");
+    assert!(run(&curls[8]).contains("portcullis_requests_total"));
 }
