@@ -22,6 +22,7 @@ use crate::model::{
 };
 use crate::proxy::body::{ProxyBody, full};
 use crate::proxy::listener::serve_simple;
+use crate::views::{GatewayApiView, RouteDetail};
 
 /// What the admin listener reads.
 #[derive(Clone)]
@@ -95,6 +96,9 @@ pub struct SnapshotView<'a> {
     pub tls_hosts: Vec<TlsHostView<'a>>,
     pub ignored_ingresses: &'a [IgnoredIngress],
     pub diagnostics: &'a [Diagnostic],
+    /// Gateway API: our GatewayClasses, their Gateways and listeners, and each route's
+    /// attachment to its parents.
+    pub gateway: GatewayApiView<'a>,
 }
 
 /// One virtual host and its routes, in age order.
@@ -114,8 +118,12 @@ pub struct RouteView<'a> {
     pub ingress: Option<&'a ObjectRef>,
     /// Where the route came from (kind, namespace, name, rule, match).
     pub source: &'a crate::model::RouteSource,
-    /// Index into `clusters` of the first backend, when the route forwards.
+    /// Index into `clusters` of the first valid backend, when the route forwards.
     pub cluster: Option<u32>,
+    /// Conditions, filters, every weighted backend (with its index into `clusters`)
+    /// and the action.
+    #[serde(flatten)]
+    pub detail: RouteDetail,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +169,7 @@ impl<'a> SnapshotView<'a> {
                             .then_some(&r.source.object),
                         source: &r.source,
                         cluster: r.first_cluster(),
+                        detail: RouteDetail::of(snap, r),
                     })
                     .collect(),
             })
@@ -201,6 +210,7 @@ impl<'a> SnapshotView<'a> {
             tls_hosts,
             ignored_ingresses: &snap.ignored,
             diagnostics: &snap.diagnostics,
+            gateway: GatewayApiView::of(&snap.gateway),
         }
     }
 }

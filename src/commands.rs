@@ -14,7 +14,9 @@ use crate::model::{
     RouteSource, Severity, Snapshot, Upstream, request_host,
 };
 use crate::publish::{Counts, build_snapshot};
-use crate::views::{BackendView, ConditionsView, RouteDetail, endpoint_list, percent};
+use crate::views::{
+    BackendView, ConditionsView, GatewayApiView, RouteDetail, endpoint_list, percent,
+};
 
 /// Exit status of `check`: 0 fine or warnings only, 1 at least one error diagnostic.
 pub fn check_status(snapshot: &Snapshot) -> i32 {
@@ -336,21 +338,12 @@ pub fn check_json(snapshot: &Snapshot, files: usize, objects: usize) -> serde_js
         "virtual_hosts": vhosts,
         "default_backend": snapshot.default_backend.map(|id| backend_json(snapshot.cluster(id))),
         "tls": tls,
-        "gateway_classes": gateway_classes_json(report),
+        "gateway_classes": GatewayApiView::of(report).classes,
         "gateways": report.gateways,
         "http_routes": http_routes,
         "ignored": snapshot.ignored,
         "diagnostics": snapshot.diagnostics,
     })
-}
-
-/// GatewayClasses of ours as `[{"name", "accepted"}]`.
-fn gateway_classes_json(report: &GatewayReport) -> serde_json::Value {
-    report
-        .classes
-        .iter()
-        .map(|(name, accepted)| json!({"name": name, "accepted": accepted}))
-        .collect()
 }
 
 /// One route of `check --output json`: its match, its source, and (as the dashboard

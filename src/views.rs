@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::model::gateway::{GatewayInfo, GatewayReport, RouteInfo};
 use crate::model::{
     Action, BackendTarget, Conditions, PathModifier, Route, Snapshot, Upstream, ValueMatch,
 };
@@ -280,6 +281,41 @@ fn backend_views(snapshot: &Snapshot, backends: &crate::model::Backends) -> Vec<
             }
         })
         .collect()
+}
+
+/// One GatewayClass of ours.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GatewayClassView<'a> {
+    pub name: &'a str,
+    pub accepted: bool,
+}
+
+/// Gateway API's part of a snapshot as the dashboard and `/debug/snapshot` show it: our
+/// GatewayClasses, their Gateways with each listener's state, and every route with a
+/// parentRef to one of them, with what became of each parentRef (the reasons the status
+/// conditions carry).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GatewayApiView<'a> {
+    pub classes: Vec<GatewayClassView<'a>>,
+    pub gateways: &'a [GatewayInfo],
+    pub routes: &'a [RouteInfo],
+}
+
+impl<'a> GatewayApiView<'a> {
+    pub fn of(report: &'a GatewayReport) -> GatewayApiView<'a> {
+        GatewayApiView {
+            classes: report
+                .classes
+                .iter()
+                .map(|(name, accepted)| GatewayClassView {
+                    name,
+                    accepted: *accepted,
+                })
+                .collect(),
+            gateways: &report.gateways,
+            routes: &report.routes,
+        }
+    }
 }
 
 /// The addresses a cluster balances over: its active endpoints, or an ExternalName's

@@ -524,3 +524,174 @@ async fn page_and_assets_are_embedded_and_only_served_to_local_names() {
         );
     }
 }
+
+/// Gateway API objects with a served route (a header rule with a filter, a 90/10 split)
+/// and problems (a listener on a port that is not served, a route that cannot attach).
+/// The endpoint addresses are data only: nothing connects to them.
+const GATEWAY_MANIFESTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: default}
+spec:
+  gatewayClassName: portcullis
+  listeners:
+    - {name: http, protocol: HTTP, port: 80}
+    - {name: alt, protocol: HTTP, port: 8081, hostname: alt.example}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: internal, namespace: infra}
+spec:
+  gatewayClassName: portcullis
+  listeners:
+    - {name: http, protocol: HTTP, port: 80}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: default}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [shop.example]
+  rules:
+    - matches: [{headers: [{name: x-canary, value: "yes"}]}]
+      filters:
+        - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-canary, value: "1"}]}}
+      backendRefs: [{name: canary, port: 80}]
+    - backendRefs:
+        - {name: stable, port: 80, weight: 90}
+        - {name: canary, port: 80, weight: 10}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: lonely, namespace: default}
+spec:
+  parentRefs: [{name: internal, namespace: infra}]
+  rules:
+    - backendRefs: [{name: stable, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: stable, namespace: default}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: canary, namespace: default}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: stable, namespace: default, labels: {kubernetes.io/service-name: stable}}
+addressType: IPv4
+ports: [{port: 9001}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: canary, namespace: default, labels: {kubernetes.io/service-name: canary}}
+addressType: IPv4
+ports: [{port: 9002}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+"#;
+
+#[tokio::test]
+async fn state_and_debug_snapshot_show_httproutes_and_gateway_attachment() {
+    let loaded = portcullis::files::load_str("gateway.yaml", GATEWAY_MANIFESTS).expect("load");
+    let options = portcullis::k8s::Options {
+        assume_class: true,
+        allow_local_endpoints: true,
+        ..Default::default()
+    };
+    let proxy = start_proxy(portcullis::commands::snapshot_of(loaded, &options)).await;
+    let (dashboard, _stop) = start_dashboard(&proxy).await;
+    let s = state(dashboard).await;
+
+    let routes = s["virtual_hosts"]
+        .as_array()
+        .expect("virtual hosts")
+        .iter()
+        .find(|vh| vh["host"] == "shop.example")
+        .expect("shop.example")["routes"]
+        .as_array()
+        .expect("routes")
+        .clone();
+    assert_eq!(routes.len(), 2, "{routes:#?}");
+    // Precedence: the header rule first.
+    let header = &routes[0];
+    assert_eq!(
+        header["source"],
+        json!({"kind": "HTTPRoute", "namespace": "default", "name": "shop", "rule": 0, "match": 0})
+    );
+    assert_eq!(header["ingress"], Value::Null);
+    assert_eq!(header["filters"], json!(["ResponseHeaderModifier"]));
+    assert_eq!(
+        header["conditions"]["headers"],
+        json!([{"name": "x-canary", "type": "Exact", "value": "yes"}])
+    );
+    let split = &routes[1];
+    assert_eq!(split["source"]["rule"], 1);
+    assert_eq!(split["conditions"], Value::Null);
+    assert_eq!(split["action"], json!({"type": "forward"}));
+    let backends = split["backends"].as_array().expect("backends");
+    let shares: Vec<(u64, f64, &str)> = backends
+        .iter()
+        .map(|b| {
+            let cluster = &s["clusters"][b["cluster"].as_u64().expect("cluster") as usize];
+            (
+                b["weight"].as_u64().expect("weight"),
+                b["percent"].as_f64().expect("percent"),
+                cluster["service"]["name"].as_str().expect("service"),
+            )
+        })
+        .collect();
+    assert_eq!(shares, [(90, 90.0, "stable"), (10, 10.0, "canary")]);
+
+    let gw = &s["gateway"];
+    assert_eq!(
+        gw["classes"],
+        json!([{"name": "portcullis", "accepted": true}])
+    );
+    let web = gw["gateways"]
+        .as_array()
+        .expect("gateways")
+        .iter()
+        .find(|g| g["name"] == "web")
+        .expect("Gateway web");
+    let alt = &web["listeners"][1];
+    assert_eq!(alt["name"], "alt");
+    assert_eq!(alt["programmed"], false);
+    assert_eq!(alt["reason"], "PortUnavailable");
+    assert_eq!(web["listeners"][0]["attached_routes"], 1);
+    let lonely = gw["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["name"] == "lonely")
+        .expect("lonely");
+    assert_eq!(lonely["kind"], "HTTPRoute");
+    assert_eq!(lonely["hostnames"], json!([]));
+    assert_eq!(lonely["parents"][0]["accepted"], "NotAllowedByListeners");
+
+    // /debug/snapshot shows the same routes and the same report.
+    let resp = client()
+        .get(format!("http://{dashboard}/debug/snapshot"))
+        .send()
+        .await
+        .expect("GET /debug/snapshot");
+    assert_eq!(resp.status(), 200);
+    let d: Value = serde_json::from_str(&resp.text().await.expect("body")).expect("json");
+    assert_eq!(d["gateway"], s["gateway"]);
+    let debug_split = d["virtual_hosts"]
+        .as_array()
+        .expect("virtual hosts")
+        .iter()
+        .find(|vh| vh["host"] == "shop.example")
+        .expect("shop.example")["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["source"]["rule"] == 1)
+        .expect("the split")
+        .clone();
+    assert_eq!(debug_split["backends"], split["backends"]);
+}

@@ -38,6 +38,7 @@ use crate::model::{
 use crate::proxy::Proxy;
 use crate::proxy::body::{ProxyBody, full};
 use crate::proxy::listener::serve_simple;
+use crate::views::{GatewayApiView, RouteDetail};
 use traffic::{Traffic, TrafficView};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -200,6 +201,9 @@ pub struct StateView<'a> {
     pub certificates: Vec<CertificateState<'a>>,
     pub diagnostics: &'a [Diagnostic],
     pub ignored_ingresses: &'a [IgnoredIngress],
+    /// Gateway API: our GatewayClasses, their Gateways and listeners, and each route's
+    /// attachment to its parents.
+    pub gateway: GatewayApiView<'a>,
 }
 
 /// One virtual host and its routes, in precedence order.
@@ -218,8 +222,12 @@ pub struct RouteState<'a> {
     pub ingress: Option<&'a ObjectRef>,
     /// Where the route came from (kind, namespace, name, rule, match).
     pub source: &'a crate::model::RouteSource,
-    /// Index into `clusters` of the first backend, when the route forwards.
+    /// Index into `clusters` of the first valid backend, when the route forwards.
     pub cluster: Option<u32>,
+    /// Conditions, filters, every weighted backend (with its index into `clusters`)
+    /// and the action.
+    #[serde(flatten)]
+    pub detail: RouteDetail,
 }
 
 #[derive(Debug, Serialize)]
@@ -308,6 +316,7 @@ impl<'a> StateView<'a> {
                             .then_some(&r.source.object),
                         source: &r.source,
                         cluster: r.first_cluster(),
+                        detail: RouteDetail::of(snap, r),
                     })
                     .collect(),
             })
@@ -380,6 +389,7 @@ impl<'a> StateView<'a> {
             certificates,
             diagnostics: &snap.diagnostics,
             ignored_ingresses: &snap.ignored,
+            gateway: GatewayApiView::of(&snap.gateway),
         }
     }
 }

@@ -1,20 +1,24 @@
 // The dashboard in a real browser. Starts `portcullis demo` on free loopback ports,
 // sends traffic through its proxy, loads the dashboard in headless Chromium (Debian's
 // `chromium`, driven by playwright-core) and checks what a person would see: the demo's
-// routes and endpoints, its certificate, no diagnostics, a non-zero live request rate
-// for the demo Ingress, and a layout without horizontal scrolling at phone width.
-// Exits non-zero on the first failed check. Everything stays on 127.0.0.1, every loop is
-// bounded in count and time, and the whole run has a deadline.
+// routes and endpoints, its HTTPRoute beside the Ingress (kind, weights, filter) and its
+// Gateway, its certificate, no diagnostics, a non-zero live request rate for the demo
+// Ingress, and a layout without horizontal scrolling at phone width. Then `portcullis
+// run` on Gateway API manifests with problems: a listener that is not programmed and an
+// HTTPRoute that does not attach, and why. Exits non-zero on the first failed check.
+// Everything stays on 127.0.0.1, every loop is bounded in count and time, and the whole
+// run has a deadline.
 //
 // Environment:
 //   PORTCULLIS_BIN  the binary (default ../../target/debug/portcullis)
 //   CHROMIUM        the browser (default /usr/bin/chromium)
-//   SCREENSHOT_DIR  when set, dashboard.png (1366 px wide) and dashboard-phone.png
-//                   (390 px wide) are written there
+//   SCREENSHOT_DIR  when set, dashboard.png (1366 px wide), dashboard-phone.png
+//                   (390 px wide) and dashboard-gateway-problems.png (the Gateway API
+//                   panel of the manifests with problems) are written there
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import os from "node:os";
 import path from "node:path";
@@ -101,15 +105,90 @@ function startDemo() {
   });
 }
 
+/// Gateway API manifests with problems: listener `alt` is on a port that is not served
+/// (PortUnavailable), and HTTPRoute default/lonely names a Gateway whose listener admits
+/// routes from its own namespace only (NotAllowedByListeners).
+const PROBLEM_MANIFESTS = `
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: default}
+spec:
+  gatewayClassName: portcullis
+  listeners:
+    - {name: http, protocol: HTTP, port: 80}
+    - {name: alt, protocol: HTTP, port: 8081}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: internal, namespace: infra}
+spec:
+  gatewayClassName: portcullis
+  listeners:
+    - {name: http, protocol: HTTP, port: 80}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: lonely, namespace: default}
+spec:
+  parentRefs: [{name: internal, namespace: infra}]
+  hostnames: [lonely.example.com]
+  rules:
+    - backendRefs: [{name: web, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{port: 80}]}
+`;
+
+/// Starts `portcullis run` on the manifests in `dir`, port 0 everywhere; resolves with
+/// the dashboard address it logs.
+function startRun(dir) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(
+      BIN,
+      [
+        "run", "--manifests", dir,
+        "--http-addr", "127.0.0.1:0",
+        "--https-addr", "127.0.0.1:0",
+        "--admin-addr", "127.0.0.1:0",
+        "--dashboard-addr", "127.0.0.1:0",
+      ],
+      { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1" } },
+    );
+    cleanups.push(() => {
+      child.kill("SIGKILL");
+    });
+    let err = "";
+    const timer = setTimeout(() => reject(new Error(`run logged no addresses in 60 s:\n${err}`)), 60_000);
+    child.on("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`run exited with ${code}:\n${err}`));
+    });
+    child.on("error", (e) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot start ${BIN}: ${e.message}`));
+    });
+    child.stderr.on("data", (d) => {
+      err = (err + d).slice(-8000);
+      const m = err.match(/portcullis listening .*dashboard=(\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ dashboard: m[1] });
+      }
+    });
+  });
+}
+
 const agent = new http.Agent({ keepAlive: true, maxSockets: 4 });
 cleanups.push(() => agent.destroy());
 
 /// One GET through the proxy with the given Host header.
-function get(addr, host, urlPath) {
+function get(addr, host, urlPath, headers) {
   const [hostname, port] = [addr.slice(0, addr.lastIndexOf(":")), addr.slice(addr.lastIndexOf(":") + 1)];
   return new Promise((resolve, reject) => {
     const req = http.request(
-      { hostname, port: Number(port), path: urlPath, method: "GET", headers: { host }, agent, timeout: 10_000 },
+      { hostname, port: Number(port), path: urlPath, method: "GET", headers: { host, ...headers }, agent, timeout: 10_000 },
       (res) => {
         let body = "";
         res.setEncoding("utf8");
@@ -175,9 +254,10 @@ async function main() {
   assert.match(routeText, /Ingress demo\/demo/);
   const endpoints = await page.$$eval("#routing [data-endpoint]", (els) =>
     els.map((e) => ({ addr: e.dataset.endpoint, state: e.dataset.state, text: e.innerText })));
-  // web (2 endpoints) under demo.localhost/ and the default backend; api (1) under two routes.
-  assert.equal(endpoints.length, 6, JSON.stringify(endpoints));
-  assert.equal(new Set(endpoints.map((e) => e.addr)).size, 3, JSON.stringify(endpoints));
+  // web (2 endpoints) under demo.localhost/ and the default backend; api (1) under two
+  // routes; the HTTPRoute's canary (1) under its header rule and, with stable (1), its split.
+  assert.equal(endpoints.length, 9, JSON.stringify(endpoints));
+  assert.equal(new Set(endpoints.map((e) => e.addr)).size, 5, JSON.stringify(endpoints));
   for (const e of endpoints) {
     assert.equal(e.state, "ready", JSON.stringify(e));
     assert.match(e.text, /ready/);
@@ -185,6 +265,33 @@ async function main() {
   }
   const vhostHead = await page.locator('[data-vhost="demo.localhost"] .vhost-head').innerText();
   assert.match(vhostHead, /TLS demo\/demo-tls/);
+
+  // The demo's HTTPRoute beside the Ingress: its kind, the header rule's condition and
+  // filter, and the split's weights, each backend with its endpoint.
+  const split = page.locator('[data-vhost="shop.localhost"] [data-kind="HTTPRoute"][data-source="HTTPRoute demo/shop rule 1"]');
+  await split.waitFor();
+  const splitText = await split.innerText();
+  assert.match(splitText, /HTTPRoute demo\/shop rule 1/);
+  assert.match(await split.locator('[data-weight="90"]').innerText(), /90%[\s\S]*demo\/stable:80[\s\S]*ready/);
+  assert.match(await split.locator('[data-weight="10"]').innerText(), /10%[\s\S]*demo\/canary:80[\s\S]*ready/);
+  const header = page.locator('[data-vhost="shop.localhost"] [data-source="HTTPRoute demo/shop rule 0"]');
+  assert.equal(await header.getAttribute("data-kind"), "HTTPRoute");
+  assert.match(await header.locator('[data-field="conditions"]').innerText(), /when header x-canary = yes/);
+  assert.match(await header.locator('[data-filter="RequestHeaderModifier"]').innerText(), /RequestHeaderModifier/);
+  assert.match(await header.innerText(), /demo\/canary:80/);
+  // Its Gateway and listener, and the route attached to it.
+  const gateway = await page.locator('[data-gateway="demo/demo"]').innerText();
+  assert.match(gateway, /class portcullis/);
+  assert.match(gateway, /programmed/);
+  assert.match(await page.locator('[data-listener="demo/demo/http"]').innerText(), /served on http[\s\S]*1 route attached/);
+  const attached = page.locator('[data-route-object="HTTPRoute demo/shop"]');
+  assert.equal(await attached.getAttribute("data-attached"), "true");
+  assert.match(await attached.innerText(), /shop\.localhost[\s\S]*Accepted[\s\S]*ResolvedRefs/);
+  // The header match through the proxy, and the HTTPRoute's row in the traffic table.
+  const canary = await get(demo.http, "shop.localhost", "/", { "x-canary": "yes" });
+  assert.equal(canary.status, 200, canary.body);
+  assert.equal(JSON.parse(canary.body).name, "canary-1");
+  await page.waitForSelector('tr[data-traffic="HTTPRoute demo/shop"]');
 
   // Live traffic: send requests while the page polls, until it shows a rate above 0.
   const rpsCell = page.locator('tr[data-traffic="Ingress demo/demo"] td[data-field="rps"]');
@@ -252,7 +359,34 @@ async function main() {
   }
 
   assert.deepEqual(problems, [], "the page logged errors");
-  log("PASS: routes, endpoints, certificate and live traffic shown; phone width fits");
+
+  // Gateway API manifests with problems: the dashboard says what is not served, and why.
+  const dir = mkdtempSync(path.join(os.tmpdir(), "portcullis-gateway-"));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(path.join(dir, "gateway.yaml"), PROBLEM_MANIFESTS);
+  const run = await startRun(dir);
+  log(`run: dashboard ${run.dashboard}`);
+  await page.setViewportSize({ width: 1366, height: 900 });
+  const resp2 = await page.goto(`http://${run.dashboard}/`, { waitUntil: "load" });
+  assert.equal(resp2.status(), 200);
+  const lonely = page.locator('[data-route-object="HTTPRoute default/lonely"]');
+  await lonely.waitFor();
+  assert.equal(await lonely.getAttribute("data-attached"), "false");
+  const lonelyText = await lonely.innerText();
+  assert.match(lonelyText, /not attached/);
+  assert.match(lonelyText, /Gateway infra\/internal: NotAllowedByListeners/);
+  assert.match(lonelyText, /admits HTTPRoutes from namespace default/);
+  assert.equal(await lonely.locator('[data-parent="infra/internal"]').getAttribute("data-reason"), "NotAllowedByListeners");
+  const alt = page.locator('[data-listener="default/web/alt"]');
+  assert.equal(await alt.getAttribute("data-reason"), "PortUnavailable");
+  assert.match(await alt.innerText(), /not programmed[\s\S]*PortUnavailable: port 8081/);
+  assert.match(await page.locator('[data-listener="default/web/http"]').innerText(), /served on http/);
+  assert.match(await page.locator("#diagnostics").innerText(), /NotAllowedByListeners/);
+  if (SCREENSHOT_DIR) {
+    await page.locator("#gateway-section").screenshot({ path: path.join(SCREENSHOT_DIR, "dashboard-gateway-problems.png") });
+  }
+  assert.deepEqual(problems, [], "the page logged errors");
+  log("PASS: routes (Ingress and HTTPRoute), endpoints, certificate and live traffic shown; phone width fits; attachment problems shown");
 }
 
 try {

@@ -108,6 +108,7 @@ function renderSummary(s) {
     }
   }
   for (const vh of s.virtual_hosts) routes += vh.routes.length;
+  const httpRoutes = s.gateway.routes.filter((r) => r.kind === "HTTPRoute").length;
   const errors = s.diagnostics.filter((d) => d.severity === "error").length;
   const warnings = s.diagnostics.length - errors;
   const soonest = s.certificates.reduce(
@@ -123,7 +124,8 @@ function renderSummary(s) {
       "p99 " + fmtSeconds(t.p99_seconds), "", "latency"),
     card("Routes", String(routes),
       s.virtual_hosts.length + " virtual host" + (s.virtual_hosts.length === 1 ? "" : "s") +
-      ", " + s.served_ingresses.length + " Ingress" + (s.served_ingresses.length === 1 ? "" : "es"),
+      ", " + s.served_ingresses.length + " Ingress" + (s.served_ingresses.length === 1 ? "" : "es") +
+      (httpRoutes ? ", " + httpRoutes + " HTTPRoute" + (httpRoutes === 1 ? "" : "s") : ""),
       "", "routes"),
     card("Endpoints ready", ready + " / " + endpoints,
       (ejected ? ejected + " ejected, " : "") + inFlight + " in flight",
@@ -160,6 +162,12 @@ function renderTraffic(s) {
   for (const ing of s.served_ingresses) {
     const key = keyOf("Ingress", ing.namespace, ing.name);
     add(key, key, false, byKey.get(key) || null);
+  }
+  // Gateway API routes that attached somewhere serve traffic beside the Ingresses.
+  for (const r of s.gateway.routes) {
+    if (!r.hostnames.length) continue;
+    const key = keyOf(r.kind, r.namespace, r.name);
+    if (!seen.has(key)) add(key, key, false, byKey.get(key) || null);
   }
   for (const [key, live] of byKey) {
     if (seen.has(key)) continue;
@@ -244,6 +252,78 @@ function backendLabel(c) {
   return parts;
 }
 
+function fmtShare(p) {
+  return Math.abs(p - Math.round(p)) < 0.05 ? Math.round(p) + "%" : p.toFixed(1) + "%";
+}
+
+// Where a route came from: "Ingress ns/name", or "HTTPRoute ns/name rule R[ match M]".
+function sourceText(src) {
+  const name = src.kind + " " + src.namespace + "/" + src.name;
+  if (src.kind === "Ingress") return name;
+  return name + " rule " + src.rule + (src.match ? " match " + src.match : "");
+}
+
+// "method POST, header x-canary = yes, query v ~ [0-9]+" (~: a regular expression).
+function conditionsText(c) {
+  const parts = [];
+  if (c.method) parts.push("method " + c.method);
+  for (const [what, list] of [["header", c.headers], ["query", c.query]]) {
+    for (const v of list) parts.push(what + " " + v.name + (v.type === "Exact" ? " = " : " ~ ") + v.value);
+  }
+  return parts.join(", ");
+}
+
+function filterBadges(names) {
+  return el("div", { class: "filters", "data-field": "filters" },
+    names.map((f) => el("span", { class: "badge filter", "data-filter": f }, f)));
+}
+
+function redirectText(a) {
+  const parts = [];
+  if (a.scheme) parts.push("scheme " + a.scheme);
+  if (a.hostname) parts.push("host " + a.hostname);
+  if (a.port) parts.push("port " + a.port);
+  if (a.path) parts.push(a.path.type + " " + a.path.value);
+  return parts.length ? parts.join(", ") : "same URL";
+}
+
+// The weighted backends of a Gateway API route, one row each: share, Service, endpoints.
+function backendRows(s, r) {
+  return el("div", { class: "wbs" }, r.backends.map((b) => {
+    const c = b.cluster === undefined || b.cluster === null ? null : s.clusters[b.cluster];
+    return el("div", {
+      class: "wb",
+      "data-backend": b.valid && c ? clusterName(c) : "invalid",
+      "data-weight": b.weight,
+      "data-valid": String(b.valid),
+    },
+      el("div", {},
+        el("span", { class: "badge weight", title: "weight " + b.weight + ", picked at random per request" },
+          fmtShare(b.percent)), " ",
+        b.valid ? backendLabel(c) : el("span", { class: "badge bad" }, "invalid backendRef: 500"),
+        b.filters.length ? filterBadges(b.filters) : null),
+      b.valid ? clusterDetail(c) : el("div", { class: "bad-text small" }, b.reason || ""));
+  }));
+}
+
+// Columns two and three of a route: where it sends requests.
+function routeTarget(s, r) {
+  const a = r.action;
+  if (a.type === "redirect") {
+    return [el("div", {}, el("span", { class: "badge" }, "redirect " + a.status)),
+      el("div", { class: "small" }, redirectText(a))];
+  }
+  if (a.type === "respond") {
+    return [el("div", {}, el("span", { class: "badge bad" }, String(a.status))),
+      el("div", { class: "small muted" }, a.body)];
+  }
+  if (r.source.kind !== "Ingress" && (r.backends.length > 1 || r.backends.some((b) => !b.valid))) {
+    return [backendRows(s, r)];
+  }
+  const c = s.clusters[r.cluster];
+  return [el("div", {}, backendLabel(c)), clusterDetail(c)];
+}
+
 function renderRouting(s) {
   const tlsByHost = new Map(s.tls_hosts.map((t) => [t.host, t]));
   const out = [];
@@ -251,9 +331,11 @@ function renderRouting(s) {
   const cluster = (id) => s.clusters[id];
   for (const vh of s.virtual_hosts) {
     const routes = vh.routes.filter((r) => {
-      const c = cluster(r.cluster);
-      return matches(vh.host, r.path, ref(r.ingress), c && clusterName(c),
-        c && c.endpoints.map((e) => e.address).join(" "));
+      const cs = r.backends.map((b) => cluster(b.cluster)).filter((c) => c);
+      return matches(vh.host, r.path, ref(r.ingress), sourceText(r.source), ...r.filters,
+        r.conditions && conditionsText(r.conditions),
+        ...cs.map((c) => clusterName(c)),
+        ...cs.map((c) => c.endpoints.map((e) => e.address).join(" ")));
     });
     if (!routes.length) continue;
     if (shown >= MAX_VHOSTS) { hidden++; continue; }
@@ -264,16 +346,20 @@ function renderRouting(s) {
       tls ? el("span", { class: "badge " + (tls.certificate ? "ok" : "warn"), title: "Secret " + ref(tls.secret) },
         tls.certificate ? "TLS " + ref(tls.secret) : "TLS: default certificate") : null,
       el("span", { class: "muted small" }, routes.length + " route" + (routes.length === 1 ? "" : "s")));
-    const rows = routes.map((r) => {
-      const c = cluster(r.cluster);
-      return el("div", { class: "route", "data-route": vh.host + r.path },
-        el("div", {},
-          el("span", { class: "badge" }, r.path_type), " ",
-          el("span", { class: "path" }, r.path),
-          el("div", { class: "muted small" }, "Ingress " + ref(r.ingress))),
-        el("div", {}, backendLabel(c)),
-        clusterDetail(c));
-    });
+    const rows = routes.map((r) => el("div", {
+      class: "route",
+      "data-route": vh.host + r.path,
+      "data-kind": r.source.kind,
+      "data-source": sourceText(r.source),
+    },
+      el("div", {},
+        el("span", { class: "badge" }, r.path_type), " ",
+        el("span", { class: "path" }, r.path),
+        r.conditions ? el("div", { class: "small mono", "data-field": "conditions" },
+          "when " + conditionsText(r.conditions)) : null,
+        el("div", { class: "muted small" }, sourceText(r.source)),
+        r.filters.length ? filterBadges(r.filters) : null),
+      routeTarget(s, r)));
     out.push(el("div", { class: "vhost", "data-vhost": vh.host }, head, rows));
   }
   if (s.default_backend) {
@@ -295,6 +381,84 @@ function renderRouting(s) {
     out.push(el("div", { class: "more" }, filter ? "No route matches the filter." : "No routes: nothing is served yet."));
   }
   $("routing").replaceChildren(...out);
+}
+
+// Gateway API: each Gateway with its listeners, then each route and what became of each
+// of its parentRefs, in the words of the status conditions.
+function renderGateways(s) {
+  const g = s.gateway;
+  const out = [];
+  const classes = g.classes.map((c) => c.name).join(", ") || "none";
+  for (const gw of g.gateways) {
+    const name = gw.namespace + "/" + gw.name;
+    const listeners = gw.listeners.filter((l) =>
+      matches(name, gw.class, l.name, l.hostname, l.reason, l.message, "Gateway"));
+    if (!listeners.length) continue;
+    const state = !gw.accepted ? ["bad", "not accepted"]
+      : gw.programmed ? ["ok", "programmed"] : ["bad", "not programmed"];
+    out.push(el("div", { class: "vhost", "data-gateway": name },
+      el("div", { class: "vhost-head" },
+        el("span", { class: "vhost-host" }, "Gateway " + name),
+        el("span", { class: "badge" }, "class " + gw.class),
+        el("span", { class: "badge " + state[0] }, state[1])),
+      listeners.map((l) => el("div", {
+        class: "route gwrow",
+        "data-listener": name + "/" + l.name,
+        "data-reason": l.reason,
+        "data-programmed": String(l.programmed),
+      },
+        el("div", {},
+          el("span", { class: "mono" }, l.name), " ",
+          el("span", { class: "badge" }, l.protocol + " " + l.port),
+          el("div", { class: "muted small" }, l.hostname || "any host")),
+        el("div", {}, l.programmed
+          ? el("span", { class: "badge ok" }, "served on " + l.served_on)
+          : el("span", { class: "badge bad" }, "not programmed")),
+        el("div", { class: l.programmed ? "" : "bad-text small" },
+          l.programmed
+            ? l.attached_routes + " route" + (l.attached_routes === 1 ? "" : "s") + " attached" +
+              (l.reason !== "Accepted" ? " · " + l.reason + ": " + l.message : "")
+            : l.reason + ": " + l.message)))));
+  }
+  const routes = g.routes.filter((r) => matches(r.kind, r.namespace + "/" + r.name, ...r.hostnames,
+    ...r.parents.map((p) => p.accepted + " " + p.resolved_refs + " " + p.gateway.namespace + "/" + p.gateway.name)));
+  if (routes.length) {
+    out.push(el("div", { class: "vhost", "data-gateway-routes": "" },
+      el("div", { class: "vhost-head" },
+        el("span", { class: "vhost-host" }, "Routes and their parents"),
+        el("span", { class: "muted small" }, routes.length + " route" + (routes.length === 1 ? "" : "s"))),
+      routes.map((r) => {
+        const name = r.namespace + "/" + r.name;
+        return el("div", {
+          class: "route gwrow",
+          "data-route-object": r.kind + " " + name,
+          "data-attached": String(r.hostnames.length > 0),
+        },
+          el("div", {}, el("span", { class: "badge" }, r.kind), " ", el("span", { class: "mono" }, name)),
+          el("div", {}, r.hostnames.length
+            ? el("span", { class: "mono small" }, r.hostnames.join(", "))
+            : el("span", { class: "badge warn" }, "not attached")),
+          el("div", {}, r.parents.map((p) => {
+            const gwName = p.gateway.namespace + "/" + p.gateway.name +
+              (p.section_name ? " listener " + p.section_name : "") + (p.port ? " port " + p.port : "");
+            return el("div", { class: "small", "data-parent": p.gateway.namespace + "/" + p.gateway.name, "data-reason": p.accepted },
+              "Gateway " + gwName + ": ",
+              p.accepted === "Accepted" ? el("span", { class: "badge ok" }, "Accepted")
+                : el("span", { class: "badge warn" }, p.accepted),
+              p.accepted === "Accepted" ? null : el("span", { class: "muted" }, " " + p.accepted_message),
+              " ",
+              p.resolved_refs === "ResolvedRefs" ? el("span", { class: "badge ok" }, "ResolvedRefs")
+                : el("span", { class: "badge bad" }, p.resolved_refs),
+              p.resolved_refs === "ResolvedRefs" ? null : el("span", { class: "muted" }, " " + p.resolved_refs_message));
+          })));
+      })));
+  }
+  if (!out.length) {
+    out.push(el("div", { class: "more" }, filter && (g.gateways.length || g.routes.length)
+      ? "No Gateway or route matches the filter."
+      : "No Gateways of our GatewayClasses (" + classes + ")."));
+  }
+  $("gateways").replaceChildren(...out);
 }
 
 function renderCerts(s) {
@@ -359,6 +523,7 @@ function render(s) {
   renderSummary(s);
   renderTraffic(s);
   renderRouting(s);
+  renderGateways(s);
   renderCerts(s);
   renderDiagnostics(s);
 }
