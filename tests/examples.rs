@@ -77,3 +77,22 @@ fn mlflow_local_tls_serves_its_host_with_a_certificate_from_portcullis_certs() {
     assert!(!tls_line.contains("no usable certificate"), "{out}");
     assert!(out.contains("No problems found."), "{out}");
 }
+
+#[test]
+fn gateway_example_attaches_its_httproute_with_a_split_and_a_redirect() {
+    let (code, out) = check("examples/gateway");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("No problems found."), "{out}");
+    assert!(
+        out.contains("default/web (class portcullis): programmed"),
+        "{out}"
+    );
+    assert!(out.contains("served on http, 1 route(s) attached"), "{out}");
+    assert!(
+        out.contains("default/store: serves store.localhost"),
+        "{out}"
+    );
+    assert!(out.contains("90%  default/stable:80"), "{out}");
+    assert!(out.contains("10%  default/canary:80"), "{out}");
+    assert!(out.contains("redirect 301"), "{out}");
+}
