@@ -169,7 +169,7 @@ impl<'a> SnapshotView<'a> {
                             .then_some(&r.source.object),
                         source: &r.source,
                         cluster: r.first_cluster(),
-                        detail: RouteDetail::of(snap, r),
+                        detail: RouteDetail::compact(snap, r),
                     })
                     .collect(),
             })

@@ -925,7 +925,10 @@ pub fn explain_text(ex: &Explanation) -> String {
                 let state = match (&b.problem, b.valid) {
                     (Some(p), false) => format!("invalid: {p}: 500"),
                     (Some(p), true) => format!("{p}: 503"),
-                    (None, _) => format!("endpoints {}", b.endpoints.join(", ")),
+                    (None, _) => format!(
+                        "endpoints {}",
+                        b.endpoints.as_deref().unwrap_or_default().join(", ")
+                    ),
                 };
                 let filters = if b.filters.is_empty() {
                     String::new()

@@ -100,8 +100,10 @@ pub struct BackendView {
     /// Index into the snapshot's clusters; null when invalid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<u32>,
-    /// The addresses it balances over (`host:port` for an ExternalName).
-    pub endpoints: Vec<String>,
+    /// The addresses it balances over (`host:port` for an ExternalName). Left out where
+    /// `cluster` leads to them (the dashboard, `/debug/snapshot`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
     /// Why it cannot answer, in a few words (invalid reference, unresolved Service, no
     /// endpoints), without the share; `reason` says it with the share.
     #[serde(skip)]
@@ -154,14 +156,28 @@ pub struct RouteDetail {
 }
 
 impl RouteDetail {
+    /// The detail of `route`, each backend with its endpoints.
     pub fn of(snapshot: &Snapshot, route: &Route) -> RouteDetail {
+        RouteDetail::build(snapshot, route, true)
+    }
+
+    /// The detail of `route` without the backends' endpoints, for documents that list
+    /// clusters and their endpoints once (the dashboard, `/debug/snapshot`).
+    pub fn compact(snapshot: &Snapshot, route: &Route) -> RouteDetail {
+        RouteDetail::build(snapshot, route, false)
+    }
+
+    fn build(snapshot: &Snapshot, route: &Route, with_endpoints: bool) -> RouteDetail {
         let mut filters = route
             .filters
             .as_ref()
             .map(|f| f.names())
             .unwrap_or_default();
         let (action, backends) = match &route.action {
-            Action::Forward(b) => (ActionView::Forward, backend_views(snapshot, b)),
+            Action::Forward(b) => (
+                ActionView::Forward,
+                backend_views(snapshot, b, with_endpoints),
+            ),
             Action::Redirect(rd) => {
                 filters.push("RequestRedirect");
                 (
@@ -214,7 +230,11 @@ pub fn percent(p: f64) -> String {
     }
 }
 
-fn backend_views(snapshot: &Snapshot, backends: &crate::model::Backends) -> Vec<BackendView> {
+fn backend_views(
+    snapshot: &Snapshot,
+    backends: &crate::model::Backends,
+    with_endpoints: bool,
+) -> Vec<BackendView> {
     let total = backends.total_weight.max(1);
     let split = backends.list.len() > 1;
     backends
@@ -232,7 +252,11 @@ fn backend_views(snapshot: &Snapshot, backends: &crate::model::Backends) -> Vec<
             match &b.target {
                 BackendTarget::Cluster(id) => {
                     let cluster = snapshot.clusters.get(*id as usize);
-                    let endpoints = cluster.map(|c| endpoint_list(&c.upstream));
+                    let endpoints = with_endpoints.then(|| {
+                        cluster
+                            .map(|c| endpoint_list(&c.upstream))
+                            .unwrap_or_default()
+                    });
                     let unusable = match cluster.map(|c| &c.upstream) {
                         Some(Upstream::Unresolved { reason }) => Some(reason.clone()),
                         Some(Upstream::Endpoints { active, .. }) if active.is_empty() => {
@@ -257,7 +281,7 @@ fn backend_views(snapshot: &Snapshot, backends: &crate::model::Backends) -> Vec<
                         reason,
                         filters,
                         cluster: Some(*id),
-                        endpoints: endpoints.unwrap_or_default(),
+                        endpoints,
                         problem: unusable,
                     }
                 }
@@ -275,7 +299,7 @@ fn backend_views(snapshot: &Snapshot, backends: &crate::model::Backends) -> Vec<
                     }),
                     filters,
                     cluster: None,
-                    endpoints: Vec::new(),
+                    endpoints: with_endpoints.then(Vec::new),
                     problem: Some(reason.to_string()),
                 },
             }

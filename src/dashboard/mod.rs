@@ -316,7 +316,7 @@ impl<'a> StateView<'a> {
                             .then_some(&r.source.object),
                         source: &r.source,
                         cluster: r.first_cluster(),
-                        detail: RouteDetail::of(snap, r),
+                        detail: RouteDetail::compact(snap, r),
                     })
                     .collect(),
             })
