@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::files::Loaded;
 use crate::k8s::Options;
 use crate::model::gateway::{AttachReason, GatewayReport, RefsReason, RouteInfo};
+use crate::model::route::ListenerKind;
 use crate::model::{
     Action, Cluster, Decision, HostMatch, ObjectRef, Redirect, RequestFacts, Route, RouteKind,
     RouteSource, Severity, Snapshot, Upstream, request_host,
@@ -431,6 +432,9 @@ pub struct Explanation {
     /// The method, header and query conditions the route required.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conditions: Option<ConditionsView>,
+    /// The only listener the route exists on (`http`, `https`); absent for both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerKind>,
     /// The route's filters, in Gateway API's names.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filters: Option<Vec<&'static str>>,
@@ -517,10 +521,17 @@ pub fn explain_request(
         Err(_) => received.to_string(),
     };
     let host_opt = (!host.is_empty()).then_some(host.as_str());
+    // The listener the request would arrive on: an https URL names the HTTPS one.
+    let listener = if uri.scheme_str() == Some("https") {
+        ListenerKind::Https
+    } else {
+        ListenerKind::Http
+    };
     let facts = RequestFacts {
         method,
         headers,
         query: uri.query(),
+        listener,
     };
 
     let mut ex = Explanation {
@@ -537,6 +548,7 @@ pub fn explain_request(
         endpoints: Vec::new(),
         reason: String::new(),
         conditions: None,
+        listener: None,
         filters: None,
         backends: None,
         location: None,
@@ -589,8 +601,15 @@ pub fn explain_request(
                 r.source.rule, r.source.match_index
             );
         }
-        if let Some(c) = &r.conditions {
-            let _ = write!(line, ", when {}", ConditionsView::of(c).describe());
+        if let Some(c) = r.conditions.as_deref() {
+            if let Some(v) = ConditionsView::of(c) {
+                let _ = write!(line, ", when {}", v.describe());
+            }
+            if let Some(l) = c.listener
+                && l != listener
+            {
+                let _ = write!(line, ", only on the {} listener", listener_name(l));
+            }
         }
         line
     };
@@ -633,7 +652,7 @@ pub fn explain_request(
                 }
                 t => t.to_string(),
             };
-            let conditions = r.conditions.as_deref().map(ConditionsView::of);
+            let conditions = r.conditions.as_deref().and_then(ConditionsView::of);
             let when = conditions
                 .as_ref()
                 .map(|c| format!(" and {}", c.describe()))
@@ -658,13 +677,14 @@ pub fn explain_request(
                 {
                     0 => String::new(),
                     n => format!(
-                        "; {n} route(s) that rank higher did not match the method, headers or query"
+                        "; {n} route(s) that rank higher did not match the method, headers, query or listener"
                     ),
                 }
             );
             let detail = gateway_api.then(|| RouteDetail::of(snapshot, r));
             if let Some(d) = &detail {
                 ex.conditions = conditions;
+                ex.listener = d.listener;
                 ex.filters = Some(d.filters.clone());
                 // Cluster indices mean nothing outside the snapshot.
                 ex.backends = Some(
@@ -772,6 +792,14 @@ pub fn explain_request(
         );
     }
     Ok(ex)
+}
+
+/// `http` or `https`, as `served_on` and the JSON name listeners.
+fn listener_name(l: ListenerKind) -> &'static str {
+    match l {
+        ListenerKind::Http => "http",
+        ListenerKind::Https => "https",
+    }
 }
 
 /// `-X METHOD -H 'Name: value'…` as given, or `None` for a plain `GET`.
@@ -969,7 +997,7 @@ pub fn explain_text(ex: &Explanation) -> String {
     if !ex.conditions_not_met.is_empty() {
         let _ = writeln!(
             out,
-            "  host and path matched, but not the method, headers or query:"
+            "  host and path matched, but not the method, headers, query or listener:"
         );
         for m in &ex.conditions_not_met {
             let _ = writeln!(out, "    {m}");

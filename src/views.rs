@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::model::gateway::{GatewayInfo, GatewayReport, RouteInfo};
+use crate::model::route::ListenerKind;
 use crate::model::{
     Action, BackendTarget, Conditions, PathModifier, Route, Snapshot, Upstream, ValueMatch,
 };
@@ -44,8 +45,13 @@ fn value_match(name: &str, v: &ValueMatch) -> ValueMatchView {
 }
 
 impl ConditionsView {
-    pub fn of(c: &Conditions) -> ConditionsView {
-        ConditionsView {
+    /// The method, header and query conditions of `c`; `None` when it has none (it
+    /// may still restrict the listener: see [`RouteDetail::listener`]).
+    pub fn of(c: &Conditions) -> Option<ConditionsView> {
+        if c.method.is_none() && c.headers.is_empty() && c.query.is_empty() {
+            return None;
+        }
+        Some(ConditionsView {
             method: c.method.as_ref().map(ToString::to_string),
             headers: c
                 .headers
@@ -57,7 +63,7 @@ impl ConditionsView {
                 .iter()
                 .map(|q| value_match(&q.name, &q.value))
                 .collect(),
-        }
+        })
     }
 
     /// One line: `method POST, header x-canary = yes, query v ~ [0-9]+` (`=` exact,
@@ -145,8 +151,13 @@ pub enum ActionView {
 /// A route's conditions, filters, backends and action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteDetail {
-    /// Null for a route that matches on host and path only (every Ingress route).
+    /// The method, header and query conditions; null for a route without any (every
+    /// Ingress route).
     pub conditions: Option<ConditionsView>,
+    /// The only listener (`http` or `https`) the route exists on; null for both. A
+    /// Gateway API route exists only on the listeners its Gateway listeners are served
+    /// on.
+    pub listener: Option<ListenerKind>,
     /// The route's filters in Gateway API's names (`RequestHeaderModifier`,
     /// `ResponseHeaderModifier`, `URLRewrite`, `RequestMirror`, `RequestRedirect`).
     pub filters: Vec<&'static str>,
@@ -200,7 +211,8 @@ impl RouteDetail {
             ),
         };
         RouteDetail {
-            conditions: route.conditions.as_deref().map(ConditionsView::of),
+            conditions: route.conditions.as_deref().and_then(ConditionsView::of),
+            listener: route.conditions.as_deref().and_then(|c| c.listener),
             filters,
             backends,
             action,

@@ -212,6 +212,12 @@ fn explain_json_follows_header_method_and_query_matches() {
     );
     let v = explain_json(&dir, &[], "http://shop.example.com/search?v=3");
     assert_eq!(v["route"], route(6), "{v:#}");
+    assert_eq!(v["listener"], "http");
+
+    // Routes of Gateway HTTP listeners do not exist on the HTTPS listener.
+    let v = explain_json(&dir, &[], "https://shop.example.com/");
+    assert_eq!(v["status"], 404, "{v:#}");
+    assert_eq!(v["route"], Value::Null);
 }
 
 #[test]
@@ -298,13 +304,21 @@ fn explain_text_shows_route_conditions_filters_and_weights() {
         "route:     HTTPRoute default/shop rule 6 match 0",
         "90% weight 90   default/stable:80",
         "10% weight 10   default/canary:80",
-        "host and path matched, but not the method, headers or query:",
+        "host and path matched, but not the method, headers, query or listener:",
         "rule 0 match 0, when header x-canary = yes",
     ] {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }
     // The header route did not match, so it did not "lose".
     assert!(!out.contains("also matched, and lost:"), "{out}");
+
+    let (code, out, _) = portcullis(&["explain", "--manifests", path, "https://shop.example.com/"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("status:    404"), "{out}");
+    assert!(
+        out.contains("rule 6 match 0, only on the http listener"),
+        "{out}"
+    );
 }
 
 #[test]
