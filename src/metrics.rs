@@ -512,7 +512,27 @@ impl Metrics {
         route: &str,
         service: &str,
     ) -> Arc<RouteSeries> {
-        self.route_series.get(namespace, route_kind, route, service)
+        self.route_series
+            .get(namespace, route_kind, route, namespace, service)
+    }
+
+    /// [`Metrics::route`] for a route whose Service may be in another namespace (a
+    /// Gateway API backendRef permitted by a ReferenceGrant): the upstream histograms'
+    /// `service` label is the Service's own `ns/name`.
+    pub fn route_to(
+        &self,
+        namespace: &str,
+        route_kind: &'static str,
+        route: &str,
+        service: &crate::model::ObjectRef,
+    ) -> Arc<RouteSeries> {
+        self.route_series.get(
+            namespace,
+            route_kind,
+            route,
+            &service.namespace,
+            &service.name,
+        )
     }
 
     /// Counts one failed list or watch of `kind`.
@@ -718,10 +738,10 @@ const MAX_CACHED_ROUTES: usize = 16 * 1024;
 pub struct RouteSeries {
     /// The route's labels; empty strings when no route matched.
     pub labels: RouteLabels,
-    /// `ns/name`: the `service` label of the upstream histograms, from the route's
-    /// namespace and service labels. That is the Service's own namespace: an Ingress
-    /// backend is a Service in the Ingress' namespace, and a default backend's route
-    /// labels carry the Service's namespace.
+    /// `ns/name`: the `service` label of the upstream histograms: the Service's own
+    /// namespace (the route's, for an Ingress backend or a default backend, whose route
+    /// labels carry the Service's namespace; the backendRef's for a Gateway API route)
+    /// and the service label.
     pub service_key: String,
     requests: [[OnceLock<IntCounter>; CODE_LABELS.len()]; METHOD_LABELS.len()],
     duration: [OnceLock<Histogram>; CODE_LABELS.len()],
@@ -740,11 +760,11 @@ impl fmt::Debug for RouteSeries {
 }
 
 impl RouteSeries {
-    fn new(labels: RouteLabels) -> RouteSeries {
-        let service_key = if labels.namespace.is_empty() && labels.service.is_empty() {
+    fn new(labels: RouteLabels, service_namespace: &str) -> RouteSeries {
+        let service_key = if service_namespace.is_empty() && labels.service.is_empty() {
             String::new()
         } else {
-            format!("{}/{}", labels.namespace, labels.service)
+            format!("{service_namespace}/{}", labels.service)
         };
         RouteSeries {
             labels,
@@ -861,6 +881,7 @@ impl RouteSeriesCache {
         namespace: &str,
         route_kind: &'static str,
         route: &str,
+        service_namespace: &str,
         service: &str,
     ) -> Arc<RouteSeries> {
         use std::hash::BuildHasher;
@@ -868,13 +889,23 @@ impl RouteSeriesCache {
             ROUTE_KINDS.contains(&route_kind),
             "route_kind {route_kind:?} is not one of {ROUTE_KINDS:?}"
         );
-        let key = foldhash::fast::FixedState::with_seed(0x706f_7274)
-            .hash_one((namespace, route_kind, route, service));
+        let key = foldhash::fast::FixedState::with_seed(0x706f_7274).hash_one((
+            namespace,
+            route_kind,
+            route,
+            service_namespace,
+            service,
+        ));
         let matches = |s: &Arc<RouteSeries>| {
             *s.labels.namespace == *namespace
                 && s.labels.route_kind == route_kind
                 && *s.labels.route == *route
                 && *s.labels.service == *service
+                && s.service_key
+                    .split_once('/')
+                    .map_or(service_namespace.is_empty(), |(ns, _)| {
+                        ns == service_namespace
+                    })
         };
         {
             let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -890,12 +921,15 @@ impl RouteSeriesCache {
             routes.clear();
             self.len.store(0, std::sync::atomic::Ordering::Relaxed);
         }
-        let series = Arc::new(RouteSeries::new(RouteLabels {
-            namespace: namespace.into(),
-            route_kind,
-            route: route.into(),
-            service: service.into(),
-        }));
+        let series = Arc::new(RouteSeries::new(
+            RouteLabels {
+                namespace: namespace.into(),
+                route_kind,
+                route: route.into(),
+                service: service.into(),
+            },
+            service_namespace,
+        ));
         routes.entry(key).or_default().push(series.clone());
         self.len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         series

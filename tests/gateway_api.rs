@@ -2003,3 +2003,70 @@ async fn a_reference_grant_added_and_removed_at_run_time() {
     let (status, body) = poll(&bin, "grant.example", "/", denied).await;
     assert!(denied(status, &body), "grant removed: {status} {body}");
 }
+
+// ---------------------------------------------------------------------------------
+// Values a filter may not carry
+
+#[test]
+fn filters_that_would_reframe_messages_or_escape_their_fields_answer_500() {
+    let snap = build(&[
+        open_gateway(),
+        service("gw", "app"),
+        route(
+            "gw",
+            "bad",
+            json!({"hostnames": ["b.example"], "rules": [
+                {"matches": [path("PathPrefix", "/framing")],
+                 "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "Content-Length", "value": "0"}]}}],
+                 "backendRefs": [{"name": "app", "port": 80}]},
+                {"matches": [path("PathPrefix", "/host")],
+                 "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "remove": ["Host"]}}],
+                 "backendRefs": [{"name": "app", "port": 80}]},
+                {"matches": [path("PathPrefix", "/query")],
+                 "filters": [{"type": "URLRewrite", "urlRewrite": {
+                    "path": {"type": "ReplaceFullPath", "replaceFullPath": "/a?admin=1"}}}],
+                 "backendRefs": [{"name": "app", "port": 80}]},
+                {"matches": [path("PathPrefix", "/elsewhere")],
+                 "filters": [{"type": "RequestRedirect", "requestRedirect": {
+                    "hostname": "evil.example/x"}}]},
+                {"matches": [path("Exact", "/exact")],
+                 "backendRefs": [{"name": "app", "port": 80, "filters": [
+                    {"type": "URLRewrite", "urlRewrite": {
+                        "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/bar"}}}]}]},
+                rule(json!([path("PathPrefix", "/fine")]), "app"),
+            ]}),
+        ),
+    ]);
+    for p in ["/framing", "/host", "/query", "/elsewhere"] {
+        assert_eq!(
+            answer(&snap, req("b.example", p)),
+            "500 invalid backend for gw/bad",
+            "{p}"
+        );
+    }
+    // A backendRef's ReplacePrefixMatch beside an Exact match is not served, like the
+    // rule's own.
+    assert!(decide(&snap, &req("b.example", "/exact")).is_none());
+    assert_eq!(
+        accepted(&snap, "gw", "bad"),
+        vec![AttachReason::UnsupportedValue]
+    );
+    assert_eq!(answer(&snap, req("b.example", "/fine")), "app");
+    let d = diags_of(&snap, "HTTPRoute", "gw", "bad");
+    for (field, says) in [
+        (
+            "spec.rules[0].filters[0]",
+            "content-length frames the message",
+        ),
+        ("spec.rules[1].filters[0]", "host frames the message"),
+        ("spec.rules[2].filters[0]", "must not contain `?`"),
+        ("spec.rules[3].filters[0]", "hostname"),
+    ] {
+        assert!(
+            d.iter().any(|l| l.starts_with(field) && l.contains(says)),
+            "{field} {says}: {d:?}"
+        );
+    }
+}

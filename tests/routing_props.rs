@@ -39,6 +39,8 @@ fn request_host() -> impl Strategy<Value = Option<String>> {
         Some("a.a.x"),
         Some("b.a.x"),
         Some("c.b.x"),
+        Some("a..x"),
+        Some("b.a..x"),
         Some("x"),
         Some(".x"),
         Some("y"),

@@ -19,7 +19,10 @@ use portcullis::accesslog::{AccessLog, AccessLogFormat};
 use portcullis::certs::{DevCa, PemPair};
 use portcullis::k8s::Options;
 use portcullis::metrics::Metrics;
-use portcullis::model::{ObjectRef, Snapshot};
+use portcullis::model::{
+    Conditions, HostPattern, ListenerKind, ObjectRef, PathRule, PathType, Route, RouteKind,
+    RouteSource, RouteTable, Snapshot,
+};
 use portcullis::proxy::tls::TlsSettings;
 use portcullis::proxy::{Proxy, ProxyConfig};
 use portcullis::publish::Publisher;
@@ -970,6 +973,54 @@ async fn https_redirect_globally_with_opt_out_and_port_443() {
     .await;
     let (_, headers, _) = plain_get(p.http, "r2.example", "/").await;
     assert_eq!(headers["location"], "https://r2.example:9443/");
+}
+
+/// A Gateway API route exists on its Gateway listeners only: the HTTPS redirect of an
+/// Ingress TLS host that covers its host must not send it where it is not served.
+#[tokio::test]
+async fn https_redirect_leaves_gateway_api_routes_on_their_listener() {
+    let pki = Pki::new();
+    let echo = start_echo("echo").await;
+    let (s, _) = pki.secret("ns", "w-tls", &["*.gw.example"]);
+    let world = World::new()
+        .backend("ns", "svc", 80, &[echo.addr])
+        .secret(s)
+        .ingress(
+            ingress("ns", "w")
+                .host("*.gw.example")
+                .prefix("/", "svc", 80)
+                .tls(&["*.gw.example"], "w-tls"),
+        );
+    let mut snap = world.snapshot();
+    let mut routes: Vec<Route> = snap.routes.routes().cloned().collect();
+    let cluster = routes[0]
+        .first_cluster()
+        .expect("the Ingress route forwards");
+    let mut gateway_route = Route::forward(
+        HostPattern::Exact("api.gw.example".into()),
+        PathRule::new("/", PathType::Prefix).expect("a path"),
+        RouteSource {
+            kind: RouteKind::HttpRoute,
+            object: ObjectRef::new("ns", "api"),
+            rule: 0,
+            match_index: 0,
+        },
+        cluster,
+    );
+    gateway_route.conditions = Some(Box::new(Conditions {
+        listener: Some(ListenerKind::Http),
+        ..Conditions::default()
+    }));
+    gateway_route.order = routes.len() as u32;
+    routes.push(gateway_route);
+    snap.routes = Arc::new(RouteTable::build(routes).0);
+    let p = start_tls(snap, |s| TlsSettings {
+        ssl_redirect: true,
+        ..s
+    })
+    .await;
+    assert_eq!(plain_get(p.http, "api.gw.example", "/").await.0, 200);
+    assert_eq!(plain_get(p.http, "other.gw.example", "/").await.0, 308);
 }
 
 #[tokio::test]

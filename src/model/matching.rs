@@ -80,8 +80,13 @@ impl HostPattern {
                 }
                 _ => None,
             },
+            // One label or more before the suffix, none of them empty.
             HostPattern::Suffix(suffix) => match host.strip_suffix(suffix.as_str()) {
-                Some(head) if head.len() > 1 && head.ends_with('.') && !head.starts_with('.') => {
+                Some(head)
+                    if head.len() > 1
+                        && head.ends_with('.')
+                        && head[..head.len() - 1].split('.').all(|l| !l.is_empty()) =>
+                {
                     Some(HostMatch::Wildcard)
                 }
                 _ => None,
@@ -103,6 +108,14 @@ impl HostPattern {
         match self {
             HostPattern::Suffix(s) => HostPattern::Wildcard(s.clone()),
             other => other.clone(),
+        }
+    }
+
+    /// How many labels a wildcard's suffix has (0 for exact and absent hosts).
+    pub fn suffix_labels(&self) -> usize {
+        match self {
+            HostPattern::Wildcard(s) | HostPattern::Suffix(s) => s.split('.').count(),
+            _ => 0,
         }
     }
 
@@ -392,6 +405,10 @@ impl Ord for Precedence {
     }
 }
 
+/// The longest request host accepted: a DNS name's limit (RFC 1035), and more than an
+/// IPv6 literal needs.
+pub const MAX_HOST_LEN: usize = 253;
+
 /// Why a request's host could not be determined.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {
@@ -429,6 +446,10 @@ pub fn request_host<'a>(
     };
     if chosen.is_empty() {
         return Ok(None);
+    }
+    // No DNS name is longer; a longer one would only make wildcard lookups work harder.
+    if chosen.len() > MAX_HOST_LEN {
+        return Err(HostError::Invalid(format!("{}…", &chosen[..32])));
     }
     if chosen.bytes().any(|b| b.is_ascii_uppercase()) {
         Ok(Some(Cow::Owned(chosen.to_ascii_lowercase())))
@@ -520,6 +541,8 @@ mod tests {
             Err(HostError::Mismatch { .. })
         ));
         assert!(h(None, Some("a.com:x")).is_err());
+        let long = format!("{}.example", "a.".repeat(130));
+        assert!(matches!(h(None, Some(&long)), Err(HostError::Invalid(_))));
     }
 
     #[test]

@@ -523,10 +523,12 @@ impl Route {
 
     /// The precedence of this route for a request whose host matched as `host`.
     pub fn precedence(&self, host: HostMatch) -> Precedence {
-        let (method, headers, query) = self
-            .conditions
-            .as_ref()
-            .map_or((false, 0, 0), |c| c.weight());
+        // Regular-expression routes rank below every other path and then follow rule
+        // order alone (the contract), so their conditions do not count.
+        let (method, headers, query) = match &self.conditions {
+            Some(c) if !self.path.is_regex() => c.weight(),
+            _ => (false, 0, 0),
+        };
         Precedence {
             host,
             host_len: if host == HostMatch::Wildcard {

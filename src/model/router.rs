@@ -338,6 +338,9 @@ pub struct RouteTable {
     wildcard: HashMap<Box<str>, u32>,
     /// Whether any wildcard virtual host has Gateway API (any depth) routes.
     deep: bool,
+    /// The most labels of a wildcard suffix with Gateway API routes: shorter host
+    /// suffixes are the only ones worth probing.
+    deep_labels: usize,
     any: Option<u32>,
 }
 
@@ -404,7 +407,11 @@ impl RouteTable {
                 }
             }
             let vhost = VirtualHost::new(host, routes, scan_limit);
-            table.deep |= vhost.deep.is_some();
+            if vhost.deep.is_some() {
+                table.deep = true;
+                let labels = vhost.host.suffix_labels();
+                table.deep_labels = table.deep_labels.max(labels);
+            }
             table.vhosts.push(vhost);
         }
         table
@@ -440,11 +447,14 @@ impl RouteTable {
                 }
                 if self.deep {
                     let mut rest = suffix;
+                    let mut labels = suffix.bytes().filter(|&b| b == b'.').count() + 1;
                     while let Some((label, suffix)) = rest.split_once('.') {
                         if label.is_empty() {
                             break;
                         }
-                        if let Some(&i) = self.wildcard.get(suffix)
+                        labels -= 1;
+                        if labels <= self.deep_labels
+                            && let Some(&i) = self.wildcard.get(suffix)
                             && let Some(route) = self.vhosts[i as usize].lookup_deep(path, req)
                         {
                             return Some(RouteMatch {

@@ -439,11 +439,16 @@ fn route(
 ) -> Result<Routed, ProxyError> {
     let snapshot = inner.snapshots.load();
     let decision = snapshot.decide_request(host, path, facts);
-    if let Some(tls) = inner.tls.get() {
+    // The TLS rules (421, the HTTPS redirect, HSTS) belong to Ingress TLS hosts. A
+    // Gateway API route exists on its Gateway listeners only, so redirecting it to the
+    // HTTPS listener would lose it.
+    let gateway_route =
+        matches!(&decision, Decision::Route(m) if m.route.source.kind != RouteKind::Ingress);
+    if let Some(tls) = inner.tls.get()
+        && !gateway_route
+    {
         let ingress = match &decision {
-            Decision::Route(m) if m.route.source.kind == RouteKind::Ingress => {
-                Some(&m.route.source.object)
-            }
+            Decision::Route(m) => Some(&m.route.source.object),
             _ => None,
         };
         *hsts = tls.check_request(conn, &snapshot, host, ingress, uri)?;
@@ -494,10 +499,16 @@ fn route(
                     return Err(ProxyError::InvalidBackend(source.clone()));
                 }
             };
-            let service = snapshot
-                .clusters
-                .get(id as usize)
-                .map_or("", |c| c.service.name.as_str());
+            let series = match snapshot.clusters.get(id as usize) {
+                Some(c) => {
+                    inner
+                        .metrics
+                        .route_to(&source.namespace, kind, &source.name, &c.service)
+                }
+                None => inner
+                    .metrics
+                    .route(&source.namespace, kind, &source.name, ""),
+            };
             let matched_prefix = match r.path.path_type {
                 PathType::Prefix | PathType::ImplementationSpecific
                     if r.filters.is_some() || backend.filters.is_some() =>
@@ -508,9 +519,7 @@ fn route(
             };
             (
                 id,
-                inner
-                    .metrics
-                    .route(&source.namespace, kind, &source.name, service),
+                series,
                 r.max_body_size,
                 [r.filters.clone(), backend.filters.clone()],
                 r.timeouts,
@@ -610,10 +619,15 @@ fn redirect(
         Some(modifier) => Cow::Owned(modifier.apply(path, &route.path.key)),
         None => Cow::Borrowed(path),
     };
-    let mut location = format!("{scheme}://{hostname}");
-    if let Some(p) = port {
-        location.push(':');
-        location.push_str(&p.to_string());
+    // Without a host to name (an HTTP/1.0 request without Host), the Location is
+    // relative: the client keeps its own scheme, host and port.
+    let mut location = String::new();
+    if !hostname.is_empty() {
+        location = format!("{scheme}://{hostname}");
+        if let Some(p) = port {
+            location.push(':');
+            location.push_str(&p.to_string());
+        }
     }
     location.push_str(&new_path);
     if let Some(q) = uri.query() {

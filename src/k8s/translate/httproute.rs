@@ -280,10 +280,16 @@ fn one_route<'a>(
                 prefix_match_refused(&id, ri, mi, &mut unsupported, diags);
                 continue;
             }
-            if filters
-                .as_ref()
-                .and_then(|f| f.rewrite.as_ref())
-                .is_some_and(|r| matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_))))
+            let prefix_rewrite = |f: &Option<Arc<Filters>>| {
+                f.as_ref()
+                    .and_then(|f| f.rewrite.as_ref())
+                    .is_some_and(|r| matches!(r.path, Some(PathModifier::ReplacePrefixMatch(_))))
+            };
+            let backend_prefix_rewrite = match &action {
+                Action::Forward(b) => b.list.iter().any(|b| prefix_rewrite(&b.filters)),
+                _ => false,
+            };
+            if (prefix_rewrite(&filters) || backend_prefix_rewrite)
                 && path.path_type != PathType::Prefix
             {
                 prefix_match_refused(&id, ri, mi, &mut unsupported, diags);
@@ -511,7 +517,23 @@ fn rule_action<'a>(
                             continue;
                         }
                     },
-                    Err(_) => None,
+                    Err(e) => {
+                        diags.push(
+                            Severity::Error,
+                            KIND,
+                            id,
+                            format!("{field}.filters"),
+                            format!("cannot be read ({e}); its share answers 500"),
+                        );
+                        list.push(WeightedBackend {
+                            target: BackendTarget::Invalid {
+                                reason: Arc::from("unreadable filters"),
+                            },
+                            weight,
+                            filters: None,
+                        });
+                        continue;
+                    }
                 }
             }
             _ => None,
@@ -548,13 +570,18 @@ fn service_ref<'a>(
     diags: &mut Diags,
 ) -> Result<u32, (RefsReason, String)> {
     let id = ctx.id;
+    let consequence = if field.ends_with("requestMirror.backendRef") {
+        "the mirror is left out"
+    } else {
+        "its share of the traffic answers 500"
+    };
     let mut fail = |reason: RefsReason, message: String| {
         diags.push(
             Severity::Error,
             KIND,
             id,
             field.to_string(),
-            format!("{message}; its share of the traffic answers 500"),
+            format!("{message}; {consequence}"),
         );
         Err((reason, message))
     };
@@ -692,6 +719,12 @@ fn translate_filters<'a>(
                         return Err(());
                     }
                 };
+                if let Some(h) = r.hostname.as_deref()
+                    && let Err(e) = exact_hostname(h)
+                {
+                    error(diags, fi, format!("hostname: {e}"));
+                    return Err(());
+                }
                 redirect = Some(Redirect {
                     scheme: r.scheme.as_ref().map(|s| {
                         match s {
@@ -712,11 +745,11 @@ fn translate_filters<'a>(
                     error(diags, fi, "URLRewrite without urlRewrite".into());
                     return Err(());
                 };
-                let hostname = match r.hostname.as_deref().map(HeaderValue::from_str) {
+                let hostname = match r.hostname.as_deref().map(exact_hostname) {
                     None => None,
                     Some(Ok(v)) => Some(v),
-                    Some(Err(_)) => {
-                        error(diags, fi, "hostname is not a valid Host value".into());
+                    Some(Err(e)) => {
+                        error(diags, fi, format!("hostname: {e}"));
                         return Err(());
                     }
                 };
@@ -821,7 +854,24 @@ fn translate_filters<'a>(
 
 /// A `path` of a redirect or rewrite. An empty `replacePrefixMatch` removes the matched
 /// prefix, as `/` does (the spec's table: `/foo/bar` with prefix `/foo` becomes `/bar`).
+/// A redirect's or rewrite's hostname: an exact DNS name, as a `Host` value.
+fn exact_hostname(h: &str) -> Result<HeaderValue, String> {
+    match HostPattern::parse(h)? {
+        HostPattern::Exact(name) => {
+            HeaderValue::from_str(&name).map_err(|_| format!("`{h}` is not a valid host"))
+        }
+        _ => Err(format!("`{h}` must be one exact host name")),
+    }
+}
+
+/// A redirect's or rewrite's path change. A replacement is a path: it starts with `/`
+/// and holds no query, fragment, space or control character.
 fn path_modifier(full: Option<&str>, prefix: Option<&str>) -> Result<PathModifier, String> {
+    for p in [full, prefix].into_iter().flatten() {
+        if !p.is_empty() {
+            PathRule::new(p, PathType::Exact)?;
+        }
+    }
     match (full, prefix) {
         (Some(p), None) if p.starts_with('/') => Ok(PathModifier::ReplaceFullPath(p.into())),
         (None, Some("")) => Ok(PathModifier::ReplacePrefixMatch("/".into())),
@@ -852,29 +902,45 @@ macro_rules! header_changes {
 }
 use header_changes;
 
+/// Headers a modifier may not change: they frame the message or the connection (the
+/// proxy sets them), or name the host (`URLRewrite` changes that).
+const PROTECTED_HEADERS: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
 /// Header changes from `set`, `add` and `remove` lists; names and values validated.
 fn header_modifier(
     set: &[(String, String)],
     add: &[(String, String)],
     remove: &[String],
 ) -> Result<HeaderModifier, String> {
-    let pair = |(n, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
+    let name = |n: &str| -> Result<HeaderName, String> {
         let name = HeaderName::from_bytes(n.as_bytes())
             .map_err(|_| format!("`{n}` is not a header name"))?;
+        if PROTECTED_HEADERS.contains(&name.as_str()) {
+            return Err(format!(
+                "header {name} frames the message or names the host and cannot be modified"
+            ));
+        }
+        Ok(name)
+    };
+    let pair = |(n, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
         let value =
             HeaderValue::from_str(v).map_err(|_| format!("header {n}: value is not valid"))?;
-        Ok((name, value))
+        Ok((name(n)?, value))
     };
     Ok(HeaderModifier {
         set: set.iter().map(pair).collect::<Result<_, _>>()?,
         add: add.iter().map(pair).collect::<Result<_, _>>()?,
-        remove: remove
-            .iter()
-            .map(|n| {
-                HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| format!("`{n}` is not a header name"))
-            })
-            .collect::<Result<_, _>>()?,
+        remove: remove.iter().map(|n| name(n)).collect::<Result<_, _>>()?,
     })
 }
 
