@@ -5,23 +5,32 @@
 //! virtual host, a wildcard one, or fall through from an exact virtual host (no path
 //! matches there) to its wildcard and to the host-less routes.
 //!
+//! `lookup-mixed` is the same table with header-conditioned routes on every other exact
+//! host (a canary `/api` route that needs `x-canary: always`, as an HTTPRoute header
+//! match makes): path-only hosts in it must cost what they cost in `lookup`, and a
+//! conditioned host costs one header check more (`header-hit` takes the canary route,
+//! `header-miss` checks it and falls back to the plain `/api`).
+//!
 //! `cargo bench --bench routing -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use portcullis::model::{
-    HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route, RouteKind, RouteSource,
-    RouteTable,
+    Conditions, HeaderCondition, HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route,
+    RouteKind, RouteSource, RouteTable, ValueMatch,
 };
 
 const SEGMENTS: [&str; 5] = ["api", "v1", "users", "items", "detail"];
 
 /// Routes for `hosts` virtual hosts: for domain `i`, an exact host `www.d{i}.com` with
 /// Prefix paths of depth 1–5 and an Exact `/healthz`; every third domain also a wildcard
-/// `*.d{i}.com` with `/static` and `/assets/img`; plus one host-less virtual host.
-fn table(hosts: usize) -> RouteTable {
+/// `*.d{i}.com` with `/static` and `/assets/img`; plus one host-less virtual host. With
+/// `canary`, every even domain's exact host also has an HTTPRoute `/api` Prefix route
+/// that needs the header `x-canary: always`.
+fn table(hosts: usize, canary: bool) -> RouteTable {
     let mut routes = Vec::new();
     let push = |host: HostPattern, path: &str, pt: PathType, routes: &mut Vec<Route>| {
         let order = routes.len() as u32;
@@ -39,6 +48,18 @@ fn table(hosts: usize) -> RouteTable {
         route.order = order;
         routes.push(route);
     };
+    let push_canary = |host: HostPattern, routes: &mut Vec<Route>| {
+        push(host, "/api", PathType::Prefix, routes);
+        let route = routes.last_mut().expect("just pushed");
+        route.source.kind = RouteKind::HttpRoute;
+        route.conditions = Some(Box::new(Conditions {
+            headers: vec![HeaderCondition {
+                name: HeaderName::from_static("x-canary"),
+                value: ValueMatch::Exact("always".into()),
+            }],
+            ..Conditions::default()
+        }));
+    };
     let mut made = 0;
     let mut i = 0;
     while made < hosts {
@@ -47,6 +68,9 @@ fn table(hosts: usize) -> RouteTable {
         for d in 1..=depth {
             let path = format!("/{}", SEGMENTS[..d].join("/"));
             push(exact.clone(), &path, PathType::Prefix, &mut routes);
+        }
+        if canary && i % 2 == 0 {
+            push_canary(exact.clone(), &mut routes);
         }
         push(exact, "/healthz", PathType::Exact, &mut routes);
         made += 1;
@@ -98,7 +122,7 @@ fn requests(domains: usize, kind: &str) -> Vec<(String, String)> {
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("lookup");
     for hosts in [10usize, 1_000, 10_000] {
-        let t = table(hosts);
+        let t = table(hosts, false);
         // Domains: three per four virtual hosts (every third domain adds a wildcard).
         let domains = hosts * 3 / 4;
         for kind in [
@@ -132,5 +156,89 @@ fn lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup);
+/// Requests to the mixed table: `plain-host` to exact hosts without conditions (odd
+/// domains), `header-hit` and `header-miss` to the conditioned ones (even domains), with
+/// and without the header, for a path under `/api` only. All carry a few ordinary headers, so a header check scans a
+/// realistic map.
+fn mixed_requests(domains: usize, kind: &str) -> Vec<(String, String)> {
+    (0..1024)
+        .map(|k| {
+            let i = (k * 3) % domains.max(2);
+            let i = match kind {
+                "plain-host" => i | 1,
+                _ => i & !1,
+            };
+            let i = if i >= domains { i - 2 } else { i };
+            // A plain host gets the `exact` request of `lookup`; on a conditioned one a
+            // path that only `/api` (canary or plain) matches.
+            let path = if kind == "plain-host" {
+                "/api/v1/users/42"
+            } else {
+                "/api/items/42"
+            };
+            (format!("www.d{i}.com"), path.into())
+        })
+        .collect()
+}
+
+fn request_headers(canary: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("host", "www.example.com"),
+        ("user-agent", "wrk/4.2"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip"),
+    ] {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    if canary {
+        headers.insert(
+            HeaderName::from_static("x-canary"),
+            HeaderValue::from_static("always"),
+        );
+    }
+    headers
+}
+
+fn lookup_mixed(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lookup-mixed");
+    let with = request_headers(true);
+    let without = request_headers(false);
+    for hosts in [10usize, 1_000, 10_000] {
+        let t = table(hosts, true);
+        let domains = hosts * 3 / 4;
+        for kind in ["plain-host", "header-hit", "header-miss"] {
+            let facts = RequestFacts {
+                method: &Method::GET,
+                headers: if kind == "header-miss" {
+                    &without
+                } else {
+                    &with
+                },
+                query: None,
+            };
+            let reqs = mixed_requests(domains, kind);
+            for (h, p) in &reqs {
+                let m = t.lookup(Some(h), p, &facts).expect("every request matches");
+                let conditioned = m.route.conditions.is_some();
+                assert_eq!(conditioned, kind == "header-hit", "{kind} {h}{p}");
+            }
+            let mut n = 0usize;
+            group.bench_function(format!("{hosts}/{kind}"), |b| {
+                b.iter(|| {
+                    let (h, p) = &reqs[n & 1023];
+                    n = n.wrapping_add(1);
+                    black_box(t.lookup(Some(black_box(h.as_str())), black_box(p.as_str()), &facts))
+                        .map(|m| m.route.order)
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookup, lookup_mixed);
 criterion_main!(benches);
