@@ -22,7 +22,14 @@
 #             Python and may be the bottleneck, so read its CPU µs per handshake;
 #             h2: HTTP/2 over TLS (h2load -c H2_CLIENTS -m H2_STREAMS);
 #             accesslog: Portcullis --access-log json vs off, plain keep-alive (only
-#             when `portcullis run --help` lists --access-log; skipped otherwise)
+#             when `portcullis run --help` lists --access-log; skipped otherwise);
+#             gateway: what the route model costs: the same Portcullis serving a plain
+#             Ingress route (target portcullis, Host bench.local) and an HTTPRoute rule
+#             with a header match and a RequestHeaderModifier (target portcullis-gw,
+#             Host gw.bench.local), every request (nginx's too) carrying the matched
+#             header, HTTP/1.1 keep-alive, once per GATEWAY_CONNECTIONS (scenarios
+#             gateway-c16, gateway-c256); prints the portcullis-gw/portcullis ratios
+#   GATEWAY_CONNECTIONS ["16 256"]  wrk -c for each gateway scenario
 #   TLS_RESUME [1]  tls-handshake: 1 lets nginx resume sessions like Portcullis (rustls'
 #             defaults) does and wrk asks it to; 0 turns resumption off in nginx only
 #   H2_CLIENTS [16]  H2_STREAMS [4]  h2load -c and -m (64 streams in flight)
@@ -60,6 +67,7 @@ H2_CLIENTS=${H2_CLIENTS:-16}
 TLS_FULL_PROCS=${TLS_FULL_PROCS:-2}
 H2_STREAMS=${H2_STREAMS:-4}
 MIB_CONNECTIONS=${MIB_CONNECTIONS:-16}
+GATEWAY_CONNECTIONS=${GATEWAY_CONNECTIONS:-16 256}
 PEERS=${PEERS:-nginx haproxy}
 UPSTREAM=${UPSTREAM:-nginx}
 PIN=${PIN:-1}
@@ -87,10 +95,21 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx-light)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
-want_tls=0 want_h2=0 want_accesslog=0
+want_tls=0 want_h2=0 want_accesslog=0 want_gateway=0
+# `gateway` is one scenario per connection count.
+expanded=""
+for scenario in $SCENARIOS; do
+    if [[ $scenario == gateway ]]; then
+        for c in $GATEWAY_CONNECTIONS; do expanded+=" gateway-c$c"; done
+    else
+        expanded+=" $scenario"
+    fi
+done
+SCENARIOS=${expanded# }
 for scenario in $SCENARIOS; do
     case $scenario in
     keepalive | close | 1mib) ;;
+    gateway-c[1-9]*) want_gateway=1 ;;
     tls-keepalive | tls-handshake | tls-full) want_tls=1 ;;
     h2) want_tls=1 want_h2=1 ;;
     accesslog) want_accesslog=1 ;;
@@ -323,6 +342,7 @@ EOF
 {
     ingress_yaml bench / upstream "$tls_secret"
     backend_yaml upstream "$p_up"
+    ((want_gateway)) && gateway_yaml upstream
 } >"$RESULTS_DIR/manifests/bench.yaml"
 
 # ---------------------------------------------------------------- start
@@ -369,8 +389,18 @@ start "$RESULTS_DIR/portcullis.log" "${proxy_pin[@]}" env RUST_LOG=warn TOKIO_WO
     --shutdown-delay 0s --shutdown-grace 2s "${pc_https[@]}" "${pc_alog[@]}"
 pc_pid=$started
 wait_ready portcullis "$pc_pid" "http://127.0.0.1:$p_pc/"
+if ((want_gateway)); then
+    # The HTTPRoute answers with the header and only with it (its match is in force).
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: gw.bench.local' \
+        -H 'X-Canary: always' "http://127.0.0.1:$p_pc/" || true)
+    [[ $code == 200 ]] || die "portcullis-gw: the HTTPRoute answered '$code' (logs in $RESULTS_DIR)"
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: gw.bench.local' \
+        "http://127.0.0.1:$p_pc/" || true)
+    [[ $code == 404 ]] || die "portcullis-gw: without X-Canary the HTTPRoute answered '$code', not 404"
+fi
 
-declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid [haproxy]=$haproxy_pid)
+# portcullis-gw is the same process as portcullis, asked for the HTTPRoute's host.
+declare -A proc_of=([direct]=$upstream_pid [nginx]=$nginx_pid [portcullis]=$pc_pid [portcullis-gw]=$pc_pid [haproxy]=$haproxy_pid)
 base_pid=""
 if [[ -n ${BASELINE_BIN:-} ]]; then
     [[ -x $BASELINE_BIN ]] || die "no baseline binary at $BASELINE_BIN"
@@ -411,6 +441,7 @@ declare -A url=(
     [direct]="http://127.0.0.1:$p_up/"
     [nginx]="http://127.0.0.1:$p_nginx/"
     [portcullis]="http://127.0.0.1:$p_pc/"
+    [portcullis-gw]="http://127.0.0.1:$p_pc/"
     [portcullis-json]="http://127.0.0.1:$p_pcj/"
     [portcullis-base]="http://127.0.0.1:$p_pcb/"
     [haproxy]="http://127.0.0.1:$p_ha/"
@@ -463,7 +494,12 @@ run() {
     target_url=${url[$target]}
     [[ $scenario == close || $scenario == tls-handshake ]] && extra=(-H 'Connection: close')
     [[ $scenario == tls-* ]] && target_url="https://bench.local:${tls_port[$target]}/"
-    local conns=$CONNECTIONS
+    local conns=$CONNECTIONS host=bench.local
+    if [[ $scenario == gateway-c* ]]; then
+        conns=${scenario#gateway-c}
+        extra=(-H 'X-Canary: always')
+        [[ $target == portcullis-gw ]] && host=gw.bench.local
+    fi
     if [[ $scenario == 1mib ]]; then
         target_url="${target_url}1mib"
         conns=$MIB_CONNECTIONS
@@ -476,7 +512,7 @@ run() {
     cpu_before=$(cpu_ticks "${proc_of[$target]}")
     if [[ $tool == wrk ]]; then
         "${wrk_pin[@]}" wrk -t"$THREADS" -c"$conns" -d"$duration" --latency \
-            -H 'Host: bench.local' "${extra[@]}" "$target_url" >"$out" 2>&1 ||
+            -H "Host: $host" "${extra[@]}" "$target_url" >"$out" 2>&1 ||
             die "wrk failed against $target (see $out)"
     elif [[ $tool == tls-full ]]; then
         "${wrk_pin[@]}" python3 "$repo_root/benches/tls_full_client.py" "${tls_port[$target]}" \
@@ -545,6 +581,7 @@ for scenario in $SCENARIOS; do
     # The upstream speaks plain HTTP only: no direct run over TLS.
     tls-keepalive | tls-handshake | tls-full | h2) targets=(nginx ${haproxy_pid:+haproxy} portcullis) ;;
     accesslog) targets=(nginx portcullis portcullis-json) ;;
+    gateway-c*) targets=(nginx portcullis portcullis-gw) ;;
     esac
     for t in "${targets[@]}"; do
         run "$scenario" 0 "$t" "$WARMUP"
@@ -585,6 +622,8 @@ report=$RESULTS_DIR/report.txt
         echo "1mib: wrk -c$MIB_CONNECTIONS, GET /1mib (1,048,576-byte static file from the upstream): RPS = MiB/s"
     [[ " $SCENARIOS " == *" h2 "* ]] &&
         echo "h2: h2load -t$THREADS -c$H2_CLIENTS -m$H2_STREAMS -D$(to_seconds "$DURATION") (p50 column = mean request time, no p99)"
+    ((want_gateway)) &&
+        echo "gateway-cN: wrk -cN, X-Canary: always on every request; portcullis-gw = the same Portcullis, Host gw.bench.local: an HTTPRoute rule matching the header, with a RequestHeaderModifier (set, add, remove)"
     ((want_tls)) && echo "TLS: ECDSA P-256 leaf from portcullis certs; TLS_RESUME=$TLS_RESUME ($tls_resume_conf in nginx)"
     echo "upstream: $upstream_desc; proxies: $workers worker(s) each (nginx worker_processes, HAProxy nbthread, TOKIO_WORKER_THREADS)"
     if [[ $PIN == 1 ]]; then
@@ -623,11 +662,11 @@ report=$RESULTS_DIR/report.txt
         END {
             printf "| scenario | target | RPS median (min–max) | p50 ms | p99 ms | CPU µs/req | RPS / nginx median (min–max) | p99 / nginx | CPU / nginx | peak RSS |\n"
             printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-            nt = split("direct nginx haproxy portcullis portcullis-json portcullis-base", ts, " ")
+            nt = split("direct nginx haproxy portcullis portcullis-gw portcullis-json portcullis-base", ts, " ")
             for (k = 1; k <= ns; k++) {
                 s = order[k]
                 for (i = 1; i <= nt; i++) { q = ts[i]; rr[q] = ""; pr[q] = ""; cr[q] = "" }
-                jo = ""; bo = ""; bc = ""
+                jo = ""; bo = ""; bc = ""; go = ""; gc = ""
                 for (key in rounds) {
                     split(key, kk, SUBSEP)
                     if (kk[1] != s) continue
@@ -642,6 +681,8 @@ report=$RESULTS_DIR/report.txt
                     if (R[s, r, "portcullis"] > 0 && R[s, r, "portcullis-json"] != "") jo = jo " " R[s, r, "portcullis-json"] / R[s, r, "portcullis"]
                     if (R[s, r, "portcullis-base"] > 0) bo = bo " " sprintf("%.2f", R[s, r, "portcullis"] / R[s, r, "portcullis-base"])
                     if (C[s, r, "portcullis-base"] > 0) bc = bc " " sprintf("%.2f", C[s, r, "portcullis"] / C[s, r, "portcullis-base"])
+                    if (R[s, r, "portcullis"] > 0 && R[s, r, "portcullis-gw"] != "") go = go " " sprintf("%.3f", R[s, r, "portcullis-gw"] / R[s, r, "portcullis"])
+                    if (C[s, r, "portcullis"] > 0 && C[s, r, "portcullis-gw"] != "") gc = gc " " sprintf("%.3f", C[s, r, "portcullis-gw"] / C[s, r, "portcullis"])
                 }
                 for (i = 1; i <= nt; i++) {
                     t = ts[i]
@@ -651,13 +692,14 @@ report=$RESULTS_DIR/report.txt
                     if (t != "nginx" && t != "direct") {
                         ratio = spread(rr[t], "%.2f"); cratio = sprintf("%.2f", median(cr[t]))
                         pratio = P[s, 1, t] > 0 ? sprintf("%.2f", median(pr[t])) : "—"
-                        m = t == "portcullis" ? pc_rss : t == "portcullis-json" ? pcj_rss : t == "portcullis-base" ? pcb_rss : ha_rss
+                        m = t == "portcullis" || t == "portcullis-gw" ? pc_rss : t == "portcullis-json" ? pcj_rss : t == "portcullis-base" ? pcb_rss : ha_rss
                         mem = sprintf("%.1f MiB", m / 1024)
                     }
                     p99s = P[s, 1, t] > 0 ? sprintf("%.2f", median(p99[s, t])) : "—"
                     printf "| %s | %s | %s | %.2f | %s | %.1f | %s | %s | %s | %s |\n", s, t, spread(rps[s, t], "%.0f"), median(p50[s, t]), p99s, median(cpu[s, t]), ratio, pratio, cratio, mem
                 }
                 if (jo != "") jsonoff[s] = sprintf("%.3f (per round:%s)", median(jo), jo)
+                if (go != "") vsgw[s] = sprintf("RPS %.3f (per round:%s), CPU per request %.3f (per round:%s)", median(go), go, median(gc), gc)
                 if (bo != "") vsbase[s] = sprintf("RPS %.2f (per round:%s), CPU per request %.2f (per round:%s)", median(bo), bo, median(bc), bc)
             }
             print ""
@@ -667,6 +709,7 @@ report=$RESULTS_DIR/report.txt
             print "Peak RSS is VmHWM after all runs; for nginx the sum over master and workers."
             for (s in jsonoff) printf "%s: RPS --access-log json / off = %s (goal: >= 0.90)\n", s, jsonoff[s]
             for (s in vsbase) printf "%s: portcullis / portcullis-base: %s\n", s, vsbase[s]
+            for (s in vsgw) printf "%s: portcullis-gw / portcullis (header match + RequestHeaderModifier / plain route): %s (goal: RPS >= 0.95)\n", s, vsgw[s]
         }' "$results"
 } | tee "$report"
 

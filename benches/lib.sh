@@ -1,8 +1,8 @@
 # Shared by the scripts in benches/ (sourced, not run). The caller sets `bench_name`
 # first; this defines die, repo_root, RESULTS_DIR, start, wait_ready, apt_install,
-# free_ports, write_upstream_conf, ingress_yaml and backend_yaml, and stops every process
-# started with `start` when the script exits (after calling `bench_cleanup_hook` when the
-# script defines one).
+# free_ports, write_upstream_conf, ingress_yaml, backend_yaml and gateway_yaml, and stops
+# every process started with `start` when the script exits (after calling
+# `bench_cleanup_hook` when the script defines one).
 
 die() {
     echo "$bench_name.sh: error: $*" >&2
@@ -130,6 +130,60 @@ ports:
 endpoints:
   - addresses: ["127.0.0.1"]
     conditions: {ready: true}
+YAML
+}
+
+# gateway_yaml SERVICE: a GatewayClass and Gateway of ours (one HTTP listener on port 80)
+# and an HTTPRoute for gw.bench.local whose one rule matches the header `X-Canary:
+# always` on every path and sets, adds and removes request headers before forwarding to
+# SERVICE port 80 (YAML documents on stdout, each after a `---`).
+gateway_yaml() {
+    cat <<YAML
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: portcullis
+spec:
+  controllerName: portcullis.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: bench
+  namespace: default
+spec:
+  gatewayClassName: portcullis
+  listeners:
+    - name: http
+      protocol: HTTP
+      port: 80
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: bench-gw
+  namespace: default
+spec:
+  parentRefs:
+    - name: bench
+  hostnames: [gw.bench.local]
+  rules:
+    - matches:
+        - path: {type: PathPrefix, value: /}
+          headers:
+            - {name: X-Canary, value: always}
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set:
+              - {name: X-Route, value: bench-gw}
+            add:
+              - {name: X-Gateway, value: bench}
+            remove: [X-Debug]
+      backendRefs:
+        - name: $1
+          port: 80
 YAML
 }
 
