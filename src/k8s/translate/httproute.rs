@@ -263,9 +263,10 @@ fn one_route<'a>(
             refs = reason;
             refs_message = message;
         }
-        let matches: Vec<HttpRouteRulesMatches> = match rule.matches.as_deref() {
-            Some(m) if !m.is_empty() => m.to_vec(),
-            _ => vec![HttpRouteRulesMatches::default()],
+        let no_match = [HttpRouteRulesMatches::default()];
+        let matches: &[HttpRouteRulesMatches] = match rule.matches.as_deref() {
+            Some(m) if !m.is_empty() => m,
+            _ => &no_match,
         };
         for (mi, m) in matches.iter().enumerate() {
             let Some((path, conditions)) = route_match(&ctx, mi, m, diags) else {
@@ -323,10 +324,17 @@ fn one_route<'a>(
             p.accepted_message = message.clone();
         }
     }
-    for host in &served_hosts {
-        for r in &made {
-            let mut r = r.clone();
-            r.host = host.clone();
+    // One copy of the rules' routes per hostname; the last hostname takes the originals.
+    if let Some((last, others)) = served_hosts.split_last() {
+        for host in others {
+            for r in &made {
+                let mut r = r.clone();
+                r.host = host.clone();
+                out.push(r);
+            }
+        }
+        for mut r in made {
+            r.host = last.clone();
             out.push(r);
         }
     }

@@ -480,14 +480,37 @@ fn merge_by_age(inputs: &Inputs, ingress: Vec<Route>, gateway: Vec<Route>) -> Ve
             ))
             .copied()
         };
+        // Each object's routes are contiguous: one look-up per object, not per step.
+        let ages_of = |routes: &[Route]| {
+            let mut out: Vec<Option<Age<'_>>> = Vec::with_capacity(routes.len());
+            let mut prev: Option<&Route> = None;
+            for r in routes {
+                let a = match (prev, out.last()) {
+                    (Some(p), Some(&a))
+                        if p.source.kind == r.source.kind && p.source.object == r.source.object =>
+                    {
+                        a
+                    }
+                    _ => age(r),
+                };
+                out.push(a);
+                prev = Some(r);
+            }
+            out
+        };
+        let ingress_ages = ages_of(&ingress);
+        let gateway_ages = ages_of(&gateway);
         let mut out = Vec::with_capacity(ingress.len() + gateway.len());
-        let mut a = ingress.into_iter().peekable();
-        let mut b = gateway.into_iter().peekable();
-        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
-            if age(y) < age(x) {
+        let (mut i, mut g) = (0, 0);
+        let mut a = ingress.into_iter();
+        let mut b = gateway.into_iter();
+        while i < ingress_ages.len() && g < gateway_ages.len() {
+            if gateway_ages[g] < ingress_ages[i] {
                 out.extend(b.next());
+                g += 1;
             } else {
                 out.extend(a.next());
+                i += 1;
             }
         }
         out.extend(a);
