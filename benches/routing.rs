@@ -19,8 +19,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use portcullis::model::{
-    Conditions, HeaderCondition, HostPattern, ObjectRef, PathRule, PathType, RequestFacts, Route,
-    RouteKind, RouteSource, RouteTable, ValueMatch,
+    Conditions, HeaderCondition, HostPattern, ListenerKind, ObjectRef, PathRule, PathType,
+    RequestFacts, Route, RouteKind, RouteSource, RouteTable, ValueMatch,
 };
 
 const SEGMENTS: [&str; 5] = ["api", "v1", "users", "items", "detail"];
@@ -219,6 +219,7 @@ fn lookup_mixed(c: &mut Criterion) {
                     &with
                 },
                 query: None,
+                listener: ListenerKind::Http,
             };
             let reqs = mixed_requests(domains, kind);
             for (h, p) in &reqs {

@@ -624,14 +624,14 @@ async fn redirects_combine_scheme_host_port_path_and_status_as_the_spec_says() {
             }],
             ..Default::default()
         }));
-        route.action = Action::Redirect(Redirect {
+        route.action = Action::Redirect(Box::new(Redirect {
             scheme: c.scheme.map(str::to_string),
             hostname: c.hostname.map(str::to_string),
             port: c.port,
             path: c.path.clone(),
             status: c.status,
             listener_port: c.listener_port,
-        });
+        }));
     }
     let proxy = start_proxy(t.snapshot()).await;
 

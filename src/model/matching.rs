@@ -267,8 +267,9 @@ pub struct PathRule {
     /// `path` for Exact; `path` without trailing `/` for Prefix; the pattern's source
     /// for RegularExpression.
     pub key: String,
-    /// The compiled pattern of a RegularExpression rule.
-    pub regex: Option<Pattern>,
+    /// The compiled pattern of a RegularExpression rule (boxed: rare, and the route
+    /// table stays compact).
+    pub regex: Option<Box<Pattern>>,
 }
 
 impl PathRule {
@@ -307,7 +308,7 @@ impl PathRule {
             path: pattern.to_string(),
             path_type: PathType::RegularExpression,
             key: pattern.to_string(),
-            regex: Some(regex),
+            regex: Some(Box::new(regex)),
         })
     }
 

@@ -463,8 +463,8 @@ impl Backends {
 pub enum Action {
     /// Proxy to one of the backends, chosen by weight.
     Forward(Backends),
-    /// Answer with a redirect.
-    Redirect(Redirect),
+    /// Answer with a redirect (boxed: rare, and the route table stays compact).
+    Redirect(Box<Redirect>),
     /// Answer with this status and a short text body (Gateway API's 500 for a rule
     /// whose backends are all invalid).
     Respond { status: u16, body: Arc<str> },

@@ -272,10 +272,8 @@ fn one_route<'a>(
             let Some((path, conditions)) = route_match(&ctx, mi, m, diags) else {
                 continue;
             };
-            if let Action::Redirect(Redirect {
-                path: Some(PathModifier::ReplacePrefixMatch(_)),
-                ..
-            }) = &action
+            if let Action::Redirect(rd) = &action
+                && matches!(rd.path, Some(PathModifier::ReplacePrefixMatch(_)))
                 && path.path_type != PathType::Prefix
             {
                 prefix_match_refused(&id, ri, mi, &mut unsupported, diags);
@@ -426,7 +424,7 @@ fn rule_action<'a>(
         }
     };
     if let Some(rd) = redirect {
-        return (Action::Redirect(rd), filters, timeouts, problem);
+        return (Action::Redirect(Box::new(rd)), filters, timeouts, problem);
     }
 
     let refs = rule.backend_refs.as_deref().unwrap_or_default();
