@@ -11,8 +11,8 @@ use crate::k8s::Options;
 use crate::model::gateway::{AttachReason, GatewayReport, RefsReason, RouteInfo};
 use crate::model::route::ListenerKind;
 use crate::model::{
-    Action, Cluster, Decision, HostMatch, ObjectRef, Redirect, RequestFacts, Route, RouteKind,
-    RouteSource, Severity, Snapshot, Upstream, request_host,
+    Action, Cluster, Decision, HostMatch, ObjectRef, RequestFacts, Route, RouteKind, RouteSource,
+    Severity, Snapshot, Upstream, request_host,
 };
 use crate::publish::{Counts, build_snapshot};
 use crate::views::{
@@ -697,7 +697,13 @@ pub fn explain_request(
             }
             if let Action::Redirect(rd) = &r.action {
                 let scheme = uri.scheme_str().unwrap_or("http");
-                let location = redirect_location(scheme, &host, &path, uri.query(), r, rd);
+                let location = rd.location(
+                    scheme,
+                    Some(host.as_str()).filter(|h| !h.is_empty()),
+                    &path,
+                    &r.path.key,
+                    uri.query(),
+                );
                 let _ = write!(
                     ex.reason,
                     " It answers {} with Location {location} (RequestRedirect).",
@@ -842,42 +848,6 @@ fn split_note(reason: &mut String, d: &RouteDetail, r: &Route) {
             r.source.object
         );
     }
-}
-
-/// The `Location` a route's redirect answers a request with, as the proxy forms it:
-/// unset parts keep the request's own scheme, host, path and query; the port is the
-/// redirect's, else the scheme's well-known one when the redirect sets a scheme, else
-/// the Gateway listener's, and is left out when it is 80 for http or 443 for https.
-fn redirect_location(
-    request_scheme: &str,
-    host: &str,
-    path: &str,
-    query: Option<&str>,
-    route: &Route,
-    rd: &Redirect,
-) -> String {
-    let scheme = rd.scheme.as_deref().unwrap_or(request_scheme);
-    let hostname = rd.hostname.as_deref().unwrap_or(host);
-    let port = match (rd.port, &rd.scheme) {
-        (Some(p), _) => Some(p),
-        (None, Some(_)) => None,
-        (None, None) => rd.listener_port,
-    };
-    let port = port.filter(|&p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
-    let new_path = match &rd.path {
-        Some(modifier) => modifier.apply(path, &route.path.key),
-        None => path.to_string(),
-    };
-    let mut location = format!("{scheme}://{hostname}");
-    if let Some(p) = port {
-        let _ = write!(location, ":{p}");
-    }
-    location.push_str(&new_path);
-    if let Some(q) = query {
-        location.push('?');
-        location.push_str(q);
-    }
-    location
 }
 
 /// `explain` as text.

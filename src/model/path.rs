@@ -126,7 +126,8 @@ fn decode(b: &[u8]) -> Result<Vec<u8>, PathError> {
     Ok(out)
 }
 
-fn hex(c: u8) -> Option<u8> {
+/// The value of one hexadecimal digit.
+pub(crate) fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

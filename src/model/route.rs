@@ -16,6 +16,7 @@ use http::{HeaderMap, Method};
 use serde::Serialize;
 
 use super::matching::{HostMatch, HostPattern, PathRule, Pattern, Precedence};
+use super::path::hex;
 use super::{ClusterId, ObjectRef};
 
 /// The kind of object a route came from.
@@ -234,15 +235,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// Header changes (Gateway API `RequestHeaderModifier` / `ResponseHeaderModifier`),
 /// applied in the order set, add, remove.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -378,6 +370,49 @@ pub struct Redirect {
     /// The port of the Gateway listener the route is attached to, used when neither
     /// `port` nor `scheme` is set.
     pub listener_port: Option<u16>,
+}
+
+impl Redirect {
+    /// The `Location` for a request: unset parts keep the request's own scheme, host,
+    /// path and query. The port is the redirect's, else the scheme's well-known one when
+    /// the redirect sets a scheme, else the Gateway listener's, and is left out when it
+    /// is 80 for http or 443 for https. `matched` is the route's prefix key (for
+    /// `ReplacePrefixMatch`). Without a host to name (an HTTP/1.0 request without
+    /// Host), the Location is relative: the client keeps its own scheme, host and port.
+    pub fn location(
+        &self,
+        request_scheme: &str,
+        host: Option<&str>,
+        path: &str,
+        matched: &str,
+        query: Option<&str>,
+    ) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
+        let hostname = self.hostname.as_deref().or(host).unwrap_or("");
+        let port = match (self.port, &self.scheme) {
+            (Some(p), _) => Some(p),
+            (None, Some(_)) => None,
+            (None, None) => self.listener_port,
+        };
+        let port = port.filter(|&p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let mut location = String::new();
+        if !hostname.is_empty() {
+            location = format!("{scheme}://{hostname}");
+            if let Some(p) = port {
+                location.push(':');
+                location.push_str(&p.to_string());
+            }
+        }
+        match &self.path {
+            Some(modifier) => location.push_str(&modifier.apply(path, matched)),
+            None => location.push_str(path),
+        }
+        if let Some(q) = query {
+            location.push('?');
+            location.push_str(q);
+        }
+        location
+    }
 }
 
 /// Where a share of a route's traffic goes.

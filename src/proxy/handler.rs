@@ -458,24 +458,22 @@ fn route(
             let r = m.route;
             let source = &r.source.object;
             let kind = r.source.kind.as_str();
+            // The series of an answer the route gives itself: no Service.
+            let own_answer = || {
+                Some(
+                    inner
+                        .metrics
+                        .route(&source.namespace, kind, &source.name, ""),
+                )
+            };
             let backends = match &r.action {
                 Action::Forward(backends) => backends,
                 Action::Redirect(rd) => {
-                    *route_series = Some(inner.metrics.route(
-                        &source.namespace,
-                        kind,
-                        &source.name,
-                        "",
-                    ));
+                    *route_series = own_answer();
                     return Err(redirect(conn, host, uri, path, r, rd));
                 }
                 Action::Respond { status, body } => {
-                    *route_series = Some(inner.metrics.route(
-                        &source.namespace,
-                        kind,
-                        &source.name,
-                        "",
-                    ));
+                    *route_series = own_answer();
                     return Err(ProxyError::Direct(
                         StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                         body.clone(),
@@ -490,12 +488,7 @@ fn route(
             let id = match &backend.target {
                 BackendTarget::Cluster(id) => *id,
                 BackendTarget::Invalid { .. } => {
-                    *route_series = Some(inner.metrics.route(
-                        &source.namespace,
-                        kind,
-                        &source.name,
-                        "",
-                    ));
+                    *route_series = own_answer();
                     return Err(ProxyError::InvalidBackend(source.clone()));
                 }
             };
@@ -594,10 +587,7 @@ fn later(from: Instant, limit: Duration) -> Instant {
         .unwrap_or(from)
 }
 
-/// The answer of a route's `RequestRedirect`. Unset parts keep the request's own:
-/// scheme, host, path and query. The port: the redirect's, else the scheme's
-/// well-known port when the redirect sets a scheme, else the Gateway listener's port;
-/// left out of `Location` when it is 80 for http or 443 for https.
+/// The answer of a route's `RequestRedirect` ([`Redirect::location`]).
 fn redirect(
     conn: &ConnState,
     host: Option<&str>,
@@ -607,33 +597,7 @@ fn redirect(
     rd: &Redirect,
 ) -> ProxyError {
     let own_scheme = if conn.tls.is_some() { "https" } else { "http" };
-    let scheme = rd.scheme.as_deref().unwrap_or(own_scheme);
-    let hostname = rd.hostname.as_deref().or(host).unwrap_or("");
-    let port = match (rd.port, &rd.scheme) {
-        (Some(p), _) => Some(p),
-        (None, Some(_)) => None,
-        (None, None) => rd.listener_port,
-    };
-    let port = port.filter(|&p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
-    let new_path = match &rd.path {
-        Some(modifier) => Cow::Owned(modifier.apply(path, &route.path.key)),
-        None => Cow::Borrowed(path),
-    };
-    // Without a host to name (an HTTP/1.0 request without Host), the Location is
-    // relative: the client keeps its own scheme, host and port.
-    let mut location = String::new();
-    if !hostname.is_empty() {
-        location = format!("{scheme}://{hostname}");
-        if let Some(p) = port {
-            location.push(':');
-            location.push_str(&p.to_string());
-        }
-    }
-    location.push_str(&new_path);
-    if let Some(q) = uri.query() {
-        location.push('?');
-        location.push_str(q);
-    }
+    let location = rd.location(own_scheme, host, path, &route.path.key, uri.query());
     let status = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
     match HeaderValue::from_str(&location) {
         Ok(v) => ProxyError::Redirect(status, v),

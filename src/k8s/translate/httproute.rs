@@ -1055,17 +1055,13 @@ fn route_match(
         if seen.insert(name.clone(), ()).is_some() {
             continue;
         }
-        let value = match h.r#type {
-            Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => {
-                match Pattern::new(&h.value) {
-                    Ok(p) => ValueMatch::Regex(p),
-                    Err(e) => {
-                        fail(diags, format!("{field}.headers[{hi}].value"), e);
-                        return None;
-                    }
-                }
+        let regex = h.r#type == Some(HttpRouteRulesMatchesHeadersType::RegularExpression);
+        let value = match value_match(regex, &h.value) {
+            Ok(v) => v,
+            Err(e) => {
+                fail(diags, format!("{field}.headers[{hi}].value"), e);
+                return None;
             }
-            _ => ValueMatch::Exact(h.value.clone()),
         };
         conditions.headers.push(HeaderCondition { name, value });
     }
@@ -1079,17 +1075,13 @@ fn route_match(
         if conditions.query.iter().any(|c| c.name == q.name) {
             continue;
         }
-        let value = match q.r#type {
-            Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => {
-                match Pattern::new(&q.value) {
-                    Ok(p) => ValueMatch::Regex(p),
-                    Err(e) => {
-                        fail(diags, format!("{field}.queryParams[{qi}].value"), e);
-                        return None;
-                    }
-                }
+        let regex = q.r#type == Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression);
+        let value = match value_match(regex, &q.value) {
+            Ok(v) => v,
+            Err(e) => {
+                fail(diags, format!("{field}.queryParams[{qi}].value"), e);
+                return None;
             }
-            _ => ValueMatch::Exact(q.value.clone()),
         };
         conditions.query.push(QueryCondition {
             name: q.name.clone(),
@@ -1097,6 +1089,15 @@ fn route_match(
         });
     }
     Some((path, Some(Box::new(conditions))))
+}
+
+/// A header or query value match: exact, or a regular expression of the whole value.
+fn value_match(regex: bool, value: &str) -> Result<ValueMatch, String> {
+    if regex {
+        Pattern::new(value).map(ValueMatch::Regex)
+    } else {
+        Ok(ValueMatch::Exact(value.to_string()))
+    }
 }
 
 fn method(m: &HttpRouteRulesMatchesMethod) -> Method {
